@@ -1,0 +1,154 @@
+"""Typed configuration sections: tiers, tenants, models, price cards, SLA classes.
+
+Money is :class:`~decimal.Decimal` everywhere; a float in a price is refused so
+that no binary rounding reaches a bill.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from datetime import datetime, timezone
+from decimal import Decimal
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BudgetPeriod(StrEnum):
+    day = "day"
+    month = "month"
+
+
+class Budget(Section):
+    amount: Decimal = Field(gt=0)
+    period: BudgetPeriod = BudgetPeriod.month
+    #: what happens to a request that would overshoot: held until the next period, or rejected
+    on_exceed: str = Field(default="reject", pattern="^(reject|hold)$")
+
+
+class RateLimit(Section):
+    requests_per_min: int | None = Field(default=None, gt=0)
+    tokens_per_min: int | None = Field(default=None, gt=0)
+
+
+class Tier(Section):
+    weight: float = Field(gt=0)
+    sla: str
+
+
+class Tenant(Section):
+    tier: str
+    #: overrides the tier's weight
+    weight: float | None = Field(default=None, gt=0)
+    #: SHA-256 hex digests of the tenant's API keys (keys themselves are never stored)
+    api_key_sha256: tuple[str, ...] = ()
+    #: secret for signing this tenant's webhooks (Standard Webhooks)
+    webhook_secret: SecretStr | None = None
+    budget: Budget | None = None
+    rate_limit: RateLimit | None = None
+
+    @field_validator("api_key_sha256", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return (v,) if isinstance(v, str) else v
+
+    @field_validator("api_key_sha256")
+    @classmethod
+    def _hex_digests(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for d in v:
+            if len(d) != 64 or any(c not in "0123456789abcdef" for c in d):
+                raise ValueError("must be lowercase SHA-256 hex digests (64 chars)")
+        return v
+
+    def key_matches(self, api_key: str) -> bool:
+        digest = hash_api_key(api_key)
+        return any(hmac.compare_digest(digest, d) for d in self.api_key_sha256)
+
+
+def hash_api_key(api_key: str) -> str:
+    """API keys are high-entropy random strings, so a plain SHA-256 suffices."""
+    return hashlib.sha256(api_key.encode()).hexdigest()
+
+
+class EngineKind(StrEnum):
+    vllm = "vllm"
+    openai = "openai"
+    sim = "sim"
+
+
+class ModelConfig(Section):
+    engine: EngineKind
+    #: the worker pool (Celery queue) that serves this model; defaults to the model name
+    pool: str | None = None
+    #: requests in flight per worker process
+    max_in_flight: int = Field(default=64, gt=0)
+    #: passed to the engine (vLLM engine args, the remote server URL, the sim timing model)
+    engine_args: dict[str, Any] = Field(default_factory=dict)
+    #: scheduling estimate of output tokens when a request gives no max_tokens
+    default_max_tokens: int = Field(default=256, gt=0)
+
+
+class PriceCard(Section):
+    """Prices per million tokens, in force from ``effective_from`` until the next card."""
+
+    model: str
+    effective_from: datetime
+    currency: str = "USD"
+    input_per_million: Decimal = Field(ge=0)
+    output_per_million: Decimal = Field(ge=0)
+    #: fraction taken off batch-priority requests (0.5 = half price)
+    batch_discount: Decimal = Field(default=Decimal("0"), ge=0, le=1)
+
+    @field_validator("input_per_million", "output_per_million", "batch_discount", mode="before")
+    @classmethod
+    def _no_float(cls, v: Any) -> Any:
+        if isinstance(v, float):
+            raise ValueError("give money as a string (\"0.15\"), not a float")
+        return v
+
+    @field_validator("effective_from")
+    @classmethod
+    def _aware(cls, v: datetime) -> datetime:
+        return v if v.tzinfo else v.replace(tzinfo=timezone.utc)
+
+
+class SlaClass(Section):
+    """Targets per SLA class; a request meets its SLA when it meets every target."""
+
+    ttft_ms: float = Field(gt=0)
+    tpot_ms: float = Field(gt=0)
+    e2e_ms: float = Field(gt=0)
+
+
+class SchedulerSettings(Section):
+    #: weights of input and output tokens in the fair-share counter (VTC)
+    w_in: float = Field(default=1.0, ge=0)
+    w_out: float = Field(default=2.0, ge=0)
+    #: share of dispatches each class gets under saturation
+    class_shares: dict[str, float] = Field(
+        default_factory=lambda: {"interactive": 0.7, "standard": 0.2, "batch": 0.1}
+    )
+    #: seconds of waiting that raise a request by one priority class
+    aging_s: float = Field(default=30.0, gt=0)
+    #: a worker whose heartbeat is older than this is dropped
+    heartbeat_timeout_s: float = Field(default=5.0, gt=0)
+
+
+class BatchSettings(Section):
+    max_lines: int = Field(default=50_000, gt=0)
+    max_bytes: int = Field(default=200 * 1024 * 1024, gt=0)
+    max_line_bytes: int = Field(default=1024 * 1024, gt=0)
+
+
+class WebhookSettings(Section):
+    max_attempts: int = Field(default=8, gt=0)
+    backoff_base_s: float = Field(default=1.0, gt=0)
+    timeout_s: float = Field(default=10.0, gt=0)
+    #: allow private and loopback targets (the local stack needs loopback)
+    allow_private_targets: bool = False

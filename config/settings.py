@@ -1,0 +1,164 @@
+"""Settings: ``TOKENMILL_*`` environment variables over a TOML file.
+
+The file is ``$TOKENMILL_CONFIG``, else ``./tokenmill.toml``, else the shipped
+example (``config/example.toml``). A bad file fails at start with one line naming
+the file, the key and the reason (:class:`~tokenmill.errors.ConfigError`).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from datetime import datetime
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import pydantic
+from pydantic import Field, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from ..errors import ConfigError
+from .models import (
+    BatchSettings,
+    ModelConfig,
+    PriceCard,
+    SchedulerSettings,
+    SlaClass,
+    Tenant,
+    Tier,
+    WebhookSettings,
+)
+
+EXAMPLE_CONFIG = Path(__file__).with_name("example.toml")
+
+
+def config_path() -> Path:
+    explicit = os.environ.get("TOKENMILL_CONFIG")
+    if explicit:
+        return Path(explicit)
+    local = Path("tokenmill.toml")
+    return local if local.exists() else EXAMPLE_CONFIG
+
+
+class _TomlSource(PydanticBaseSettingsSource):
+    """Reads the TOML file once; syntax errors name the file and the line."""
+
+    def __init__(self, settings_cls: type[BaseSettings], path: Path):
+        super().__init__(settings_cls)
+        self.path = path
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        raise NotImplementedError  # __call__ returns the whole mapping
+
+    def __call__(self) -> dict[str, Any]:
+        try:
+            with self.path.open("rb") as fh:
+                return tomllib.load(fh)
+        except FileNotFoundError as exc:
+            raise ConfigError(f"{self.path}: config file not found") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{self.path}: invalid TOML: {exc}") from exc
+
+
+class Settings(BaseSettings):
+    """All of tokenmill's settings."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="TOKENMILL_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    #: state directory of the local stack (broker/redis data, ledger.db, logs, caches)
+    home: Path = Path(".tokenmill")
+    #: external services; empty means "use the embedded local stack"
+    kafka_url: str | None = None
+    redis_url: str | None = None
+    database_url: str | None = None
+    log_level: str = "INFO"
+    #: extra dev convenience: accept ``--tenant NAME`` without an API key
+    allow_tenant_by_name: bool = True
+
+    tiers: dict[str, Tier] = Field(default_factory=dict)
+    tenants: dict[str, Tenant] = Field(default_factory=dict)
+    models: dict[str, ModelConfig] = Field(default_factory=dict)
+    price_cards: list[PriceCard] = Field(default_factory=list)
+    sla: dict[str, SlaClass] = Field(default_factory=dict)
+    scheduler: SchedulerSettings = SchedulerSettings()
+    batch: BatchSettings = BatchSettings()
+    webhooks: WebhookSettings = WebhookSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _TomlSource(settings_cls, config_path()))
+
+    @model_validator(mode="after")
+    def _cross_references(self) -> Settings:
+        for name, tier in self.tiers.items():
+            if tier.sla not in self.sla:
+                raise ValueError(f"tiers.{name}.sla: unknown SLA class {tier.sla!r}")
+        for name, tenant in self.tenants.items():
+            if tenant.tier not in self.tiers:
+                raise ValueError(f"tenants.{name}.tier: unknown tier {tenant.tier!r}")
+        for i, card in enumerate(self.price_cards):
+            if card.model not in self.models:
+                raise ValueError(f"price_cards.{i}.model: unknown model {card.model!r}")
+        for name in self.models:
+            if not any(c.model == name for c in self.price_cards):
+                raise ValueError(f"models.{name}: no price card for this model")
+        return self
+
+    # -- derived views ---------------------------------------------------
+
+    def tenant_weight(self, tenant: str) -> float:
+        t = self.tenants[tenant]
+        return t.weight if t.weight is not None else self.tiers[t.tier].weight
+
+    def tenant_sla(self, tenant: str) -> SlaClass:
+        return self.sla[self.tiers[self.tenants[tenant].tier].sla]
+
+    def pool_of(self, model: str) -> str:
+        return self.models[model].pool or model
+
+    def price_card(self, model: str, at: datetime) -> PriceCard:
+        """The card in force for ``model`` at ``at`` (the latest that started before)."""
+        cards = [c for c in self.price_cards if c.model == model and c.effective_from <= at]
+        if not cards:
+            raise ConfigError(f"no price card for model {model!r} in force at {at.isoformat()}")
+        return max(cards, key=lambda c: c.effective_from)
+
+    def tenant_for_key(self, api_key: str) -> str | None:
+        for name, tenant in self.tenants.items():
+            if tenant.key_matches(api_key):
+                return name
+        return None
+
+    @cached_property
+    def ledger_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.home / 'ledger.db').resolve()}"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Load and validate settings, or raise :class:`ConfigError` with one clear line."""
+    path = config_path()
+    try:
+        return Settings(**overrides)
+    except pydantic.ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"]) or "<top level>"
+        msg = err["msg"].removeprefix("Value error, ")
+        more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+        raise ConfigError(f"{path}: {key}: {msg}{more}") from None

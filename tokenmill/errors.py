@@ -1,0 +1,65 @@
+"""The one error tree of tokenmill.
+
+Every error a user can see derives from :class:`TokenmillError`; exceptions of the
+libraries underneath (aiokafka, Celery, SQLAlchemy, vLLM, pydantic) are translated
+where they enter, with ``raise ... from exc``::
+
+    TokenmillError
+    ├── ConfigError              bad settings file or environment (names file, key, reason)
+    ├── SchemaError              a wire message that cannot be read
+    │   └── UnsupportedSchemaVersion   newer major version than this build understands
+    ├── ValidationError          a request or batch line the user sent is invalid
+    ├── StackError               a local-stack service failed to start, stop or answer
+    ├── LedgerError              the ledger database refused an operation
+    ├── EngineError              an inference engine failed (recoverable per request)
+    │   └── EngineDeadError      the engine is gone; the worker must restart it
+    ├── SchedulerError           (tokenmill.scheduler.errors) bad scheduler input
+    └── NotFound                 an id (request, batch, tenant) that does not exist
+"""
+
+from __future__ import annotations
+
+
+class TokenmillError(Exception):
+    """Base of every error tokenmill raises on purpose."""
+
+
+class ConfigError(TokenmillError):
+    """The settings file or environment is invalid."""
+
+
+class SchemaError(TokenmillError):
+    """A wire message is malformed or of an unknown kind."""
+
+
+class UnsupportedSchemaVersion(SchemaError):
+    """A wire message carries a newer major schema version than this build reads."""
+
+
+class ValidationError(TokenmillError):
+    """User input (a request, a batch line) is invalid; the message says where."""
+
+    def __init__(self, message: str, *, field: str | None = None, line: int | None = None):
+        super().__init__(message)
+        self.field = field
+        self.line = line
+
+
+class StackError(TokenmillError):
+    """A service of the local stack failed to start, stop or answer."""
+
+
+class LedgerError(TokenmillError):
+    """The ledger database refused an operation."""
+
+
+class EngineError(TokenmillError):
+    """An inference engine failed a request; other requests may go on."""
+
+
+class EngineDeadError(EngineError):
+    """The engine itself is gone; every request in flight on it has failed."""
+
+
+class NotFound(TokenmillError):
+    """An id that does not exist (or belongs to another tenant)."""

@@ -1,0 +1,1 @@
+"""The embedded local stack: broker, Redis and tokenmill services as child processes."""

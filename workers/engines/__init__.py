@@ -1,0 +1,1 @@
+"""Inference engines: vLLM, remote OpenAI-compatible, simulated."""
