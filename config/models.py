@@ -112,10 +112,28 @@ class PriceCard(Section):
             raise ValueError("give money as a string (\"0.15\"), not a float")
         return v
 
+    @field_validator("input_per_million", "output_per_million")
+    @classmethod
+    def _price_places(cls, v: Decimal) -> Decimal:
+        return _max_places(v, 6)
+
+    @field_validator("batch_discount")
+    @classmethod
+    def _discount_places(cls, v: Decimal) -> Decimal:
+        return _max_places(v, 4)
+
     @field_validator("effective_from")
     @classmethod
     def _aware(cls, v: datetime) -> datetime:
         return v if v.tzinfo else v.replace(tzinfo=timezone.utc)
+
+
+def _max_places(v: Decimal, places: int) -> Decimal:
+    # Bounded decimals keep every cost exact at 10^-16 (see tokenmill.pricing).
+    exponent = v.normalize().as_tuple().exponent
+    if isinstance(exponent, int) and exponent < -places:
+        raise ValueError(f"at most {places} decimal places")
+    return v
 
 
 class SlaClass(Section):

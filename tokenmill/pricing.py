@@ -3,10 +3,11 @@
 The scheduler's budget reservations and the ledger's billing both call
 :func:`cost`, so a reservation settled at completion equals the ledger entry.
 
-Rounding rule (stated once): costs are exact ``Decimal`` values quantized to
-``COST_QUANTUM`` (10⁻¹⁰ of the currency unit) with ROUND_HALF_EVEN; prices per
-million tokens with up to 4 decimals times token counts never need more, so in
-practice no rounding happens at all. Invoices round only their totals to cents.
+Rounding rule (stated once): a request's cost is exact. Price cards allow at most
+6 decimal places per million tokens and 4 for the batch discount, so every cost is a
+whole multiple of ``COST_QUANTUM`` (10⁻¹⁶ of the currency unit) and the quantize
+below never rounds. Only an invoice's displayed total is rounded, half-even to the
+cent; the exact sum stays in the ledger.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from decimal import ROUND_HALF_EVEN, Decimal
 from .config.models import PriceCard
 from .wire import Priority
 
-COST_QUANTUM = Decimal("1e-10")
+COST_QUANTUM = Decimal("1e-16")
 CENT = Decimal("0.01")
 _MILLION = Decimal(1_000_000)
 

@@ -13,7 +13,7 @@ from tokenmill.config import PriceCard
 from tokenmill.pricing import cost
 from tokenmill.wire import Priority
 
-prices = st.decimals(min_value=0, max_value=1000, places=4, allow_nan=False, allow_infinity=False)
+prices = st.decimals(min_value=0, max_value=1000, places=6, allow_nan=False, allow_infinity=False)
 
 
 def card(pin: Decimal, pout: Decimal, discount: Decimal = Decimal("0.5")) -> PriceCard:
@@ -36,6 +36,19 @@ def test_known_figure() -> None:
     k = card(Decimal("0.20"), Decimal("0.80"))
     assert cost(k, 1000, 500, Priority.standard) == Decimal("0.0006")
     assert cost(k, 1000, 500, Priority.batch) == Decimal("0.0003")
+
+
+@settings(max_examples=200, deadline=None)
+@given(pin=prices, pout=prices, d=st.decimals(0, 1, places=4), p=st.integers(0, 10**7),
+       c=st.integers(0, 10**7))
+def test_discounted_cost_never_rounds(pin: Decimal, pout: Decimal, d: Decimal, p: int, c: int) -> None:
+    exact = (pin * p + pout * c) / 1_000_000 * (1 - d)
+    assert cost(card(pin, pout, d), p, c, Priority.batch) == exact
+
+
+def test_too_many_decimals_refused() -> None:
+    with pytest.raises(ValueError, match="decimal places"):
+        card(Decimal("0.0000001"), Decimal(1))
 
 
 def test_negative_tokens_refused() -> None:
