@@ -1,0 +1,140 @@
+"""Building and validating inference requests before anything is sent.
+
+Every problem is a :class:`~tokenmill.errors.ValidationError` naming the field, so a
+bad request never reaches a topic.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+import pydantic
+
+from ..config import Settings
+from ..errors import ValidationError
+from ..wire import Endpoint, InferenceRequest, Priority, describe_validation_error, new_request_id
+
+# OpenAI sampling parameters passed through to the engine as they are.
+SAMPLING_PARAMS = frozenset(
+    {
+        "temperature", "top_p", "top_k", "min_p", "n", "stop", "seed", "presence_penalty",
+        "frequency_penalty", "repetition_penalty", "logprobs", "top_logprobs", "stream_options",
+        "ignore_eos", "min_tokens", "response_format", "logit_bias", "user",
+    }
+)  # fmt: skip
+
+
+def estimate_prompt_tokens(body: Mapping[str, Any]) -> int:
+    """A cheap upper-ish estimate (≈4 characters a token, plus per-message overhead).
+
+    Only scheduling uses it; billing uses the engine's own count.
+    """
+    if "messages" in body:
+        chars = sum(len(str(m.get("content", ""))) for m in body["messages"] if isinstance(m, Mapping))
+        return chars // 4 + 4 * len(body["messages"]) + 2
+    prompt = body.get("prompt", "")
+    if isinstance(prompt, list):
+        return sum(len(p) // 4 + 1 if isinstance(p, str) else 1 for p in prompt)
+    return len(str(prompt)) // 4 + 1
+
+
+def max_tokens_of(body: Mapping[str, Any], default: int) -> int:
+    value = body.get("max_completion_tokens", body.get("max_tokens", default))
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValidationError(f"max_tokens: must be a positive integer, got {value!r}", field="max_tokens")
+    return value
+
+
+def check_webhook_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValidationError(f"webhook: must be an http(s) URL, got {url!r}", field="webhook")
+    return url
+
+
+def deadline_of(deadline: float | datetime | None, now: float) -> float | None:
+    """Seconds from now (a number below 10⁹), an epoch time, or a datetime → epoch seconds."""
+    if deadline is None:
+        return None
+    if isinstance(deadline, datetime):
+        return deadline.timestamp()
+    if deadline <= 0:
+        raise ValidationError("deadline: must be positive", field="deadline")
+    return now + deadline if deadline < 1e9 else float(deadline)
+
+
+def build_request(
+    settings: Settings,
+    *,
+    tenant: str,
+    model: str,
+    messages: Sequence[Mapping[str, Any]] | None = None,
+    prompt: str | list[str] | None = None,
+    max_tokens: int | None = None,
+    priority: Priority | str = Priority.standard,
+    deadline: float | datetime | None = None,
+    webhook: str | None = None,
+    request_id: str | None = None,
+    batch_id: str | None = None,
+    custom_id: str | None = None,
+    body: Mapping[str, Any] | None = None,
+    **sampling: Any,
+) -> InferenceRequest:
+    """Validate the arguments of ``submit`` and build the wire request.
+
+    Raises:
+        ValidationError: naming the offending field.
+    """
+    if tenant not in settings.tenants:
+        raise ValidationError(f"tenant: unknown tenant {tenant!r}", field="tenant")
+    model_cfg = settings.models.get(model)
+    if model_cfg is None:
+        known = ", ".join(sorted(settings.models))
+        raise ValidationError(f"model: unknown model {model!r} (known: {known})", field="model")
+    try:
+        prio = Priority(priority)
+    except ValueError:
+        raise ValidationError(
+            f"priority: must be one of {', '.join(p.value for p in Priority)}, got {priority!r}",
+            field="priority",
+        ) from None
+    unknown = set(sampling) - SAMPLING_PARAMS
+    if unknown:
+        raise ValidationError(f"{sorted(unknown)[0]}: unknown parameter", field=sorted(unknown)[0])
+
+    if body is None:
+        if (messages is None) == (prompt is None):
+            raise ValidationError("messages/prompt: give exactly one of them", field="messages")
+        body = {"model": model, **sampling}
+        if messages is not None:
+            body["messages"] = [dict(m) for m in messages]
+        else:
+            body["prompt"] = prompt
+        if max_tokens is not None:
+            body["max_tokens"] = max_tokens
+    endpoint = Endpoint.chat_completions if "messages" in body else Endpoint.completions
+    if body.get("stream"):
+        raise ValidationError("stream: use Client.stream(handle) instead of body.stream", field="stream")
+    now = time.time()
+    try:
+        return InferenceRequest(
+            id=request_id or new_request_id(),
+            tenant=tenant,
+            priority=prio,
+            model=model,
+            endpoint=endpoint,
+            body=dict(body),
+            max_tokens=max_tokens_of(body, model_cfg.default_max_tokens),
+            prompt_tokens_estimate=estimate_prompt_tokens(body),
+            submitted_at=now,
+            deadline=deadline_of(deadline, now),
+            webhook_url=check_webhook_url(webhook) if webhook else None,
+            batch_id=batch_id,
+            custom_id=custom_id,
+        )
+    except pydantic.ValidationError as exc:
+        raise ValidationError(describe_validation_error(exc)) from None

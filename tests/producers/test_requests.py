@@ -1,0 +1,60 @@
+"""Requests are validated before anything is sent, with errors naming the field."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tokenmill.config import load_settings
+from tokenmill.errors import ValidationError
+from tokenmill.producers.requests import build_request, estimate_prompt_tokens
+from tokenmill.wire import Endpoint, InferenceRequest, Priority, decode
+
+S = load_settings()
+MSG = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def test_chat_request_is_built_and_round_trips() -> None:
+    req = build_request(S, tenant="alpha", model="sim", messages=MSG, max_tokens=12,
+                        priority="interactive", temperature=0.0)
+    assert req.endpoint is Endpoint.chat_completions and req.priority is Priority.interactive
+    assert req.max_tokens == 12 and req.body["temperature"] == 0.0
+    assert decode(InferenceRequest, req.to_bytes()) == req
+
+
+def test_completion_request_uses_model_default_max_tokens() -> None:
+    req = build_request(S, tenant="beta", model="smollm2", prompt="Once upon")
+    assert req.endpoint is Endpoint.completions
+    assert req.max_tokens == S.models["smollm2"].default_max_tokens
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        (dict(tenant="nobody"), "tenant"),
+        (dict(model="gpt-9"), "model"),
+        (dict(priority="urgent"), "priority"),
+        (dict(max_tokens=0), "max_tokens"),
+        (dict(max_tokens="many"), "max_tokens"),
+        (dict(webhook="ftp://example.invalid/x"), "webhook"),
+        (dict(temperatur=0.5), "temperatur"),
+        (dict(prompt="both"), "messages"),
+        (dict(deadline=-5), "deadline"),
+    ],
+)
+def test_bad_arguments_name_the_field(kwargs: dict[str, object], field: str) -> None:
+    args: dict[str, object] = dict(tenant="alpha", model="sim", messages=MSG)
+    args.update(kwargs)
+    with pytest.raises(ValidationError) as info:
+        build_request(S, **args)  # type: ignore[arg-type]
+    assert str(info.value).startswith(field)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.text(max_size=300), min_size=1, max_size=8))
+def test_estimate_grows_with_the_prompt(contents: list[str]) -> None:
+    msgs = [{"role": "user", "content": c} for c in contents]
+    small = estimate_prompt_tokens({"messages": msgs})
+    bigger = estimate_prompt_tokens({"messages": msgs + [{"role": "user", "content": "x" * 400}]})
+    assert 0 < small < bigger
