@@ -109,9 +109,23 @@ def spawn(
     Raises:
         StackError: the process exited, or was not ready within ``timeout_s``.
     """
+    proc = start(argv, log_path, env=env, cwd=cwd)
+    wait_ready(name, proc, log_path, ready, timeout_s=timeout_s)
+    return proc
+
+
+def start(
+    argv: Sequence[str],
+    log_path: Path,
+    *,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start ``argv`` detached in its own session (its PID is its process group id),
+    stdout and stderr appended to ``log_path``; does not wait."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as log:
-        proc = subprocess.Popen(
+        return subprocess.Popen(
             list(argv),
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -120,6 +134,22 @@ def spawn(
             env={**os.environ, **(env or {})},
             cwd=cwd,
         )
+
+
+def wait_ready(
+    name: str,
+    proc: subprocess.Popen[bytes],
+    log_path: Path,
+    ready: Callable[[], bool],
+    *,
+    timeout_s: float = 30.0,
+) -> None:
+    """Wait until ``ready()`` holds, failing fast if ``proc`` exits.
+
+    Raises:
+        StackError: the process exited, or was not ready within ``timeout_s`` (it is
+            stopped then).
+    """
     deadline = time.monotonic() + timeout_s
     delay = 0.01
     while time.monotonic() < deadline:
@@ -129,7 +159,7 @@ def spawn(
                 + tail(log_path)
             )
         if ready():
-            return proc
+            return
         time.sleep(delay)
         delay = min(delay * 2, 0.2)
     stop_pid(proc.pid)
@@ -179,6 +209,44 @@ def stop_pid(pid: int, *, timeout_s: float = 10.0) -> bool:
                 return True
             time.sleep(0.05)
     raise StackError(f"process {pid} did not exit after SIGKILL")
+
+
+def group_pids(pgid: int) -> list[int]:
+    """Processes still running (zombies aside) in process group ``pgid``."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["status"]):
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                found.append(proc.pid)
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return found
+
+
+def stop_group(pgid: int, *, timeout_s: float = 5.0) -> bool:
+    """Stop what is left of process group ``pgid`` once its leader is gone (children
+    that outlived it or ignored SIGTERM): SIGTERM, then SIGKILL after ``timeout_s``.
+
+    Returns True if anything was left.
+
+    Raises:
+        StackError: a member survived SIGKILL.
+    """
+    if not group_pids(pgid):
+        return False
+    for sig, wait in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return True
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if not group_pids(pgid):
+                return True
+            time.sleep(0.05)
+    raise StackError(f"processes {group_pids(pgid)} of group {pgid} did not exit after SIGKILL")
 
 
 def tail(path: Path, lines: int = 20) -> str:
