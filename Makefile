@@ -53,7 +53,9 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not vllm and not slow"
 
 demo: setup
-	$(BIN)/tokenmill demo
+	$(BIN)/tokenmill up
+	$(BIN)/tokenmill status
+	$(BIN)/tokenmill down
 
 bench: setup
 	$(PY) bench/scheduler.py
