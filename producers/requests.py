@@ -82,6 +82,7 @@ def build_request(
     batch_id: str | None = None,
     custom_id: str | None = None,
     body: Mapping[str, Any] | None = None,
+    stream: bool = False,
     **sampling: Any,
 ) -> InferenceRequest:
     """Validate the arguments of ``submit`` and build the wire request.
@@ -116,9 +117,10 @@ def build_request(
             body["prompt"] = prompt
         if max_tokens is not None:
             body["max_tokens"] = max_tokens
+        if stream:
+            # Workers publish text deltas for streaming requests (Client.stream).
+            body["stream"] = True
     endpoint = Endpoint.chat_completions if "messages" in body else Endpoint.completions
-    if body.get("stream"):
-        raise ValidationError("stream: use Client.stream(handle) instead of body.stream", field="stream")
     now = time.time()
     try:
         return InferenceRequest(
