@@ -13,7 +13,7 @@ from decimal import Decimal
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 
 class Section(BaseModel):
@@ -112,15 +112,15 @@ class PriceCard(Section):
             raise ValueError("give money as a string (\"0.15\"), not a float")
         return v
 
-    @field_validator("input_per_million", "output_per_million")
-    @classmethod
-    def _price_places(cls, v: Decimal) -> Decimal:
-        return _max_places(v, 6)
-
-    @field_validator("batch_discount")
-    @classmethod
-    def _discount_places(cls, v: Decimal) -> Decimal:
-        return _max_places(v, 4)
+    @model_validator(mode="after")
+    def _exact_costs(self) -> PriceCard:
+        # Every price, discounted or not, has at most 4 decimal places per million
+        # tokens, so every cost is exact at 10^-10 (see tokenmill.pricing).
+        for name in ("input_per_million", "output_per_million"):
+            price: Decimal = getattr(self, name)
+            _max_places(price, 4, name)
+            _max_places(price * (1 - self.batch_discount), 4, f"{name} after batch_discount")
+        return self
 
     @field_validator("effective_from")
     @classmethod
@@ -128,12 +128,10 @@ class PriceCard(Section):
         return v if v.tzinfo else v.replace(tzinfo=timezone.utc)
 
 
-def _max_places(v: Decimal, places: int) -> Decimal:
-    # Bounded decimals keep every cost exact at 10^-16 (see tokenmill.pricing).
+def _max_places(v: Decimal, places: int, what: str) -> None:
     exponent = v.normalize().as_tuple().exponent
     if isinstance(exponent, int) and exponent < -places:
-        raise ValueError(f"at most {places} decimal places")
-    return v
+        raise ValueError(f"{what}: at most {places} decimal places per million tokens, got {v}")
 
 
 class SlaClass(Section):

@@ -1,0 +1,167 @@
+"""Batches, stored from and returned as the wire :class:`~tokenmill.wire.Batch`.
+
+Every read is scoped to a tenant: another tenant's batch is :class:`NotFound`,
+exactly like one that does not exist.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import and_, or_, select
+from sqlalchemy.orm import Session
+
+from tokenmill.errors import LedgerError, NotFound
+from tokenmill.wire import Batch, RequestCounts
+
+from .errors import translated
+from .models import BatchRow
+from .types import utc
+from .upsert import insert_ignore
+
+_TIMES = (
+    "created_at",
+    "expires_at",
+    "in_progress_at",
+    "finalizing_at",
+    "completed_at",
+    "failed_at",
+    "expired_at",
+    "cancelling_at",
+    "cancelled_at",
+)
+
+
+def _values(batch: Batch) -> dict[str, Any]:
+    values: dict[str, Any] = {
+        "id": batch.id,
+        "tenant": batch.tenant,
+        "status": batch.status,
+        "endpoint": batch.endpoint,
+        "completion_window": batch.completion_window,
+        "input_file": batch.input_file,
+        "output_file": batch.output_file,
+        "error_file": batch.error_file,
+        "total_requests": batch.request_counts.total,
+        "completed_requests": batch.request_counts.completed,
+        "failed_requests": batch.request_counts.failed,
+        "webhook_url": batch.webhook_url,
+        "metadata": batch.metadata,
+    }
+    for name in _TIMES:
+        ts = getattr(batch, name)
+        values[name] = None if ts is None else utc(ts)
+    return values
+
+
+def _epoch(at: datetime | None) -> float | None:
+    return None if at is None else at.timestamp()
+
+
+def to_wire(row: BatchRow) -> Batch:
+    """The wire :class:`Batch` of a stored row."""
+    fields: dict[str, Any] = {name: _epoch(getattr(row, name)) for name in _TIMES}
+    fields.update(
+        id=row.id,
+        tenant=row.tenant,
+        endpoint=row.endpoint,
+        status=row.status,
+        input_file=row.input_file,
+        completion_window=row.completion_window,
+        request_counts=RequestCounts(
+            total=row.total_requests,
+            completed=row.completed_requests,
+            failed=row.failed_requests,
+        ),
+        output_file=row.output_file,
+        error_file=row.error_file,
+        webhook_url=row.webhook_url,
+        metadata=row.metadata_,
+    )
+    return Batch(**fields)
+
+
+@translated
+def upsert_batch(session: Session, batch: Batch) -> bool:
+    """Insert a batch, or update the stored one to this snapshot of it.
+
+    Parameters:
+        session: the caller's transaction.
+        batch: the batch as it is now.
+
+    Raises:
+        NotFound: the id belongs to another tenant's batch.
+        LedgerError: the stored batch is in a terminal status and ``batch`` would change it.
+
+    Returns:
+        True if the batch is new.
+    """
+    values = _values(batch)
+    if insert_ignore(session, BatchRow, values, ["id"]):
+        return True
+    row = session.execute(
+        select(BatchRow)
+        .where(BatchRow.id == batch.id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    ).scalar_one()
+    if row.tenant != batch.tenant:
+        raise NotFound(f"batch {batch.id} not found")
+    if row.status.is_terminal and batch.status != row.status:
+        raise LedgerError(
+            f"batch {batch.id} is {row.status.value}; it cannot become {batch.status.value}"
+        )
+    for key, value in values.items():
+        if key not in ("id", "tenant", "created_at"):
+            setattr(row, "metadata_" if key == "metadata" else key, value)
+    session.flush()
+    return False
+
+
+@translated
+def get_batch(session: Session, tenant: str, batch_id: str) -> Batch:
+    """A tenant's batch.
+
+    Raises:
+        NotFound: no such batch for this tenant (another tenant's looks the same).
+    """
+    row = session.execute(
+        select(BatchRow).where(BatchRow.id == batch_id, BatchRow.tenant == tenant)
+    ).scalar_one_or_none()
+    if row is None:
+        raise NotFound(f"batch {batch_id} not found")
+    return to_wire(row)
+
+
+@translated
+def list_batches(
+    session: Session, tenant: str, *, limit: int = 20, after: str | None = None
+) -> list[Batch]:
+    """A tenant's batches, newest first (OpenAI ``GET /v1/batches`` paging).
+
+    Parameters:
+        tenant: whose batches.
+        limit: at most this many.
+        after: a batch id from a previous page; list the ones created before it.
+
+    Raises:
+        NotFound: ``after`` is not one of this tenant's batches.
+    """
+    query = select(BatchRow).where(BatchRow.tenant == tenant)
+    if after is not None:
+        cursor = session.execute(
+            select(BatchRow.created_at).where(BatchRow.id == after, BatchRow.tenant == tenant)
+        ).scalar_one_or_none()
+        if cursor is None:
+            raise NotFound(f"batch {after} not found")
+        query = query.where(
+            or_(
+                BatchRow.created_at < cursor,
+                and_(BatchRow.created_at == cursor, BatchRow.id < after),
+            )
+        )
+    rows = session.execute(
+        query.order_by(BatchRow.created_at.desc(), BatchRow.id.desc()).limit(limit)
+    ).scalars()
+    return [to_wire(row) for row in rows]

@@ -1,0 +1,121 @@
+"""Accepted requests and their lifecycle (see :mod:`.state_machine`)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from tokenmill.errors import NotFound
+from tokenmill.wire import InferenceRequest, RequestState
+
+from .errors import translated
+from .models import RequestRow
+from .state_machine import check_transition
+from .types import utc, utcnow
+from .upsert import insert_ignore
+
+
+@translated
+def upsert_request(session: Session, request: InferenceRequest) -> bool:
+    """Record an accepted request as QUEUED, unless it is already recorded.
+
+    Parameters:
+        session: the caller's transaction.
+        request: the wire request; its id is the row's key.
+
+    Raises:
+        LedgerError: e.g. another request id already holds its (batch_id, custom_id).
+
+    Returns:
+        True if the request is new.
+    """
+    values = {
+        "id": request.id,
+        "tenant": request.tenant,
+        "model": request.model,
+        "priority": request.priority,
+        "state": RequestState.QUEUED,
+        "batch_id": request.batch_id,
+        "custom_id": request.custom_id,
+        "submitted_at": utc(request.submitted_at),
+        "attempts": 0,
+    }
+    return insert_ignore(session, RequestRow, values, ["id"])
+
+
+@translated
+def advance_request(
+    session: Session,
+    request_id: str,
+    to: RequestState,
+    *,
+    at: datetime | None = None,
+    error: str | None = None,
+    prompt_tokens: int | None = None,
+    completion_tokens: int | None = None,
+) -> bool:
+    """Move a request to state ``to`` if the lifecycle allows it.
+
+    Entering DISPATCHED stamps ``dispatched_at`` and counts an attempt; RUNNING stamps
+    ``first_token_at``; a terminal state stamps ``finished_at`` and keeps ``error`` and
+    the token counts given.
+
+    Parameters:
+        session: the caller's transaction (the row is locked until it ends).
+        request_id: the request.
+        to: the new state.
+        at: when it happened (default: now).
+        error: the reason, for FAILED (or any terminal state).
+        prompt_tokens, completion_tokens: final counts, for a terminal state.
+
+    Raises:
+        NotFound: no such request.
+        IllegalTransition: the lifecycle forbids it (a LedgerError naming both states).
+
+    Returns:
+        True if the state changed, False if the request was already in ``to``.
+    """
+    to = RequestState(to)
+    row = session.execute(
+        select(RequestRow)
+        .where(RequestRow.id == request_id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    ).scalar_one_or_none()
+    if row is None:
+        raise NotFound(f"request {request_id} not found")
+    if not check_transition(row.state, to, request_id=request_id):
+        return False
+    when = utc(at) if at is not None else utcnow()
+    row.state = to
+    if to is RequestState.DISPATCHED:
+        row.dispatched_at = when
+        row.attempts += 1
+    elif to is RequestState.RUNNING:
+        row.first_token_at = when
+    elif to.is_terminal:
+        row.finished_at = when
+        row.error = error
+        if prompt_tokens is not None:
+            row.prompt_tokens = prompt_tokens
+        if completion_tokens is not None:
+            row.completion_tokens = completion_tokens
+    session.flush()
+    return True
+
+
+@translated
+def get_request(session: Session, tenant: str, request_id: str) -> RequestRow:
+    """A tenant's request.
+
+    Raises:
+        NotFound: no such request for this tenant (another tenant's looks the same).
+    """
+    row = session.execute(
+        select(RequestRow).where(RequestRow.id == request_id, RequestRow.tenant == tenant)
+    ).scalar_one_or_none()
+    if row is None:
+        raise NotFound(f"request {request_id} not found")
+    return row

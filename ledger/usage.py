@@ -1,0 +1,182 @@
+"""Metered usage: one record per request, rolled up per tenant, model and minute.
+
+The roll-up (``usage_minutes``) is updated in the same transaction as the usage
+record, and only when that record was newly inserted, so a replayed ``finished``
+event changes neither: counts are exact under at-least-once delivery.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from tokenmill.wire import Priority
+
+from .errors import translated
+from .models import UsageMinute, UsageRecord
+from .types import utc, utcnow
+from .upsert import dialect_insert, insert_ignore
+
+
+@dataclass(frozen=True)
+class UsageTotals:
+    """Usage of one model over a span of time."""
+
+    requests: int
+    input_tokens: int
+    output_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+
+def minute_of(at: datetime | float) -> datetime:
+    """The UTC minute bucket holding ``at``."""
+    return utc(at).replace(second=0, microsecond=0)
+
+
+@dataclass(frozen=True)
+class UsageItem:
+    """The metered usage of one finished request, as :func:`record_usage_many` takes it."""
+
+    request_id: str
+    tenant: str
+    model: str
+    priority: Priority
+    prompt_tokens: int
+    completion_tokens: int
+    #: when the request finished; picks the minute bucket
+    at: datetime
+
+
+@translated
+def record_usage(
+    session: Session,
+    *,
+    request_id: str,
+    tenant: str,
+    model: str,
+    priority: Priority,
+    prompt_tokens: int,
+    completion_tokens: int,
+    at: datetime,
+) -> bool:
+    """Record a finished request's usage once; a replay is a no-op.
+
+    Parameters:
+        session: the caller's transaction; commit it before acknowledging the event.
+        request_id: the request; at most one usage record exists per id.
+        tenant, model, priority: what to attribute the usage to.
+        prompt_tokens, completion_tokens: the engine's final counts.
+        at: when the request finished; picks the minute bucket.
+
+    Raises:
+        LedgerError: the database refused the write (e.g. negative counts).
+
+    Returns:
+        True if this was new (and was added to the per-minute roll-up).
+    """
+    item = UsageItem(request_id, tenant, model, priority, prompt_tokens, completion_tokens, at)
+    return record_usage_many(session, [item]) == 1
+
+
+@translated
+def record_usage_many(session: Session, items: Iterable[UsageItem]) -> int:
+    """Record many requests' usage in one go; replays (and repeats within ``items``) are
+    no-ops.
+
+    Rows are locked in one global order (usage records by request id, then roll-up
+    rows by key), so concurrent consumers replaying overlapping sets cannot deadlock
+    on PostgreSQL, and the roll-up takes one statement per minute bucket.
+
+    Parameters:
+        session: the caller's transaction; commit it before acknowledging the events.
+        items: the usage to record.
+
+    Raises:
+        LedgerError: the database refused a write (e.g. negative counts).
+
+    Returns:
+        How many items were new.
+    """
+    rollup: dict[tuple[str, str, datetime], list[int]] = defaultdict(lambda: [0, 0, 0])
+    now = utcnow()
+    for item in sorted(items, key=lambda i: i.request_id):
+        minute = minute_of(item.at)
+        values = {
+            "request_id": item.request_id,
+            "tenant": item.tenant,
+            "model": item.model,
+            "priority": Priority(item.priority),
+            "minute": minute,
+            "prompt_tokens": item.prompt_tokens,
+            "completion_tokens": item.completion_tokens,
+            "recorded_at": now,
+        }
+        if insert_ignore(session, UsageRecord, values, ["request_id"]):
+            sums = rollup[(item.tenant, item.model, minute)]
+            sums[0] += 1
+            sums[1] += item.prompt_tokens
+            sums[2] += item.completion_tokens
+    table = UsageMinute.__table__.c
+    for (tenant, model, minute), (requests, input_tokens, output_tokens) in sorted(rollup.items()):
+        stmt = dialect_insert(session, UsageMinute).values(
+            tenant=tenant,
+            model=model,
+            minute=minute,
+            requests=requests,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+        )
+        session.execute(
+            stmt.on_conflict_do_update(
+                index_elements=["tenant", "model", "minute"],
+                set_={
+                    "requests": table.requests + stmt.excluded.requests,
+                    "input_tokens": table.input_tokens + stmt.excluded.input_tokens,
+                    "output_tokens": table.output_tokens + stmt.excluded.output_tokens,
+                },
+            )
+        )
+    return sum(sums[0] for sums in rollup.values())
+
+
+@translated
+def usage_minutes(
+    session: Session,
+    tenant: str,
+    since: datetime,
+    until: datetime | None = None,
+    *,
+    model: str | None = None,
+) -> list[UsageMinute]:
+    """A tenant's per-minute usage rows with ``since <= minute < until``, oldest first."""
+    query = select(UsageMinute).where(UsageMinute.tenant == tenant, UsageMinute.minute >= since)
+    if until is not None:
+        query = query.where(UsageMinute.minute < until)
+    if model is not None:
+        query = query.where(UsageMinute.model == model)
+    return list(session.execute(query.order_by(UsageMinute.minute, UsageMinute.model)).scalars())
+
+
+@translated
+def usage_totals(
+    session: Session, tenant: str, since: datetime, until: datetime | None = None
+) -> dict[str, UsageTotals]:
+    """A tenant's usage per model over minute buckets with ``since <= minute < until``."""
+    query = select(
+        UsageMinute.model,
+        func.sum(UsageMinute.requests),
+        func.sum(UsageMinute.input_tokens),
+        func.sum(UsageMinute.output_tokens),
+    ).where(UsageMinute.tenant == tenant, UsageMinute.minute >= since)
+    if until is not None:
+        query = query.where(UsageMinute.minute < until)
+    rows = session.execute(query.group_by(UsageMinute.model).order_by(UsageMinute.model))
+    return {model: UsageTotals(int(r), int(i), int(o)) for model, r, i, o in rows}

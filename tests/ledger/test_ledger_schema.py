@@ -1,0 +1,186 @@
+"""Migrations, engines, types and error translation, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, inspect, select, text
+from sqlalchemy.orm import Session, sessionmaker
+from tokenmill.ledger import (
+    Base,
+    EntryKind,
+    LedgerEntry,
+    PriceCardVersion,
+    RequestRow,
+    downgrade,
+    make_engine,
+    migrate,
+    normalize_url,
+    record_charge,
+    record_usage,
+    schema_diff,
+    transaction,
+)
+
+from tokenmill.errors import LedgerError
+from tokenmill.wire import Priority, RequestState
+
+T0 = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
+
+
+def test_migrations_apply_match_models_and_round_trip(empty_url: str) -> None:
+    engine = make_engine(empty_url)
+    try:
+        migrate(engine)
+        assert schema_diff(engine) == []
+        assert set(inspect(engine).get_table_names()) >= set(Base.metadata.tables)
+        migrate(engine)  # at head already: a no-op, safe at every start
+        downgrade(engine, "base")
+        assert set(inspect(engine).get_table_names()) == {"alembic_version"}
+        migrate(engine)
+        assert schema_diff(engine) == []
+    finally:
+        engine.dispose()
+
+
+def test_concurrent_migrations_are_safe(empty_url: str) -> None:
+    """Every service migrates at start; several may start at once."""
+    engines = [make_engine(empty_url) for _ in range(3)]
+    try:
+        with ThreadPoolExecutor(len(engines)) as pool:
+            list(pool.map(migrate, engines))
+        assert schema_diff(engines[0]) == []
+    finally:
+        for engine in engines:
+            engine.dispose()
+
+
+def test_schema_diff_notices_drift(engine: Engine) -> None:
+    with engine.begin() as conn:
+        conn.execute(text("DROP INDEX ix_requests_state"))
+    diff = schema_diff(engine)
+    assert any(d[0] == "add_index" and d[1].name == "ix_requests_state" for d in diff)
+
+
+def test_sqlite_engine_settings(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'sub' / 'ledger.db'}")  # parent created
+    try:
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+            assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30_000
+    finally:
+        engine.dispose()
+
+
+def test_in_memory_sqlite_is_one_database() -> None:
+    engine = make_engine("sqlite://")
+    try:
+        migrate(engine)
+        assert schema_diff(engine) == []
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("url", "driver"),
+    [
+        ("postgresql://u@h/db", "postgresql+psycopg"),
+        ("postgres://u@h/db", "postgresql+psycopg"),
+        ("postgresql+psycopg://u@h/db", "postgresql+psycopg"),
+        ("sqlite:///x.db", "sqlite"),
+    ],
+)
+def test_normalize_url_picks_psycopg3(url: str, driver: str) -> None:
+    assert normalize_url(url).drivername == driver
+
+
+@pytest.mark.parametrize("url", ["mysql://u@h/db", "not a url"])
+def test_unsupported_urls_are_ledger_errors(url: str) -> None:
+    with pytest.raises(LedgerError):
+        make_engine(url)
+
+
+def test_database_refusals_become_ledger_errors(sessions: sessionmaker[Session]) -> None:
+    with pytest.raises(LedgerError, match="record_usage"), transaction(sessions) as s:
+        record_usage(
+            s, request_id="r", tenant="a", model="m", priority=Priority.standard,
+            prompt_tokens=-1, completion_tokens=0, at=T0,
+        )  # fmt: skip
+    with pytest.raises(LedgerError, match="naive datetime"), transaction(sessions) as s:
+        record_usage(
+            s, request_id="r", tenant="a", model="m", priority=Priority.standard,
+            prompt_tokens=1, completion_tokens=0, at=datetime(2026, 1, 1),
+        )  # fmt: skip
+
+
+def _price_version(s: Session) -> int:
+    version = PriceCardVersion(
+        model="m", effective_from=T0, currency="USD",
+        input_per_million=Decimal("0.1"), output_per_million=Decimal("0.4"),
+        batch_discount=Decimal("0.5"),
+    )  # fmt: skip
+    s.add(version)
+    s.flush()
+    return version.id
+
+
+def test_ledger_entries_are_append_only(sessions: sessionmaker[Session]) -> None:
+    with transaction(sessions) as s:
+        vid = _price_version(s)
+        record_charge(s, "r1", "a", "m", Decimal("1.5"), vid)
+    for sql in ("UPDATE ledger_entries SET amount = 0", "DELETE FROM ledger_entries"):
+        with pytest.raises(LedgerError, match="append-only") as info, transaction(sessions) as s:
+            s.execute(text(sql))
+        assert sql.split()[0] in str(info.value)  # names the refused statement
+    with transaction(sessions) as s:
+        assert s.scalars(select(LedgerEntry.amount)).all() == [Decimal("1.5")]
+
+
+def test_money_and_time_round_trip_exactly(sessions: sessionmaker[Session]) -> None:
+    big = Decimal("912345678.0123456789")  # 19 significant digits: a float would lose them
+    at = datetime(2026, 3, 1, 14, 30, 15, 123456, tzinfo=timezone(timedelta(hours=2)))
+    with transaction(sessions) as s:
+        vid = _price_version(s)
+        record_charge(s, "r1", "a", "m", big, vid, at=at)
+        record_charge(s, "r1", "a", "m", Decimal("-0.0000000001"), None,
+                      kind=EntryKind.adjustment, currency="USD", at=at)  # fmt: skip
+    with transaction(sessions) as s:
+        rows = s.scalars(select(LedgerEntry).order_by(LedgerEntry.id)).all()
+        assert [r.amount for r in rows] == [big, Decimal("-0.0000000001")]
+        assert rows[0].created_at == at
+        assert rows[0].created_at.tzinfo == timezone.utc
+        s.add(RequestRow(id="x", tenant="a", model="m", priority=Priority.batch,
+                         state=RequestState.QUEUED, submitted_at=at))  # fmt: skip
+    with transaction(sessions) as s:
+        row = s.get(RequestRow, "x")
+        assert row is not None
+        assert row.state is RequestState.QUEUED and row.priority is Priority.batch
+
+
+def test_out_of_range_money_is_a_ledger_error(
+    backend: str, sessions: sessionmaker[Session]
+) -> None:
+    with transaction(sessions) as s:
+        vid = _price_version(s)
+    # Beyond SQLite's int64 of 1e-10 units; beyond NUMERIC(20,10) on PostgreSQL.
+    too_big = Decimal("922337204") if backend == "sqlite" else Decimal("1E10")
+    with pytest.raises(LedgerError), transaction(sessions) as s:
+        record_charge(s, "r1", "a", "m", too_big, vid)
+    with transaction(sessions) as s:
+        assert record_charge(s, "r1", "a", "m", too_big - 1, vid)
+
+
+def test_state_check_constraint(sessions: sessionmaker[Session]) -> None:
+    with pytest.raises(LedgerError), transaction(sessions) as s:
+        s.execute(
+            text(
+                "INSERT INTO requests (id, tenant, model, priority, state, submitted_at,"
+                " attempts) VALUES ('x', 'a', 'm', 'batch', 9, :at, 0)"
+            ),
+            {"at": T0.replace(tzinfo=None)},
+        )
