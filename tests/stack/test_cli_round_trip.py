@@ -50,7 +50,8 @@ def test_up_status_use_down(home: Path) -> None:
     assert first.returncode == 0, first.stderr
     recorded = state.load(home)
     assert recorded is not None
-    assert [s.name for s in recorded.services] == ["kafka", "redis"]
+    # Infrastructure first, then the services registered by the subsystems.
+    assert [s.name for s in recorded.services] == ["kafka", "redis", "worker-sim", "scheduler"]
     pids = [s.pid for s in recorded.services]
     assert all(processes.pid_alive(pid) for pid in pids)  # they outlive `up`
     assert all(Path(s.log).parent == home / "logs" for s in recorded.services)
@@ -62,6 +63,8 @@ def test_up_status_use_down(home: Path) -> None:
     assert {s["name"]: s["pid"] for s in report["services"]} == {
         "kafka": pids[0],
         "redis": pids[1],
+        "worker-sim": pids[2],
+        "scheduler": pids[3],
         "database": None,
     }
 
