@@ -42,6 +42,7 @@ _OPTIONAL_COMMAND_MODULES = (
     "tokenmill.workers.commands",
     "tokenmill.scheduler.commands",
     "tokenmill.producers.commands",
+    "tokenmill.producers.batch_commands",
     "tokenmill.ledger.commands",
 )
 
