@@ -53,9 +53,7 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not vllm and not slow"
 
 demo: setup
-	$(BIN)/tokenmill up
-	$(BIN)/tokenmill status
-	$(BIN)/tokenmill down
+	$(BIN)/tokenmill demo
 
 bench: setup
 	$(PY) bench/scheduler.py

@@ -13,7 +13,8 @@ import os
 import threading
 from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import redis.asyncio as aredis
 
@@ -25,6 +26,9 @@ from ..workers.cancel import request_cancel_async
 from ..workers.results import get_result_async, stream_events_async
 from .requests import build_request
 from .waiter import ResultWaiter
+
+if TYPE_CHECKING:
+    from .batches import AsyncBatches, Batches
 
 T = TypeVar("T")
 
@@ -114,6 +118,13 @@ class AsyncClient:
             await self._producer.stop()
             self._started = False
         await self._redis.aclose()
+
+    @cached_property
+    def batches(self) -> AsyncBatches:
+        """This tenant's batch files: ``create``, ``retrieve``, ``list``, ``cancel``, ``wait``."""
+        from .batches import AsyncBatches
+
+        return AsyncBatches(self.settings, self.tenant)
 
     # -- submitting ------------------------------------------------------------------
 
@@ -250,6 +261,13 @@ class Client:
             self._run(self._async.close())
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=5)
+
+    @cached_property
+    def batches(self) -> Batches:
+        """This tenant's batch files: ``create``, ``retrieve``, ``list``, ``cancel``, ``wait``."""
+        from .batches import Batches
+
+        return Batches(self._async.settings, self.tenant)
 
     def build(self, model: str, **kwargs: Any) -> wire.InferenceRequest:
         return self._async.build(model, **kwargs)

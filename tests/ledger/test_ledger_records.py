@@ -6,7 +6,6 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 import tokenmill.ledger as ledger
-import typer
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from tokenmill.config import EXAMPLE_CONFIG, Settings
@@ -22,8 +21,6 @@ from tokenmill.ledger import (
     sync_tenants,
     transaction,
 )
-from tokenmill.ledger.commands import register
-from typer.testing import CliRunner
 
 from tokenmill.errors import LedgerError, NotFound
 
@@ -111,12 +108,3 @@ def test_exported_names_resolve() -> None:
     assert sorted(ledger.__all__) == sorted(set(ledger.__all__))
     for name in ledger.__all__:
         assert getattr(ledger, name) is not None, name
-
-
-@pytest.mark.parametrize("argv", [["usage"], ["invoice", "alpha"], ["sla"]])
-def test_commands_say_they_are_not_built_yet(argv: list[str]) -> None:
-    app = typer.Typer()
-    register(app)
-    result = CliRunner().invoke(app, argv)
-    assert result.exit_code == 2
-    assert "not built yet" in result.output

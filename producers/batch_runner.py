@@ -1,0 +1,497 @@
+"""The batch runner: the service that takes batches from accepted to their files.
+
+Every poll it reads the active batches from the ledger and, for each:
+
+* ``validating`` → publishes every accepted line (request id
+  ``batch_request_id(batch_id, custom_id)``) to its priority topic, then ``in_progress``;
+* collects the lines' results from the result store (``MGET``, a thousand at a time),
+  appends each outcome to ``results.jsonl`` (fsynced) and only then records it in the
+  ledger (request state, batch counts) — each line once;
+* ``cancelling`` (or past ``expires_at``) → cancels every unfinished line (the cancel
+  flag the workers check, and a control message for the scheduler), keeps the
+  results that still arrive, ends lines that never answer after ``cancel_grace_s``,
+  then writes the files → ``cancelled`` (``expired``);
+* all lines done → ``finalizing`` → writes ``output.jsonl`` and ``errors.jsonl``
+  atomically, in input order → ``completed``; records the batch webhook with the
+  status change.
+
+Restarts: the ledger and the batch's files hold everything; Kafka and Redis may lose
+everything (the local stack keeps neither across ``down``/``up``). A runner that
+(re)starts — or finds Redis emptied under it — republishes every unfinished line that
+has neither a result nor a dispatch mark, with the *same* request id: the scheduler
+skips ids it already holds or dispatched, a worker stores the first outcome only,
+and the runner ignores a second outcome of a line it has recorded. So every line of
+the input ends exactly once in the output or error file.
+
+Run one batch runner per ledger (``tokenmill up`` starts it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import redis.asyncio as aredis
+from aiokafka.errors import KafkaError
+from redis.exceptions import RedisError
+
+from .. import kafka, wire
+from ..config import Settings
+from ..errors import NotFound, TokenmillError
+from ..logs import get_logger
+from ..scheduler.service import dispatched_key
+from ..stack import Endpoints
+from ..wire import Batch, BatchStatus, RequestCounts, RequestState, Result
+from ..workers import keys
+from ..workers.cancel import CANCEL_TTL_S
+from .batch_files import (
+    CANCELLED,
+    EXPIRED,
+    BatchDir,
+    append_lines,
+    dumps,
+    outcome_entry,
+    read_jsonl,
+    repair_tail,
+    write_atomic,
+)
+from .batches import batch_data
+
+__all__ = ["BatchRunner", "serve"]
+
+log = get_logger(__name__)
+
+CHUNK = 1000
+#: result keys a batch's poll may look up per second (a big batch is polled less often)
+COLLECT_KEYS_PER_S = 50_000
+EPOCH_KEY = keys.PREFIX + "batch-runner:epoch"
+_STATE_OF = {
+    "succeeded": RequestState.FINISHED,
+    "failed": RequestState.FAILED,
+    "cancelled": RequestState.CANCELLED,
+    "expired": RequestState.EXPIRED,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Line:
+    line: int
+    custom_id: str
+
+
+@dataclass
+class Tracker:
+    """What the runner knows of one batch in this life (rebuilt from its files)."""
+
+    batch_id: str
+    tenant: str
+    dir: BatchDir
+    lines: dict[str, Line] = field(default_factory=dict)  #: request id → its line
+    #: wire request JSON of every unfinished line, to (re)publish it
+    raw: dict[str, bytes] = field(default_factory=dict)
+    topic: dict[str, str] = field(default_factory=dict)
+    done: dict[str, str] = field(default_factory=dict)  #: request id → outcome status
+    invalid: int = 0
+    #: monotonic time unfinished lines were last published (or found in flight); None:
+    #: not yet in this life
+    published_at: float | None = None
+    cancel_sent_at: float | None = None
+    #: monotonic time of the next look for results
+    next_collect: float = 0.0
+
+    @classmethod
+    def load(cls, batch: Batch, d: BatchDir) -> Tracker:
+        """Raises: FileNotFoundError when the batch's accepted lines are missing."""
+        t = cls(batch.id, batch.tenant, d)
+        if not d.requests.exists():
+            raise FileNotFoundError(d.requests)
+        for rec in read_jsonl(d.requests):
+            req = rec["request"]
+            t.lines[req["id"]] = Line(rec["line"], req["custom_id"])
+            t.raw[req["id"]] = json.dumps(req).encode()
+            t.topic[req["id"]] = wire.Priority(req.get("priority", "standard")).topic
+        t.invalid = sum(1 for _ in read_jsonl(d.invalid))
+        repair_tail(d.results)
+        for rec in read_jsonl(d.results):
+            rid = rec["request_id"]
+            if rid in t.lines and rid not in t.done:
+                t.done[rid] = rec["status"]
+                t.raw.pop(rid, None)
+        return t
+
+    def pending(self) -> list[str]:
+        return [rid for rid in self.lines if rid not in self.done]
+
+    def counts(self) -> RequestCounts:
+        completed = sum(1 for s in self.done.values() if s == "succeeded")
+        return RequestCounts(
+            total=self.invalid + len(self.lines),
+            completed=completed,
+            failed=self.invalid + len(self.done) - completed,
+        )
+
+
+class BatchRunner:
+    """Run with :meth:`run`; stop by setting the event passed to it.
+
+    Parameters:
+        poll_s, max_poll_s: the pause between polls, doubling while nothing happens.
+        cancel_grace_s: how long a cancelled or expiring batch waits for lines that
+            were asked to stop before it ends them itself.
+        republish_after_s: how often unfinished lines with neither a result nor a
+            dispatch mark are published again (a broker that lost messages without
+            Redis losing its data); the scheduler drops the copies it already holds.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        endpoints: Endpoints,
+        *,
+        poll_s: float = 0.1,
+        max_poll_s: float = 1.0,
+        cancel_grace_s: float = 30.0,
+        republish_after_s: float = 600.0,
+    ) -> None:
+        self.settings = settings
+        self.endpoints = endpoints
+        self.poll_s = poll_s
+        self.max_poll_s = max_poll_s
+        self.cancel_grace_s = cancel_grace_s
+        self.republish_after_s = republish_after_s
+        self.trackers: dict[str, Tracker] = {}
+        self._epoch: bytes | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        from ..ledger import shared_factory
+
+        self.factory = shared_factory(self.settings.ledger_url)
+        bootstrap = self.endpoints.kafka_bootstrap
+        await kafka.ensure_topics(bootstrap)
+        self.redis = aredis.Redis.from_url(self.endpoints.redis_url)
+        self.producer = kafka.producer(bootstrap)
+        await kafka.start(self.producer, "batch runner producer")
+        log.info("batch runner started")
+        interval = self.poll_s
+        try:
+            while not stop.is_set():
+                try:
+                    busy = await self.tick()
+                except (TokenmillError, RedisError, KafkaError, OSError) as exc:
+                    log.error("batch runner poll failed; retrying", error=repr(exc))
+                    busy = False
+                except Exception:  # a bug: keep the other batches going, loudly
+                    log.exception("batch runner poll crashed; retrying")
+                    busy = False
+                interval = self.poll_s if busy else min(self.max_poll_s, interval * 2)
+                try:
+                    await asyncio.wait_for(stop.wait(), interval)
+                except TimeoutError:
+                    pass
+        finally:
+            await self.producer.stop()
+            await self.redis.aclose()
+            log.info("batch runner stopped")
+
+    async def tick(self) -> bool:
+        """One poll over every active batch; True if anything happened."""
+        from ..ledger import active_batches, transaction
+
+        await self._check_epoch()
+        with transaction(self.factory) as session:
+            active = active_batches(session)
+        for gone in set(self.trackers) - {b.id for b in active}:
+            del self.trackers[gone]
+        busy = False
+        for batch in active:
+            try:
+                tracker = self.trackers.get(batch.id) or self._load(batch)
+                if tracker is not None:
+                    busy |= await self._step(tracker, batch)
+            except (RedisError, KafkaError):
+                raise  # infrastructure: the whole poll retries
+            except Exception:  # one broken batch must not stall the others
+                log.exception("batch step failed; reloading it next poll", batch_id=batch.id)
+                self.trackers.pop(batch.id, None)
+        return busy
+
+    async def _check_epoch(self) -> None:
+        """Notice Redis losing its data (a restarted local stack): republish then."""
+        epoch = await self.redis.get(EPOCH_KEY)
+        if epoch is None:
+            await self.redis.set(EPOCH_KEY, uuid.uuid4().hex.encode(), nx=True)
+            epoch = await self.redis.get(EPOCH_KEY)
+        if epoch != self._epoch:
+            if self._epoch is not None:
+                log.warning("the result store lost its data; republishing unfinished lines")
+            self._epoch = epoch
+            for t in self.trackers.values():
+                t.published_at = None
+
+    def _load(self, batch: Batch) -> Tracker | None:
+        from ..ledger import transaction, unfinished_batch_requests
+
+        d = BatchDir.of(self.settings.home, batch.id)
+        try:
+            t = Tracker.load(batch, d)
+        except FileNotFoundError:
+            log.error("batch files missing; failing the batch", batch_id=batch.id, dir=str(d.root))
+            self._end(batch.id, BatchStatus.failed, None)
+            return None
+        with transaction(self.factory) as session:  # outcomes recorded in the file only
+            for rid in set(unfinished_batch_requests(session, batch.id)) & set(t.done):
+                _settle(session, rid, t.done[rid], None)
+        self.trackers[batch.id] = t
+        log.info("tracking batch", batch_id=batch.id, status=batch.status.value,
+                 lines=len(t.lines), done=len(t.done))
+        return t
+
+    # -- one batch ---------------------------------------------------------------------
+
+    async def _step(self, t: Tracker, batch: Batch) -> bool:
+        now = time.time()
+        ending: tuple[str, str] | None = None
+        if batch.status is BatchStatus.cancelling:
+            ending = CANCELLED
+        elif batch.status in (BatchStatus.validating, BatchStatus.in_progress) and now >= batch.expires_at:
+            ending = EXPIRED
+        if ending is None and batch.status is BatchStatus.validating:
+            await self._publish(t, t.pending())
+            t.published_at = time.monotonic()
+            self._mark_published(batch.id)
+            return True
+        if ending is None and (
+            t.published_at is None or time.monotonic() - t.published_at > self.republish_after_s
+        ):
+            await self._republish_missing(t)
+            t.published_at = time.monotonic()
+        busy = False
+        if time.monotonic() >= t.next_collect:
+            t.next_collect = time.monotonic() + len(t.pending()) / COLLECT_KEYS_PER_S
+            busy = await self._collect(t, batch.id, ending)
+        if ending is not None and t.pending():
+            busy |= await self._end_lines(t, batch, ending, now)
+        if not t.pending():
+            self._finalize(t, batch, ending)
+            busy = True
+        return busy
+
+    async def _publish(self, t: Tracker, rids: Sequence[str]) -> None:
+        key = t.tenant.encode()
+        for start in range(0, len(rids), CHUNK):
+            chunk = [r for r in rids[start : start + CHUNK] if r in t.raw]
+            futures = [await self.producer.send(t.topic[r], t.raw[r], key=key) for r in chunk]
+            await asyncio.gather(*futures)
+        if rids:
+            log.info("published batch lines", batch_id=t.batch_id, lines=len(rids))
+
+    def _mark_published(self, batch_id: str) -> None:
+        from ..ledger import lock_batch, transaction, upsert_batch
+
+        with transaction(self.factory) as session:
+            b = lock_batch(session, batch_id)
+            update: dict[str, Any] = {"in_progress_at": b.in_progress_at or time.time()}
+            if b.status is BatchStatus.validating:
+                update["status"] = BatchStatus.in_progress
+            upsert_batch(session, b.model_copy(update=update))
+
+    async def _republish_missing(self, t: Tracker) -> None:
+        """Publish the unfinished lines that have neither a result nor a dispatch mark
+        (lost with a restarted broker/Redis, or never sent)."""
+        missing: list[str] = []
+        pending = t.pending()
+        for start in range(0, len(pending), CHUNK):
+            chunk = pending[start : start + CHUNK]
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.mget([keys.result(r) for r in chunk])
+            for r in chunk:
+                pipe.exists(dispatched_key(r))
+            results, *marks = await pipe.execute()
+            missing += [r for r, res, mark in zip(chunk, results, marks) if res is None and not mark]
+        await self._publish(t, missing)
+
+    async def _collect(self, t: Tracker, batch_id: str, ending: tuple[str, str] | None) -> bool:
+        pending = t.pending()
+        outcomes: list[tuple[str, str, dict[str, Any], Result | None]] = []
+        for start in range(0, len(pending), CHUNK):
+            chunk = pending[start : start + CHUNK]
+            raws = await self.redis.mget([keys.result(r) for r in chunk])
+            for rid, raw in zip(chunk, raws):
+                if raw is None:
+                    continue
+                result = wire.decode(Result, raw)
+                line = t.lines[rid]
+                status, entry = outcome_entry(batch_id, line.line, line.custom_id, result, ended_as=ending)
+                outcomes.append((rid, status, entry, result))
+        if outcomes:
+            self._record(t, outcomes)
+        return bool(outcomes)
+
+    async def _end_lines(self, t: Tracker, batch: Batch, ending: tuple[str, str], now: float) -> bool:
+        pending = t.pending()
+        never_published = batch.in_progress_at is None and t.published_at is None
+        if t.cancel_sent_at is None:
+            if not never_published:
+                await self._cancel(t, pending)
+            t.cancel_sent_at = now
+            log.info("ending batch lines", batch_id=t.batch_id, lines=len(pending), why=ending[0])
+        if not never_published and now - t.cancel_sent_at < self.cancel_grace_s:
+            return False
+        outcomes = []
+        for rid in pending:
+            line = t.lines[rid]
+            status, entry = outcome_entry(batch.id, line.line, line.custom_id, None, ended_as=ending)
+            outcomes.append((rid, status, entry, None))
+        self._record(t, outcomes)
+        return True
+
+    async def _cancel(self, t: Tracker, rids: Sequence[str]) -> None:
+        key = t.tenant.encode()
+        for start in range(0, len(rids), CHUNK):
+            chunk = rids[start : start + CHUNK]
+            pipe = self.redis.pipeline(transaction=False)
+            for r in chunk:
+                pipe.set(keys.cancel(r), b"1", ex=CANCEL_TTL_S)
+            await pipe.execute()
+            futures = [
+                await self.producer.send(
+                    wire.CONTROL_TOPIC,
+                    wire.ControlMessage(kind=wire.ControlKind.cancel, request_id=r, tenant=t.tenant).to_bytes(),
+                    key=key,
+                )
+                for r in chunk
+            ]
+            await asyncio.gather(*futures)
+
+    def _record(self, t: Tracker, outcomes: Sequence[tuple[str, str, dict[str, Any], Result | None]]) -> None:
+        """Outcomes to the file first (durable), then the ledger."""
+        from ..ledger import lock_batch, transaction, upsert_batch
+
+        append_lines(
+            t.dir.results,
+            (
+                {"line": t.lines[rid].line, "custom_id": t.lines[rid].custom_id, "request_id": rid,
+                 "status": status, "entry": entry}
+                for rid, status, entry, _ in outcomes
+            ),
+        )
+        for rid, status, _, _ in outcomes:
+            t.done[rid] = status
+            t.raw.pop(rid, None)
+        with transaction(self.factory) as session:
+            for rid, status, _, result in outcomes:
+                _settle(session, rid, status, result)
+            b = lock_batch(session, t.batch_id)
+            if not b.status.is_terminal:
+                upsert_batch(session, b.model_copy(update={"request_counts": t.counts()}))
+
+    # -- the end ---------------------------------------------------------------------------
+
+    def _finalize(self, t: Tracker, batch: Batch, ending: tuple[str, str] | None) -> None:
+        from ..ledger import lock_batch, transaction, upsert_batch
+
+        if ending is None:
+            with transaction(self.factory) as session:
+                b = lock_batch(session, batch.id)
+                if b.status is BatchStatus.in_progress:
+                    b = b.model_copy(update={"status": BatchStatus.finalizing, "finalizing_at": time.time()})
+                    upsert_batch(session, b)
+            if b.status is not BatchStatus.finalizing:
+                return  # cancelled meanwhile: the next poll ends it as cancelled
+        output, errors = assemble(t)
+        write_atomic(t.dir.output, (dumps(e) for e in output))
+        write_atomic(t.dir.errors, (dumps(e) for e in errors))
+        end = {None: BatchStatus.completed, CANCELLED: BatchStatus.cancelled, EXPIRED: BatchStatus.expired}[ending]
+        self._end(batch.id, end, t)
+
+    def _end(self, batch_id: str, end: BatchStatus, t: Tracker | None) -> None:
+        """Move a batch to terminal status ``end`` and record its webhook, together."""
+        from ..ledger import lock_batch, transaction, upsert_batch
+        from ..workers.webhooks import enqueue_event
+
+        with transaction(self.factory) as session:
+            b = lock_batch(session, batch_id)
+            if b.status.is_terminal:
+                return
+            if end is BatchStatus.expired and b.status is BatchStatus.cancelling:
+                end = BatchStatus.cancelled
+            update: dict[str, Any] = {"status": end, f"{end.value}_at": time.time()}
+            if t is not None:
+                update.update(output_file=str(t.dir.output), error_file=str(t.dir.errors),
+                              request_counts=t.counts())
+            b = b.model_copy(update=update)
+            upsert_batch(session, b)
+            if b.webhook_url:
+                enqueue_event(
+                    session, key=f"{b.id}:{end.value}", tenant=b.tenant, url=b.webhook_url,
+                    event_type=f"batch.{end.value}", data=batch_data(b),
+                )
+        log.info("batch ended", batch_id=batch_id, status=end.value,
+                 counts=batch_data(b)["request_counts"])
+
+
+def assemble(t: Tracker) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The output and error entries of a finished batch, each line once, in input order."""
+    seen: set[int] = set()
+    output: list[tuple[int, dict[str, Any]]] = []
+    errors: list[tuple[int, dict[str, Any]]] = []
+    for rec in read_jsonl(t.dir.results):
+        line = rec["line"]
+        if line in seen or rec["request_id"] not in t.lines:
+            continue
+        seen.add(line)
+        (output if rec["status"] == "succeeded" else errors).append((line, rec["entry"]))
+    for entry in read_jsonl(t.dir.invalid):
+        errors.append((entry["error"]["line"], entry))
+    return [e for _, e in sorted(output, key=_first)], [e for _, e in sorted(errors, key=_first)]
+
+
+def _first(item: tuple[int, Any]) -> int:
+    return item[0]
+
+
+def _settle(session: Any, rid: str, status: str, result: Result | None) -> None:
+    """Bring a line's ledger state to its outcome (a terminal state set first by
+    someone else stands)."""
+    from ..ledger import IllegalTransition, advance_request
+
+    target = _STATE_OF[status]
+    kwargs: dict[str, Any] = {}
+    if result is not None:
+        kwargs["at"] = datetime.fromtimestamp(result.finished_at, UTC)
+        if result.error is not None:
+            kwargs["error"] = f"{result.error.code}: {result.error.message}"
+        if result.usage is not None:
+            kwargs.update(prompt_tokens=result.usage.prompt_tokens,
+                          completion_tokens=result.usage.completion_tokens)
+    try:
+        advance_request(session, rid, target, **kwargs)
+    except NotFound:
+        pass
+    except IllegalTransition as exc:
+        if exc.from_state.is_terminal:
+            return
+        # FINISHED needs a dispatch first; a running request cannot "expire".
+        step = RequestState.DISPATCHED if target is RequestState.FINISHED else RequestState.CANCELLED
+        advance_request(session, rid, step, at=kwargs.get("at"))
+        if step is RequestState.DISPATCHED:
+            advance_request(session, rid, target, **kwargs)
+
+
+async def serve(settings: Settings, endpoints: Endpoints, stop: asyncio.Event | None = None) -> None:
+    """Run the batch runner until ``stop`` is set (or SIGTERM/SIGINT)."""
+    import signal
+
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await BatchRunner(settings, endpoints).run(stop)

@@ -1,0 +1,106 @@
+"""One delivery attempt at a time, against a real Redis and a SQLite ledger: refused
+targets are dead at once, copies of a task never post twice, attempts are recorded."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+from tokenmill.config import EXAMPLE_CONFIG, load_settings
+from tokenmill.config.models import WebhookSettings
+from tokenmill.ledger import (
+    DeliveryStatus,
+    get_webhook,
+    lease_due_webhooks,
+    list_webhooks,
+    shared_factory,
+    transaction,
+)
+from tokenmill.workers import keys
+from tokenmill.workers.webhook_signing import verify
+from tokenmill.workers.webhooks import Deliverer, enqueue_event, webhook_id_for
+
+
+@pytest.fixture
+def hits() -> Iterator[tuple[str, list[dict[str, str]]]]:
+    got: list[dict[str, str]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["content-length"]))
+            got.append({**dict(self.headers), "body": body.decode()})
+            self.send_response(204)
+            self.end_headers()
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/hook", got
+    server.shutdown()
+    server.server_close()
+
+
+def deliverer(tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch, *, allow: bool) -> Deliverer:
+    monkeypatch.setenv("TOKENMILL_CONFIG", str(EXAMPLE_CONFIG))
+    settings = load_settings(
+        database_url=f"sqlite:///{tmp_path / 'ledger.db'}",
+        webhooks=WebhookSettings(allow_private_targets=allow, max_attempts=3, backoff_base_s=0.01, timeout_s=2),
+    )
+    return Deliverer(settings, shared_factory(settings.ledger_url), redis.Redis.from_url(redis_url),
+                     httpx.Client(timeout=2))
+
+
+def enqueue(d: Deliverer, url: str, key: str) -> str:
+    with transaction(d.factory) as s:
+        assert enqueue_event(s, key=key, tenant="alpha", url=url, event_type="batch.completed", data={"id": key})
+        assert not enqueue_event(s, key=key, tenant="alpha", url=url, event_type="batch.completed", data={})
+    return webhook_id_for(key)
+
+
+def test_delivered_once_even_when_the_task_runs_twice(tmp_path, redis_url, monkeypatch, hits) -> None:
+    url, got = hits
+    d = deliverer(tmp_path, redis_url, monkeypatch, allow=True)
+    wid = enqueue(d, url, "k1")
+    with transaction(d.factory) as s:
+        leased = lease_due_webhooks(s, datetime.now(UTC), lease_s=60)
+    assert leased == [(wid, 0)]
+    # Another copy is attempting it right now: this one does nothing.
+    d.redis.set(keys.PREFIX + "webhook-lock:" + wid, b"other", ex=30)
+    assert d.deliver(wid, 1) is None and got == []
+    d.redis.delete(keys.PREFIX + "webhook-lock:" + wid)
+    assert d.deliver(wid, 1) == "delivered"
+    assert d.deliver(wid, 1) is None  # a copy sent again after the attempt
+    assert len(got) == 1
+    secret = d.settings.tenants["alpha"].webhook_secret.get_secret_value()
+    verify(secret, got[0], got[0]["body"].encode())
+    with transaction(d.factory) as s:
+        row = get_webhook(s, wid)
+        assert (row.status, row.attempts, row.last_status_code) == (DeliveryStatus.delivered, 1, 204)
+
+
+def test_private_target_refused_when_not_allowed(tmp_path, redis_url, monkeypatch, hits) -> None:
+    url, got = hits
+    d = deliverer(tmp_path, redis_url, monkeypatch, allow=False)
+    wid = enqueue(d, url, "k2")
+    assert d.deliver(wid, 1) == "dead"
+    assert got == []
+    with transaction(d.factory) as s:
+        [row] = list_webhooks(s, status=DeliveryStatus.dead, tenant="alpha")
+        assert row.webhook_id == wid and "private or loopback" in (row.last_error or "")
+
+
+def test_retries_then_dead_after_max_attempts(tmp_path, redis_url, monkeypatch) -> None:
+    d = deliverer(tmp_path, redis_url, monkeypatch, allow=True)
+    wid = enqueue(d, "http://127.0.0.1:9/nothing-listens", "k3")
+    assert [d.deliver(wid, n) for n in (1, 2, 3)] == ["pending", "pending", "dead"]
+    with transaction(d.factory) as s:
+        row = get_webhook(s, wid)
+        assert row.attempts == 3 and row.next_attempt_at is None and "ConnectError" in row.last_error

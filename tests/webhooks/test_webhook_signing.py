@@ -1,0 +1,78 @@
+"""Standard Webhooks signing, the target check, and the backoff (no services needed)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from tokenmill.workers.webhook_signing import WebhookVerificationError, sign, signed_headers, verify
+from tokenmill.workers.webhooks import TargetRefused, backoff_s, check_target, webhook_id_for
+
+# The Standard Webhooks specification's published test vector.
+SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+MSG_ID = "msg_p5jXN8AQM9LWM0D4loKWxJek"
+TS = 1614265330
+BODY = b'{"test": 2432232314}'
+SIGNATURE = "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+
+
+def test_signature_matches_the_published_vector() -> None:
+    assert sign(SECRET, MSG_ID, TS, BODY) == SIGNATURE
+    headers = signed_headers(SECRET, MSG_ID, BODY, timestamp=TS)
+    assert headers == {"webhook-id": MSG_ID, "webhook-timestamp": str(TS), "webhook-signature": SIGNATURE}
+    verify(SECRET, headers, BODY, now=TS + 10)
+
+
+def test_verify_refuses_tampering_old_messages_and_missing_headers() -> None:
+    headers = signed_headers(SECRET, MSG_ID, BODY, timestamp=TS)
+    with pytest.raises(WebhookVerificationError, match="no matching signature"):
+        verify(SECRET, headers, BODY + b" ", now=TS)
+    with pytest.raises(WebhookVerificationError, match="no matching signature"):
+        verify(SECRET, {**headers, "webhook-id": "msg_other"}, BODY, now=TS)
+    with pytest.raises(WebhookVerificationError, match="no matching signature"):
+        verify("whsec_" + "QUJD" * 8, headers, BODY, now=TS)
+    with pytest.raises(WebhookVerificationError, match="too old"):
+        verify(SECRET, headers, BODY, now=TS + 3600)
+    with pytest.raises(WebhookVerificationError, match="missing header webhook-signature"):
+        verify(SECRET, {"webhook-id": MSG_ID, "webhook-timestamp": str(TS)}, BODY, now=TS)
+    # Several signatures (key rotation): any one matching is enough; header names in any case.
+    rotated = {"Webhook-Id": MSG_ID, "Webhook-Timestamp": str(TS), "Webhook-Signature": f"v1,bm9wZQ== {SIGNATURE}"}
+    verify(SECRET, rotated, BODY, now=TS)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://127.0.0.1/h", "http://localhost:8000/h", "https://10.1.2.3/h", "http://192.168.0.5/h",
+     "http://169.254.169.254/latest/meta-data", "http://[::1]/h", "http://[::ffff:127.0.0.1]/h",
+     "http://0.0.0.0/h", "http://100.64.0.1/h"],
+)
+def test_private_and_loopback_targets_are_refused_unless_allowed(url: str) -> None:
+    with pytest.raises(TargetRefused, match="private or loopback"):
+        check_target(url, allow_private=False)
+    check_target(url, allow_private=True)
+
+
+@pytest.mark.parametrize("url", ["ftp://example.com/h", "file:///etc/passwd", "http:///nohost", "javascript:alert(1)"])
+def test_only_http_urls(url: str) -> None:
+    with pytest.raises(TargetRefused, match="http"):
+        check_target(url, allow_private=True)
+
+
+def test_public_literal_addresses_pass_and_names_are_checked_at_delivery() -> None:
+    check_target("https://93.184.216.34/hook", allow_private=False)
+    check_target("https://hooks.example.com/x", allow_private=False, resolve=False)
+
+
+def test_backoff_is_exponential_with_full_jitter_and_capped() -> None:
+    rng = random.Random(7)
+    for attempt in range(1, 12):
+        ceiling = min(60.0, 0.5 * 2 ** (attempt - 1))
+        draws = [backoff_s(attempt, 0.5, cap_s=60.0, rng=rng) for _ in range(200)]
+        assert all(0 <= d <= ceiling for d in draws)
+        assert max(draws) > ceiling * 0.8  # full jitter spreads over the whole range
+
+
+def test_webhook_ids_are_stable_per_event() -> None:
+    assert webhook_id_for("batch_1:completed") == webhook_id_for("batch_1:completed")
+    assert webhook_id_for("batch_1:completed") != webhook_id_for("batch_1:cancelled")
+    assert webhook_id_for("x").startswith("msg_")
