@@ -1,0 +1,515 @@
+"""The scheduler service: a thin async loop around the pure :class:`Scheduler` policy.
+
+It reads the priority topics (and the control topic for cancels), feeds the policy,
+reads worker heartbeats for capacity, and dispatches slices of requests into free
+capacity only, so worker queues stay short and fairness is decided here. It settles
+budgets and frees capacity from the workers' terminal token events.
+
+Restart safety (at-least-once, idempotent):
+
+* request-topic offsets are committed only below the lowest undispatched request
+  (:mod:`.offsets`), so nothing accepted is lost;
+* a request is marked dispatched in Redis (``SET NX``) right after its slice is sent;
+  a re-read request with that mark is skipped, so nothing runs twice. (A crash
+  between send and mark re-sends it; the worker's own result commit is ``SET NX``,
+  so it is still reported once.)
+* counters, budgets and the in-flight set are snapshotted to Redis every second and
+  restored at start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import redis.asyncio as aredis
+from aiokafka import ConsumerRecord, TopicPartition
+from celery import Celery
+
+from .. import kafka, wire
+from ..config import Settings
+from ..config.models import BudgetPeriod
+from ..errors import SchemaError, TokenmillError
+from ..logs import get_logger
+from ..pricing import cost as price
+from ..stack import Endpoints
+from ..workers import keys as worker_keys
+from ..workers.celery_app import create_app, send_slice
+from ..workers.heartbeat import live_workers_async
+from ..workers.results import ResultStore
+from .errors import DuplicateRequest, SchedulerError
+from .offsets import OffsetTracker
+from .policy import Scheduler
+from .snapshot import SchedulerSnapshot
+from .types import Pool, Priority, QueuedRequest, Rejection, SchedulerConfig, TenantPolicy
+
+log = get_logger(__name__)
+
+GROUP_ID = "tokenmill-scheduler"
+SETTLE_GROUP_ID = "tokenmill-scheduler-settle"
+SNAPSHOT_KEY = worker_keys.PREFIX + "scheduler:snapshot"
+DISPATCHED_TTL_S = 7 * 24 * 3600
+_PERIOD_S = {BudgetPeriod.day: 86_400.0, BudgetPeriod.month: 30 * 86_400.0}
+
+
+def dispatched_key(request_id: str) -> str:
+    return worker_keys.PREFIX + "dispatched:" + request_id
+
+
+def build_policy(settings: Settings) -> Scheduler:
+    """The policy configured from settings, pricing budgets with the price cards."""
+    s = settings.scheduler
+
+    def cost(
+        tenant: str, model: str, input_tokens: int, output_tokens: int, prio: Priority
+    ) -> Decimal:
+        card = settings.price_card(model, datetime.now(UTC))
+        return price(card, input_tokens, output_tokens, wire.Priority(prio.value))
+
+    config = SchedulerConfig(
+        w_in=s.w_in,
+        w_out=s.w_out,
+        interactive_share=s.class_shares.get("interactive", 0.7),
+        standard_share=s.class_shares.get("standard", 0.2),
+        batch_share=s.class_shares.get("batch", 0.1),
+        # One class of credit per `aging_s` seconds of waiting.
+        aging_rate=1000.0 / s.aging_s,
+    )
+    tenants = []
+    for name, t in settings.tenants.items():
+        rl = t.rate_limit
+        tenants.append(
+            TenantPolicy(
+                name=name,
+                weight=settings.tenant_weight(name),
+                budget=t.budget.amount if t.budget else None,
+                budget_period_s=_PERIOD_S[t.budget.period] if t.budget else None,
+                requests_per_min=rl.requests_per_min if rl else None,
+                tokens_per_min=rl.tokens_per_min if rl else None,
+            )
+        )
+    return Scheduler(config, cost=cost, tenants=tenants, models=settings.models)
+
+
+def to_queued(req: wire.InferenceRequest, payload: object) -> QueuedRequest:
+    return QueuedRequest(
+        request_id=req.id,
+        tenant=req.tenant,
+        model=req.model,
+        priority=Priority(req.priority.value),
+        input_tokens=req.prompt_tokens_estimate,
+        max_output_tokens=req.max_tokens,
+        enqueued_at=req.submitted_at,
+        deadline=req.deadline,
+        payload=payload,
+    )
+
+
+@dataclass
+class Held:
+    """What the service keeps beside a queued request (the policy's opaque payload)."""
+
+    request: wire.InferenceRequest
+    tp: TopicPartition
+    offset: int
+
+
+@dataclass
+class PoolState:
+    name: str
+    models: frozenset[str]
+    capacity: int = 0
+    in_flight: set[str] = field(default_factory=set)
+    last_dispatch: float = 0.0
+
+
+class SchedulerService:
+    """Run with :meth:`run`; stop by setting the event passed to it."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        endpoints: Endpoints,
+        *,
+        celery_app: Celery | None = None,
+        max_slice: int = 64,
+        max_slice_delay_s: float = 0.02,
+        tick_s: float = 0.002,
+    ) -> None:
+        self.settings = settings
+        self.endpoints = endpoints
+        self.policy = build_policy(settings)
+        self.app = celery_app or create_app(endpoints.redis_url)
+        self.max_slice = max_slice
+        self.max_slice_delay_s = max_slice_delay_s
+        self.tick_s = tick_s
+        self.offsets = OffsetTracker()
+        self.pools: dict[str, PoolState] = {}
+        for model in settings.models:
+            pool = settings.pool_of(model)
+            ps = self.pools.setdefault(pool, PoolState(pool, frozenset()))
+            ps.models = ps.models | {model}
+        self._pool_of_request: dict[str, str] = {}
+        #: tenant of each queued request, so a cancel is checked before it touches the queue
+        self._owner: dict[str, str] = {}
+        #: next offset of each token-events partition that the policy has applied
+        self._event_positions: dict[TopicPartition, int] = {}
+        self._wake = asyncio.Event()
+        self.dispatched_total = 0
+        self.slices_total = 0
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        bootstrap = self.endpoints.kafka_bootstrap
+        await kafka.ensure_topics(bootstrap)
+        self.redis = aredis.Redis.from_url(self.endpoints.redis_url)
+        self.store = ResultStore(self.redis)
+        await self._restore()
+        self.producer = kafka.producer(bootstrap)
+        self.requests = kafka.consumer(
+            bootstrap, *wire.REQUEST_TOPICS, wire.CONTROL_TOPIC, group_id=GROUP_ID
+        )
+        self.events = kafka.consumer(bootstrap, wire.TOKEN_EVENTS_TOPIC, group_id=SETTLE_GROUP_ID)
+        for client, what in (
+            (self.producer, "producer"),
+            (self.requests, "requests"),
+            (self.events, "events"),
+        ):
+            await kafka.start(client, f"scheduler {what}")
+        log.info("scheduler started", pools=sorted(self.pools))
+        tasks = [
+            asyncio.create_task(self._consume_requests(stop), name="requests"),
+            asyncio.create_task(self._consume_events(stop), name="events"),
+            asyncio.create_task(self._watch_workers(stop), name="heartbeats"),
+            asyncio.create_task(self._dispatch_loop(stop), name="dispatch"),
+            asyncio.create_task(self._housekeeping(stop), name="housekeeping"),
+        ]
+        try:
+            done, _ = await asyncio.wait(
+                [*tasks, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED
+            )
+            for t in done:
+                if t in tasks and t.exception():
+                    raise t.exception()  # type: ignore[misc]
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self._checkpoint()
+            for client in (self.requests, self.events, self.producer):
+                await client.stop()
+            await self.redis.aclose()
+            log.info("scheduler stopped", dispatched=self.dispatched_total)
+
+    async def _restore(self) -> None:
+        raw = await self.redis.get(SNAPSHOT_KEY)
+        if not raw:
+            return
+        snap = SchedulerSnapshot.from_dict(json.loads(raw))
+        self.policy.restore(snap, [], time.time())
+        for rec in snap.in_flight:
+            pool = (
+                self.settings.pool_of(rec.request.model)
+                if rec.request.model in self.settings.models
+                else None
+            )
+            if pool:
+                self.pools[pool].in_flight.add(rec.request.request_id)
+                self._pool_of_request[rec.request.request_id] = pool
+        log.info("scheduler state restored", in_flight=len(snap.in_flight))
+
+    # -- intake ---------------------------------------------------------------------
+
+    async def _consume_requests(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            batches = await self.requests.getmany(timeout_ms=50, max_records=2000)
+            records = [r for recs in batches.values() for r in recs]
+            if records:
+                await self._intake(records)
+                self._wake.set()
+
+    async def _intake(self, records: list[ConsumerRecord]) -> None:
+        parsed: list[tuple[ConsumerRecord, wire.InferenceRequest]] = []
+        for rec in records:
+            tp = TopicPartition(rec.topic, rec.partition)
+            try:
+                if rec.topic == wire.CONTROL_TOPIC:
+                    await self._control(wire.decode(wire.ControlMessage, rec.value))
+                    self.offsets.skip(tp, rec.offset)
+                    continue
+                req = wire.decode(wire.InferenceRequest, rec.value)
+                self._check_known(req)
+            except SchemaError as exc:
+                await self._dead_letter(rec, str(exc))
+                self.offsets.skip(tp, rec.offset)
+                continue
+            parsed.append((rec, req))
+        if not parsed:
+            return
+        # Skip what an earlier life of the scheduler already dispatched.
+        pipe = self.redis.pipeline(transaction=False)
+        for _, req in parsed:
+            pipe.exists(dispatched_key(req.id))
+        seen = await pipe.execute()
+        now = time.time()
+        for (rec, req), already in zip(parsed, seen):
+            tp = TopicPartition(rec.topic, rec.partition)
+            if already:
+                self.offsets.skip(tp, rec.offset)
+                continue
+            try:
+                self.policy.enqueue(to_queued(req, Held(req, tp, rec.offset)), now)
+            except DuplicateRequest:
+                self.offsets.skip(tp, rec.offset)  # redelivered while still queued/in flight
+                continue
+            except SchedulerError as exc:
+                await self._dead_letter(rec, f"rejected by scheduler: {exc}")
+                self.offsets.skip(tp, rec.offset)
+                continue
+            self.offsets.read(tp, rec.offset)
+            self._owner[req.id] = req.tenant
+
+    def _check_known(self, req: wire.InferenceRequest) -> None:
+        if req.tenant not in self.settings.tenants:
+            raise SchemaError(f"InferenceRequest: tenant: unknown tenant {req.tenant!r}")
+        if req.model not in self.settings.models:
+            raise SchemaError(f"InferenceRequest: model: unknown model {req.model!r}")
+
+    async def _dead_letter(self, rec: ConsumerRecord, reason: str) -> None:
+        log.warning("dead-lettered message", topic=rec.topic, offset=rec.offset, reason=reason)
+        await self.producer.send_and_wait(
+            wire.DEAD_LETTER_TOPIC,
+            rec.value,
+            key=rec.key,
+            headers=[
+                ("reason", reason.encode()),
+                ("source", f"{rec.topic}/{rec.partition}/{rec.offset}".encode()),
+            ],
+        )
+
+    async def _control(self, msg: wire.ControlMessage) -> None:
+        if msg.kind is wire.ControlKind.cancel:
+            if self._owner.get(msg.request_id) != msg.tenant:
+                return  # not queued here, or not this tenant's: tenants only cancel their own
+            queued = self.policy.cancel(msg.request_id, time.time())
+            if queued is not None:
+                del self._owner[msg.request_id]
+                held = _held(queued)
+                self.offsets.release(held.tp, held.offset)
+                await self._report(
+                    held.request, wire.ResultStatus.cancelled, "cancelled", "cancelled while queued"
+                )
+            # In flight: the worker sees the cancel flag the client set in Redis.
+
+    # -- capacity and dispatch ------------------------------------------------------------
+
+    async def _watch_workers(self, stop: asyncio.Event) -> None:
+        timeout = self.settings.scheduler.heartbeat_timeout_s
+        while not stop.is_set():
+            for pool in self.pools.values():
+                beats = await live_workers_async(self.redis, pool.name, timeout_s=timeout)
+                capacity = sum(b.capacity for b in beats)
+                if capacity != pool.capacity:
+                    log.info("pool capacity", pool=pool.name, workers=len(beats), capacity=capacity)
+                    pool.capacity = capacity
+                    self._wake.set()
+            await asyncio.sleep(0.25)
+
+    async def _dispatch_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                async with asyncio.timeout(self.max_slice_delay_s):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            await self.dispatch_once()
+            await asyncio.sleep(self.tick_s)  # let intake batch up a little
+
+    async def dispatch_once(self) -> int:
+        sent = 0
+        now = time.time()
+        for pool in self.pools.values():
+            free = pool.capacity - len(pool.in_flight)
+            if free <= 0 or not self.policy.backlog():
+                continue
+            # A Celery message costs milliseconds, so under load wait (briefly) for a
+            # full slice of free capacity; at low load send at once, for latency.
+            busy = len(pool.in_flight) >= self.max_slice
+            if busy and free < self.max_slice and now - pool.last_dispatch < self.max_slice_delay_s:
+                continue
+            pool.last_dispatch = now
+            result = self.policy.dispatch(Pool(pool.name, pool.models, free), now)
+            for rej in result.rejected:
+                await self._reject(rej)
+            picked = [d.request for d in result.dispatched]
+            for start in range(0, len(picked), self.max_slice):
+                chunk = picked[start : start + self.max_slice]
+                await self._send(pool, chunk, now)
+                sent += len(chunk)
+        self.dispatched_total += sent
+        return sent
+
+    async def _send(self, pool: PoolState, chunk: list[QueuedRequest], now: float) -> None:
+        dispatches = [wire.Dispatch(request=_held(q).request, dispatched_at=now) for q in chunk]
+        # kombu's publish is synchronous and quick (one Redis round trip).
+        send_slice(self.app, pool.name, dispatches)
+        self.slices_total += 1
+        pipe = self.redis.pipeline(transaction=False)
+        for q in chunk:
+            pipe.set(dispatched_key(q.request_id), b"1", ex=DISPATCHED_TTL_S)
+        await pipe.execute()
+        for q in chunk:
+            held = _held(q)
+            pool.in_flight.add(q.request_id)
+            self._pool_of_request[q.request_id] = pool.name
+            self._owner.pop(q.request_id, None)
+            self.offsets.release(held.tp, held.offset)
+
+    async def _reject(self, rej: Rejection) -> None:
+        held = _held(rej.request)
+        self._owner.pop(held.request.id, None)
+        self.offsets.release(held.tp, held.offset)
+        status = (
+            wire.ResultStatus.expired
+            if rej.reason.value == "deadline_expired"
+            else wire.ResultStatus.failed
+        )
+        await self._report(held.request, status, rej.reason.value, rej.detail)
+
+    async def _report(
+        self, req: wire.InferenceRequest, status: wire.ResultStatus, code: str, detail: str
+    ) -> None:
+        """Report a request that ends in the scheduler: result first, then its event."""
+        now = time.time()
+        kind = (
+            wire.EventKind.cancelled
+            if status is wire.ResultStatus.cancelled
+            else wire.EventKind.failed
+        )
+        event = wire.TokenEvent(
+            kind=kind,
+            request_id=req.id,
+            tenant=req.tenant,
+            model=req.model,
+            priority=req.priority,
+            ts=now,
+            submitted_at=req.submitted_at,
+            finished_at=now,
+            reason=f"{code}: {detail}",
+            batch_id=req.batch_id,
+            custom_id=req.custom_id,
+        )
+        result = wire.Result(
+            request_id=req.id,
+            tenant=req.tenant,
+            model=req.model,
+            status=status,
+            error=wire.ErrorInfo(code=code, message=detail),
+            batch_id=req.batch_id,
+            custom_id=req.custom_id,
+            finished_at=now,
+        )
+        if await self.store.commit(result, event):
+            await self.producer.send_and_wait(
+                wire.TOKEN_EVENTS_TOPIC, event.to_bytes(), key=req.tenant.encode()
+            )
+            await self.store.mark_reported(req.id)
+
+    # -- settlement -------------------------------------------------------------------------
+
+    async def _consume_events(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            batches = await self.events.getmany(timeout_ms=50, max_records=5000)
+            freed = False
+            for tp, recs in batches.items():
+                for rec in recs:
+                    freed |= self._settle(rec)
+                if recs:
+                    self._event_positions[tp] = recs[-1].offset + 1
+            if freed:
+                self._wake.set()
+
+    def _settle(self, rec: ConsumerRecord) -> bool:
+        try:
+            ev = wire.decode(wire.TokenEvent, rec.value)
+        except SchemaError:
+            return False  # the stream processors dead-letter bad events
+        if not ev.kind.is_terminal:
+            return False
+        now = time.time()
+        if ev.kind is wire.EventKind.finished:
+            self.policy.complete(ev.request_id, ev.prompt_tokens, ev.completion_tokens, now)
+        else:
+            # Failed and cancelled requests are not billed (see the ledger), so they
+            # release their reservation at no cost.
+            self.policy.complete(ev.request_id, 0, 0, now)
+        pool = self._pool_of_request.pop(ev.request_id, None)
+        if pool is None:
+            return False
+        self.pools[pool].in_flight.discard(ev.request_id)
+        return True
+
+    # -- housekeeping --------------------------------------------------------------------------
+
+    async def _housekeeping(self, stop: asyncio.Event) -> None:
+        rounds = 0
+        while not stop.is_set():
+            await asyncio.sleep(0.5)
+            for rej in self.policy.expire(time.time()):
+                await self._reject(rej)
+            rounds += 1
+            if rounds % 4 == 0:  # a snapshot is O(in flight): every 2 s is plenty
+                await self._checkpoint()
+
+    async def _checkpoint(self) -> None:
+        """Snapshot the policy, then commit the offsets that snapshot reflects.
+
+        Event offsets are committed only after a snapshot that includes their effect,
+        so a restart re-applies exactly the completions the restored state lacks.
+        """
+        log.info(
+            "scheduler checkpoint",
+            dispatched=self.dispatched_total,
+            slices=self.slices_total,
+            backlog=self.policy.backlog(),
+            held=self.offsets.held(),
+        )
+        snapshot = self.policy.snapshot().to_dict()
+        event_points = dict(self._event_positions)
+        await self.redis.set(SNAPSHOT_KEY, json.dumps(snapshot))
+        if event_points:
+            await self.events.commit(event_points)
+        await self._commit_offsets()
+
+    async def _commit_offsets(self) -> None:
+        points = self.offsets.commit_points()
+        if points:
+            await self.requests.commit(points)
+            self.offsets.committed(points)
+
+
+def _held(q: QueuedRequest) -> Held:
+    if not isinstance(q.payload, Held):
+        raise TokenmillError(
+            f"request {q.request_id} has no payload (restored without its message)"
+        )
+    return q.payload
+
+
+async def serve(
+    settings: Settings, endpoints: Endpoints, stop: asyncio.Event | None = None
+) -> None:
+    """Run the scheduler until ``stop`` is set (or SIGTERM/SIGINT)."""
+    import signal
+
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await SchedulerService(settings, endpoints).run(stop)
