@@ -1,0 +1,292 @@
+"""The engine host against a real Redis, with the simulated engine and an in-memory sink:
+events, coalescing, results and streams, cancel, failures, redelivery and leases."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+import redis
+from tokenmill.workers import keys
+from tokenmill.workers.cancel import request_cancel
+from tokenmill.workers.engines.base import EngineStep
+from tokenmill.workers.engines.sim import SimEngine, SimTiming
+from tokenmill.workers.events import MemorySink
+from tokenmill.workers.heartbeat import live_workers
+from tokenmill.workers.host import EngineHost, HostConfig
+from tokenmill.workers.results import stream_events, wait_result
+from workers_helpers import chat_request, completion_request, dispatches, kinds, wait_for
+
+from tokenmill.errors import EngineError
+from tokenmill.wire import (
+    Dispatch,
+    EventKind,
+    InferenceRequest,
+    Result,
+    ResultStatus,
+    TokenEvent,
+    Usage,
+    WorkerHeartbeat,
+)
+
+HostFactory = Callable[..., tuple[EngineHost, MemorySink]]
+
+def test_events_result_and_stream(make_host: HostFactory, rclient: redis.Redis) -> None:
+    host, sink = make_host(progress_tokens=16, progress_interval_s=10.0)
+    req = chat_request("sim", "one two three", max_tokens=50, stream=True)
+    [outcome] = host.run_slice(dispatches([req]))
+    assert (outcome.status, outcome.ran, outcome.attempt) == ("succeeded", True, 1)
+
+    evs = [e for e in sink.events if e.request_id == req.id]
+    assert [e.kind for e in evs] == [
+        EventKind.dispatched, EventKind.first_token, EventKind.progress, EventKind.progress,
+        EventKind.progress, EventKind.finished,
+    ]
+    assert [e.seq for e in evs] == list(range(len(evs)))
+    assert sum(e.delta_tokens for e in evs) == 50
+    fin = evs[-1]
+    assert (fin.prompt_tokens, fin.completion_tokens) == (3 + 4 + 2, 50)
+    assert fin.simulated and fin.worker == host.config.worker
+    assert fin.first_token_at is not None and fin.finished_at is not None
+    assert fin.submitted_at == req.submitted_at
+
+    result = wait_result(rclient, req.id, timeout_s=5)
+    assert result is not None and result.status is ResultStatus.succeeded
+    assert result.usage == Usage(prompt_tokens=9, completion_tokens=50)
+    body = result.body or {}
+    assert body["object"] == "chat.completion" and body["simulated"] is True
+    assert body["usage"]["total_tokens"] == 59
+    content = body["choices"][0]["message"]["content"]
+    assert len(content.split()) == 50 and body["choices"][0]["finish_reason"] == "length"
+
+    items = list(stream_events(rclient, req.id, timeout_s=5))
+    assert items[-1].kind == "end" and items[-1].status == "succeeded"
+    assert "".join(i.text for i in items[:-1]) == content
+    assert items[-2].completion_tokens == 50
+
+
+def test_text_completion_body_and_no_stream_deltas(make_host: HostFactory, rclient: redis.Redis) -> None:
+    host, _ = make_host()
+    req = completion_request("sim", "a b c", max_tokens=5)
+    host.run_slice(dispatches([req]))
+    result = wait_result(rclient, req.id, timeout_s=5)
+    assert result is not None and result.body is not None
+    assert result.body["object"] == "text_completion"
+    assert len(result.body["choices"][0]["text"].split()) == 5
+    assert [i.kind for i in stream_events(rclient, req.id, timeout_s=5)] == ["end"]
+
+
+def test_progress_events_are_coalesced(make_host: HostFactory) -> None:
+    host, sink = make_host(
+        engine=SimEngine(SimTiming(), capacity=256), progress_tokens=32, progress_interval_s=10.0
+    )
+    reqs = [completion_request("sim", max_tokens=256) for _ in range(20)]
+    outcomes = host.run_slice(dispatches(reqs))
+    assert {o.status for o in outcomes} == {"succeeded"}
+    for req in reqs:
+        evs = [e for e in sink.events if e.request_id == req.id]
+        progress = [e for e in evs if e.kind is EventKind.progress]
+        assert 1 <= len(progress) <= 256 // 32
+        assert sum(e.delta_tokens for e in evs) == 256 == evs[-1].completion_tokens
+
+
+def test_cancel_before_start_never_reaches_the_engine(make_host: HostFactory, rclient: redis.Redis) -> None:
+    host, sink = make_host()
+    req = chat_request("sim", max_tokens=10)
+    request_cancel(rclient, req.id)
+    [outcome] = host.run_slice(dispatches([req]))
+    assert outcome.status == "cancelled"
+    assert kinds(sink.events, req.id) == [EventKind.cancelled]
+    result = wait_result(rclient, req.id, timeout_s=5)
+    assert result is not None and result.status is ResultStatus.cancelled
+    assert result.error is not None and result.error.code == "cancelled"
+
+
+def test_cancel_aborts_a_running_request(make_host: HostFactory, rclient: redis.Redis) -> None:
+    host, sink = make_host(engine=SimEngine(SimTiming(decode_ms_per_step=5.0), capacity=8))
+    victim = chat_request("sim", max_tokens=2000)
+    bystander = chat_request("sim", max_tokens=40)
+    fut = host.submit_slice(dispatches([victim, bystander]))
+    wait_for(lambda: EventKind.first_token in kinds(sink.events, victim.id), 5, "first token")
+    t0 = time.monotonic()
+    request_cancel(rclient, victim.id)
+    outcomes = {o.request_id: o.status for o in fut.result(10)}
+    assert time.monotonic() - t0 < 1.0
+    assert outcomes == {victim.id: "cancelled", bystander.id: "succeeded"}
+    cancelled = [e for e in sink.events if e.request_id == victim.id][-1]
+    assert cancelled.kind is EventKind.cancelled and 0 < cancelled.completion_tokens < 2000
+    result = wait_result(rclient, victim.id, timeout_s=5)
+    assert result is not None and result.usage is not None
+    assert result.usage.completion_tokens == cancelled.completion_tokens
+
+
+class _FailingEngine:
+    name = "failing"
+    simulated = True
+    capacity = 4
+
+    async def start(self) -> None: ...
+
+    async def shutdown(self) -> None: ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+    async def generate(self, request: InferenceRequest) -> AsyncIterator[EngineStep]:
+        yield EngineStep(text=" a", completion_tokens=1, prompt_tokens=3)
+        raise EngineError("CUDA error: out of memory (simulated)")
+
+
+def test_engine_failure_is_a_failed_event_with_the_reason(make_host: HostFactory, rclient: redis.Redis) -> None:
+    host, sink = make_host(engine=_FailingEngine())
+    req = chat_request("sim", max_tokens=10)
+    [outcome] = host.run_slice(dispatches([req]))
+    assert outcome.status == "failed"
+    assert kinds(sink.events, req.id) == [EventKind.dispatched, EventKind.first_token, EventKind.failed]
+    failed = sink.events[-1]
+    assert failed.reason == "engine_error: CUDA error: out of memory (simulated)"
+    result = wait_result(rclient, req.id, timeout_s=5)
+    assert result is not None and result.status is ResultStatus.failed
+    assert result.error is not None and "out of memory" in result.error.message
+
+
+def test_invalid_request_fails_without_harming_the_slice(make_host: HostFactory, rclient: redis.Redis) -> None:
+    host, _ = make_host()
+    bad = chat_request("sim", max_tokens=10, n=3)
+    good = chat_request("sim", max_tokens=10)
+    outcomes = {o.request_id: o.status for o in host.run_slice(dispatches([bad, good]))}
+    assert outcomes == {bad.id: "failed", good.id: "succeeded"}
+    result = wait_result(rclient, bad.id, timeout_s=5)
+    assert result is not None and result.error is not None and result.error.code == "invalid_request"
+
+
+def test_unreadable_dispatch_is_reported(make_host: HostFactory, rclient: redis.Redis) -> None:
+    host, sink = make_host()
+    rid = f"req_{uuid.uuid4().hex}"
+    raw = {"request": {"id": rid, "tenant": "acme", "model": "sim", "body": {}}}
+    assert host.report_invalid(raw, "body.messages: missing") == rid
+    result = wait_result(rclient, rid, timeout_s=5)
+    assert result is not None and result.error is not None and result.error.code == "invalid_dispatch"
+    assert [e.kind for e in sink.events if e.request_id == rid] == [EventKind.failed]
+    assert host.report_invalid({"nonsense": 1}, "x") is None
+
+
+def test_redelivered_finished_request_is_not_run_again(make_host: HostFactory) -> None:
+    host, sink = make_host()
+    req = chat_request("sim", max_tokens=10)
+    first = host.run_slice(dispatches([req]))
+    again = host.run_slice([Dispatch(request=req, attempt=2)])
+    assert first[0].ran and not again[0].ran and again[0].status == "succeeded"
+    assert kinds(sink.events, req.id).count(EventKind.finished) == 1
+    assert kinds(sink.events, req.id).count(EventKind.dispatched) == 1
+
+
+def test_same_request_twice_in_one_slice_runs_once(make_host: HostFactory) -> None:
+    host, sink = make_host()
+    req = chat_request("sim", max_tokens=20)
+    outcomes = host.run_slice(dispatches([req, req]))
+    assert sorted(o.ran for o in outcomes) == [False, True]
+    assert kinds(sink.events, req.id).count(EventKind.dispatched) == 1
+
+
+def test_outcome_stored_but_not_reported_is_resent_identically(
+    make_host: HostFactory, rclient: redis.Redis
+) -> None:
+    """A worker that died between storing the outcome and Kafka's ack: the redelivery
+    re-sends the stored terminal event (same event_id), once, and runs nothing."""
+    host, sink = make_host()
+    req = chat_request("sim", max_tokens=10)
+    event = TokenEvent(
+        kind=EventKind.finished, request_id=req.id, tenant=req.tenant, model=req.model,
+        worker="dead-worker", attempt=1, seq=4, prompt_tokens=9, completion_tokens=10,
+    )
+    result = Result(
+        request_id=req.id, tenant=req.tenant, model=req.model, status=ResultStatus.succeeded,
+        usage=Usage(prompt_tokens=9, completion_tokens=10),
+    )
+    rclient.set(keys.result(req.id), result.to_bytes())
+    rclient.set(keys.final_event(req.id), event.to_bytes())
+    [outcome] = host.run_slice(dispatches([req]))
+    assert not outcome.ran
+    assert [e.event_id for e in sink.events if e.request_id == req.id] == [event.event_id]
+    assert rclient.exists(keys.reported(req.id))
+    host.run_slice(dispatches([req]))
+    assert len([e for e in sink.events if e.request_id == req.id]) == 1
+
+
+def test_lease_held_elsewhere_waits_for_it_to_lapse(make_host: HostFactory, rclient: redis.Redis) -> None:
+    host, sink = make_host(lease_ttl_s=0.6)
+    req = chat_request("sim", max_tokens=5)
+    rclient.set(keys.lease(req.id), b"other-worker", px=800)  # a worker that just died
+    rclient.incr(keys.attempts(req.id))
+    t0 = time.monotonic()
+    [outcome] = host.run_slice(dispatches([req]))
+    assert time.monotonic() - t0 >= 0.6
+    assert outcome.ran and outcome.attempt == 2
+    assert {e.attempt for e in sink.events if e.request_id == req.id} == {2}
+
+
+def test_lease_holder_finishing_means_no_second_run(make_host: HostFactory, rclient: redis.Redis) -> None:
+    host, sink = make_host(lease_ttl_s=3.0)
+    req = chat_request("sim", max_tokens=5)
+    rclient.set(keys.lease(req.id), b"other-worker", px=5000)
+    fut = host.submit_slice(dispatches([req]))
+    time.sleep(0.3)
+    result = Result(request_id=req.id, tenant="acme", model="sim", status=ResultStatus.succeeded)
+    rclient.set(keys.result(req.id), result.to_bytes())
+    rclient.set(keys.reported(req.id), b"1")
+    [outcome] = fut.result(5)
+    assert not outcome.ran and outcome.status == "succeeded"
+    assert [e for e in sink.events if e.request_id == req.id] == []
+
+
+def test_heartbeats_show_capacity_and_drop_out(make_host: HostFactory, rclient: redis.Redis) -> None:
+    host, _ = make_host(engine=SimEngine(SimTiming(decode_ms_per_step=5.0), capacity=7))
+    pool = host.config.pool
+    beats = wait_for(lambda: live_workers(rclient, pool), 5, "heartbeat")
+    assert [(b.worker, b.capacity, b.in_flight, b.simulated, b.engine) for b in beats] == [
+        (host.config.worker, 7, 0, True, "sim")
+    ]
+    fut = host.submit_slice(dispatches([chat_request("sim", max_tokens=200) for _ in range(3)]))
+    busy = wait_for(
+        lambda: [b for b in live_workers(rclient, pool) if b.in_flight == 3], 5, "busy heartbeat"
+    )
+    assert busy[0].free_slots == 4
+    fut.result(10)
+    # a stale member (no heartbeat for longer than the timeout) drops out
+    stale = WorkerHeartbeat(worker="ghost", pool=pool, models=("sim",), engine="sim", capacity=1,
+                            in_flight=0, ts=time.time() - 60)
+    rclient.set(keys.worker("ghost"), stale.to_bytes())
+    rclient.zadd(keys.pool_workers(pool), {"ghost": stale.ts})
+    assert [b.worker for b in live_workers(rclient, pool, timeout_s=5)] == [host.config.worker]
+    assert rclient.zscore(keys.pool_workers(pool), "ghost") is None
+    host.stop()
+    assert live_workers(rclient, pool) == []
+
+
+def test_request_past_its_deadline_expires_without_running(make_host: HostFactory, rclient: redis.Redis) -> None:
+    host, sink = make_host()
+    req = chat_request("sim", max_tokens=10).model_copy(update={"deadline": time.time() - 1})
+    [outcome] = host.run_slice(dispatches([req]))
+    assert outcome.status == "expired"
+    assert kinds(sink.events, req.id) == [EventKind.failed]
+    assert sink.events[-1].reason == "expired: its deadline passed before it ran"
+    result = wait_result(rclient, req.id, timeout_s=5)
+    assert result is not None and result.status is ResultStatus.expired
+
+
+class _BrokenEngine(_FailingEngine):
+    async def start(self) -> None:
+        raise EngineError("no such model")
+
+
+def test_engine_that_cannot_start_fails_the_host_fast(redis_url: str) -> None:
+    host = EngineHost(
+        _BrokenEngine(), HostConfig(worker="w", pool=f"p-{uuid.uuid4().hex[:6]}", model="m"),
+        redis_url=redis_url, sink=MemorySink(),
+    )
+    t0 = time.monotonic()
+    with pytest.raises(EngineError, match="no such model"):
+        host.start(timeout_s=30)
+    assert time.monotonic() - t0 < 5

@@ -1,0 +1,126 @@
+"""The simulated engine's timing model, token counts and abort."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from tokenmill.workers.engines.base import EngineStep
+from tokenmill.workers.engines.sim import SimEngine, SimTiming, count_prompt_tokens
+from workers_helpers import chat_request, completion_request
+
+
+def test_step_duration_formula() -> None:
+    t = SimTiming(prefill_ms_per_token=0.5, decode_ms_per_step=10, decode_ms_per_seq=2)
+    assert t.step_s(running=4, admitted_prompt_tokens=0) == pytest.approx(0.018)
+    assert t.step_s(running=1, admitted_prompt_tokens=100) == pytest.approx(0.062)
+    assert SimTiming().step_s(256, 10_000) == 0.0
+
+
+def test_unknown_timing_arg_is_refused() -> None:
+    with pytest.raises(ValueError):
+        SimTiming(decode_ms=3)  # type: ignore[call-arg]
+
+
+def test_prompt_token_count() -> None:
+    assert count_prompt_tokens(completion_request("sim", "a b  c")) == 3
+    # chat: words + 4 per message + 2 for the reply header
+    assert count_prompt_tokens(chat_request("sim", "one two three")) == 3 + 4 + 2
+
+
+async def _run(engine: SimEngine, req) -> tuple[list[EngineStep], float, float]:
+    t0 = time.monotonic()
+    steps: list[EngineStep] = []
+    ttft = 0.0
+    async for step in engine.generate(req):
+        if not steps:
+            ttft = time.monotonic() - t0
+        steps.append(step)
+    return steps, ttft, time.monotonic() - t0
+
+
+async def _engine(**timing: float) -> SimEngine:
+    capacity = int(timing.pop("capacity", 64))
+    engine = SimEngine(SimTiming(**timing), capacity=capacity)
+    await engine.start()
+    return engine
+
+
+async def test_lone_request_follows_the_timing_model() -> None:
+    engine = await _engine(prefill_ms_per_token=2.0, decode_ms_per_step=15.0, decode_ms_per_seq=5.0)
+    req = completion_request("sim", " ".join(["w"] * 25), max_tokens=10)  # 25 prompt tokens
+    steps, ttft, e2e = await _run(engine, req)
+    await engine.shutdown()
+    # TTFT = 25*2 + 15 + 5 = 70 ms; E2E = 50 + 10*20 = 250 ms
+    assert 0.065 <= ttft < 0.065 + 0.1
+    assert 0.245 <= e2e < 0.25 + 0.15
+    assert steps[-1] == EngineStep(
+        text=steps[-1].text, completion_tokens=10, prompt_tokens=25, finish_reason="length"
+    )
+    assert "".join(s.text for s in steps).split() == [
+        "lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit", "lorem", "ipsum"
+    ]
+
+
+async def test_batch_size_slows_every_step() -> None:
+    engine = await _engine(decode_ms_per_step=5.0, decode_ms_per_seq=5.0)
+    alone = await _run(engine, completion_request("sim", max_tokens=10))
+    together = await asyncio.gather(*[_run(engine, completion_request("sim", max_tokens=10)) for _ in range(5)])
+    await engine.shutdown()
+    # one sequence: 10 steps of 10 ms; five: 10 steps of 30 ms
+    assert 0.095 <= alone[2] < 0.2
+    for _, _, e2e in together:
+        assert 0.29 <= e2e < 0.45
+
+
+async def test_capacity_queues_the_rest_fifo() -> None:
+    engine = await _engine(decode_ms_per_step=10.0, capacity=2)
+    results = await asyncio.gather(*[_run(engine, completion_request("sim", max_tokens=5)) for _ in range(4)])
+    await engine.shutdown()
+    ttfts = [r[1] for r in results]
+    # the first two start at once; the next two wait for five steps (~50 ms)
+    assert max(ttfts[:2]) < 0.04
+    assert min(ttfts[2:]) >= 0.045
+
+
+async def test_zero_cost_runs_many_requests_quickly() -> None:
+    engine = await _engine(capacity=256)
+    t0 = time.monotonic()
+    results = await asyncio.gather(*[_run(engine, chat_request("sim", max_tokens=64)) for _ in range(200)])
+    await engine.shutdown()
+    assert time.monotonic() - t0 < 5.0
+    assert all(r[0][-1].completion_tokens == 64 for r in results)
+    # steps coalesce when the consumer is slower than the engine: fewer steps than tokens
+    assert sum(len(r[0]) for r in results) <= 200 * 64
+
+
+async def test_output_tokens_caps_completion_with_stop() -> None:
+    engine = await _engine(output_tokens=3)
+    steps, _, _ = await _run(engine, completion_request("sim", max_tokens=10))
+    await engine.shutdown()
+    assert (steps[-1].completion_tokens, steps[-1].finish_reason) == (3, "stop")
+
+
+async def test_abort_ends_only_that_request() -> None:
+    engine = await _engine(decode_ms_per_step=5.0)
+    victim = completion_request("sim", max_tokens=1000)
+    other = completion_request("sim", max_tokens=20)
+    victim_task = asyncio.create_task(_run(engine, victim))
+    other_task = asyncio.create_task(_run(engine, other))
+    await asyncio.sleep(0.03)
+    await engine.abort(victim.id)
+    v_steps, _, v_time = await asyncio.wait_for(victim_task, 1.0)
+    o_steps, _, _ = await asyncio.wait_for(other_task, 2.0)
+    await engine.shutdown()
+    assert v_time < 0.5 and all(s.finish_reason is None for s in v_steps)
+    assert o_steps[-1].completion_tokens == 20
+
+
+async def test_closing_the_iterator_aborts() -> None:
+    engine = await _engine(decode_ms_per_step=2.0)
+    gen = engine.generate(completion_request("sim", max_tokens=1000))
+    await gen.__anext__()
+    await gen.aclose()
+    assert engine._running == [] and engine._by_id == {}
+    await engine.shutdown()

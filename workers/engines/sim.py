@@ -1,0 +1,203 @@
+"""SIMULATED engine: no model, no GPU — a documented timing model for running and
+load-testing tokenmill's control plane. Its output is filler text; everything it
+touches is labelled ``simulated`` (events, heartbeats, results, worker names).
+
+Timing model (continuous batching, one step loop like vLLM's):
+
+* Up to ``capacity`` sequences run at once; more wait in FIFO order and are admitted
+  at the start of a step as running ones finish.
+* A step advances every running sequence by one token and lasts::
+
+      decode_ms_per_step + decode_ms_per_seq * running + prefill_ms_per_token * admitted_prompt_tokens
+
+  where ``running`` counts the sequences in the step (those admitted in it included)
+  and ``admitted_prompt_tokens`` sums the prompts of the sequences admitted in it:
+  a new sequence's prefill is paid in the step that yields its first token.
+* So a lone request with ``P`` prompt tokens and ``N`` output tokens has
+  ``TTFT = P*prefill + step + seq`` and ``E2E = P*prefill + N*(step + seq)``.
+* With every cost ``0`` a step only yields to the event loop: control-plane load
+  tests measure tokenmill, not the engine.
+
+Token counts: the prompt counts one token per whitespace-separated word (chat: of
+every message's content, plus 4 per message and 2 for the reply's header);
+the completion is ``min(max_tokens, output_tokens)`` tokens (``output_tokens``
+unset: ``max_tokens``), each one filler word; ``finish_reason`` is ``length``
+when ``max_tokens`` ends it, else ``stop``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ...errors import EngineDeadError
+from ...wire import InferenceRequest
+from .base import EngineStep, prompt_of, sampling_options
+
+__all__ = ["SimEngine", "SimTiming", "count_prompt_tokens"]
+
+_WORDS = ("lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit")
+
+
+class SimTiming(BaseModel):
+    """The simulated engine's ``engine_args``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prefill_ms_per_token: float = Field(default=0.0, ge=0)
+    decode_ms_per_step: float = Field(default=0.0, ge=0)
+    decode_ms_per_seq: float = Field(default=0.0, ge=0)
+    #: completion length cap below max_tokens (None: always max_tokens)
+    output_tokens: int | None = Field(default=None, ge=1)
+
+    def step_s(self, running: int, admitted_prompt_tokens: int) -> float:
+        """Duration of one step, in seconds."""
+        ms = (
+            self.decode_ms_per_step
+            + self.decode_ms_per_seq * running
+            + self.prefill_ms_per_token * admitted_prompt_tokens
+        )
+        return ms / 1000.0
+
+
+def count_prompt_tokens(request: InferenceRequest) -> int:
+    """The simulated prompt length (see the module docstring)."""
+    prompt = prompt_of(request)
+    if isinstance(prompt, str):
+        return max(1, len(prompt.split()))
+    words = sum(len(str(m.get("content") or "").split()) + 4 for m in prompt)
+    return words + 2
+
+
+@dataclass(eq=False)
+class _Seq:
+    prompt_tokens: int
+    target: int
+    finish_reason: str
+    generated: int = 0
+    pending: list[str] = field(default_factory=list)
+    finished: bool = False
+    aborted: bool = False
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class SimEngine:
+    """The simulated engine (see the module docstring for its timing model)."""
+
+    name = "sim"
+    simulated = True
+
+    def __init__(self, timing: SimTiming, capacity: int) -> None:
+        self.timing = timing
+        self.capacity = capacity
+        self._waiting: deque[_Seq] = deque()
+        self._running: list[_Seq] = []
+        self._by_id: dict[str, _Seq] = {}
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._dead: BaseException | None = None
+
+    async def start(self) -> None:
+        self._wake = asyncio.Event()
+        self._loop_task = asyncio.create_task(self._step_loop(), name="sim-engine-steps")
+
+    async def shutdown(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+            self._loop_task = None
+        for rid in list(self._by_id):
+            await self.abort(rid)
+
+    async def abort(self, request_id: str) -> None:
+        seq = self._by_id.pop(request_id, None)
+        if seq is None or seq.finished:
+            return
+        seq.aborted = True
+        if seq in self._running:
+            self._running.remove(seq)
+        else:
+            try:
+                self._waiting.remove(seq)
+            except ValueError:
+                pass
+        seq.ready.set()
+
+    async def generate(self, request: InferenceRequest) -> AsyncIterator[EngineStep]:
+        if self._dead is not None or self._loop_task is None:
+            raise EngineDeadError(f"simulated engine is not running: {self._dead!r}")
+        opts = sampling_options(request)
+        cap = self.timing.output_tokens
+        target = opts.max_tokens if cap is None else min(cap, opts.max_tokens)
+        seq = _Seq(
+            prompt_tokens=count_prompt_tokens(request),
+            target=target,
+            finish_reason="length" if target == opts.max_tokens else "stop",
+        )
+        self._by_id[request.id] = seq
+        self._waiting.append(seq)
+        self._wake.set()
+        try:
+            while True:
+                await seq.ready.wait()
+                seq.ready.clear()
+                if seq.aborted:
+                    return
+                if self._dead is not None:
+                    raise EngineDeadError(f"simulated engine died: {self._dead!r}")
+                text = "".join(seq.pending)
+                seq.pending.clear()
+                done = seq.finished
+                yield EngineStep(
+                    text=text,
+                    completion_tokens=seq.generated,
+                    prompt_tokens=seq.prompt_tokens,
+                    finish_reason=seq.finish_reason if done else None,
+                )
+                if done:
+                    return
+        finally:
+            if not seq.finished and not seq.aborted:
+                await self.abort(request.id)
+            self._by_id.pop(request.id, None)
+
+    async def _step_loop(self) -> None:
+        try:
+            next_at = time.monotonic()
+            while True:
+                if not self._running and not self._waiting:
+                    self._wake.clear()
+                    await self._wake.wait()
+                    next_at = time.monotonic()
+                admitted_tokens = 0
+                while self._waiting and len(self._running) < self.capacity:
+                    seq = self._waiting.popleft()
+                    self._running.append(seq)
+                    admitted_tokens += seq.prompt_tokens
+                step_s = self.timing.step_s(len(self._running), admitted_tokens)
+                next_at = max(next_at + step_s, time.monotonic() - 0.05)
+                await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+                still: list[_Seq] = []
+                for seq in self._running:
+                    if seq.aborted:
+                        continue
+                    seq.pending.append(" " + _WORDS[seq.generated % len(_WORDS)])
+                    seq.generated += 1
+                    if seq.generated >= seq.target:
+                        seq.finished = True
+                    else:
+                        still.append(seq)
+                    seq.ready.set()
+                self._running = still
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # pragma: no cover - a bug in the loop
+            self._dead = exc
+            for seq in [*self._running, *self._waiting]:
+                seq.ready.set()
+            raise

@@ -1,0 +1,124 @@
+"""Where token events go: an :class:`EventSink`.
+
+Production publishes to Kafka ``tokenmill.token-events`` keyed by tenant (so one
+tenant's events stay in order on one partition); tests can use :class:`MemorySink`.
+
+Event semantics (all events of one attempt share ``attempt``; ``seq`` orders them):
+
+* ``dispatched`` (seq 0) when a worker starts the request;
+* ``first_token`` when the engine produced its first token(s);
+* ``progress`` coalesced: after ``progress_tokens`` new tokens or ``progress_interval_s``;
+* one terminal event: ``finished`` (engine's own prompt/completion counts), ``failed``
+  (``reason``) or ``cancelled``.
+
+``delta_tokens`` is the number of tokens since the previous event of the attempt, so
+the deltas of an attempt sum to its final ``completion_tokens``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from typing import Any, Protocol
+
+from ..errors import StackError
+from ..logs import get_logger
+from ..wire import TOKEN_EVENTS_TOPIC, TokenEvent
+
+__all__ = ["EventSink", "KafkaSink", "MemorySink"]
+
+log = get_logger(__name__)
+
+
+class EventSink(Protocol):
+    async def start(self) -> None: ...
+
+    async def send(self, event: TokenEvent) -> Awaitable[Any]:
+        """Queue ``event``; the returned awaitable completes once it is delivered."""
+
+    async def close(self) -> None:
+        """Deliver what is queued, then release the connection."""
+
+
+class KafkaSink:
+    """aiokafka producer on ``topic`` (``acks=all``, short linger), key = tenant."""
+
+    def __init__(self, bootstrap: str, topic: str = TOKEN_EVENTS_TOPIC, **overrides: Any) -> None:
+        self.bootstrap = bootstrap
+        self.topic = topic
+        self._overrides = overrides
+        self._producer: Any = None
+
+    async def start(self) -> None:
+        from .. import kafka
+
+        await kafka.ensure_topics(self.bootstrap, [self.topic])
+        opts = {"linger_ms": 5, "partitioner": _CachedPartitioner(), **self._overrides}
+        self._producer = kafka.producer(self.bootstrap, **opts)
+        await kafka.start(self._producer, "token-event producer")
+
+    async def send(self, event: TokenEvent) -> Awaitable[Any]:
+        from aiokafka.errors import KafkaError
+
+        try:
+            fut = await self._producer.send(
+                self.topic, event.to_bytes(), key=event.tenant.encode()
+            )
+        except KafkaError as exc:
+            raise StackError(f"Kafka: cannot send token event: {exc!r}") from exc
+        fut.add_done_callback(_log_failure)
+        return fut
+
+    async def close(self) -> None:
+        if self._producer is not None:
+            try:
+                await self._producer.flush()
+            finally:
+                await self._producer.stop()
+            self._producer = None
+
+
+class _CachedPartitioner:
+    """aiokafka's default partitioner (murmur2 of the key, as the Java client), with the
+    hash cached per key: the keys are tenant names, few and repeated, and murmur2 is
+    pure Python — it showed up in the host thread's profile."""
+
+    def __init__(self) -> None:
+        from aiokafka.partitioner import DefaultPartitioner
+
+        self._default = DefaultPartitioner()
+        self._hash: dict[bytes, int] = {}
+
+    def __call__(self, key: bytes | None, all_partitions: list[int], available: list[int]) -> int:
+        if key is None:
+            return self._default(key, all_partitions, available)
+        h = self._hash.get(key)
+        if h is None:
+            from aiokafka.partitioner import murmur2
+
+            h = self._hash[key] = murmur2(key) & 0x7FFFFFFF
+        return all_partitions[h % len(all_partitions)]
+
+
+def _log_failure(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        log.error("token event not delivered", error=repr(fut.exception()))
+
+
+class MemorySink:
+    """Keeps events in a list (tests, and ``--events none`` runs)."""
+
+    def __init__(self) -> None:
+        self.events: list[TokenEvent] = []
+
+    async def start(self) -> None:
+        return None
+
+    async def send(self, event: TokenEvent) -> Awaitable[Any]:
+        self.events.append(event)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+    async def close(self) -> None:
+        return None

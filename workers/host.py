@@ -1,0 +1,697 @@
+"""The engine host: one engine, many requests in flight, events and results out.
+
+The host owns one asyncio loop in a dedicated thread. Celery's task threads hand it
+slices of :class:`~tokenmill.wire.Dispatch` (:meth:`EngineHost.run_slice`, blocking)
+and it runs every request of every slice concurrently on the engine, so the engine
+batches them continuously.
+
+For each request it:
+
+1. takes the request's lease (:mod:`~tokenmill.workers.lease`) — if another live worker
+   holds it, waits for that worker's outcome instead of running it again;
+2. skips it if it already has a result (a redelivery after the outcome was stored;
+   the stored terminal event is re-sent if it was never confirmed as delivered);
+3. honours a cancel requested before start (:mod:`~tokenmill.workers.cancel`);
+4. emits ``dispatched``, then ``first_token`` and coalesced ``progress`` events while
+   the engine streams, and ``delta`` entries to the result stream for streaming
+   requests;
+5. commits the outcome (result + terminal event, first outcome wins) and then
+   delivers the terminal event: ``finished``, ``failed`` (with the reason — an
+   engine failure is never dropped) or ``cancelled``.
+
+Once a second (``maintenance_interval_s``) it publishes the worker's heartbeat,
+renews its leases and its messages' broker visibility; every ``cancel_poll_s`` it
+checks the cancel keys of the requests it runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio as aredis
+
+from ..errors import EngineDeadError, EngineError, StackError, ValidationError
+from ..logs import get_logger
+from ..wire import (
+    Dispatch,
+    ErrorInfo,
+    EventKind,
+    InferenceRequest,
+    Result,
+    ResultStatus,
+    TokenEvent,
+    Usage,
+    WorkerHeartbeat,
+    decode,
+)
+from . import heartbeat
+from .batching import Coalescer
+from .cancel import cancelled_among
+from .engines.base import Engine, EngineStep
+from .events import EventSink
+from .lease import Admission, Leases, renew_visibility
+from .responses import completion_body
+from .results import ResultStore
+
+__all__ = ["EngineHost", "HostConfig", "Outcome"]
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    worker: str
+    pool: str
+    model: str
+    #: a ``progress`` event after this many new tokens ...
+    progress_tokens: int = 64
+    #: ... or when this long has passed since the previous event of the request
+    progress_interval_s: float = 0.25
+    #: request lease lifetime; renewed every ``maintenance_interval_s``
+    lease_ttl_s: float = 15.0
+    maintenance_interval_s: float = 1.0
+    heartbeat_ttl_s: float = 10.0
+    cancel_poll_s: float = 0.25
+    #: kombu's ``unacked_index`` key whose scores we renew (None: do not renew)
+    visibility_index_key: str | None = "unacked_index"
+    result_ttl_s: int = 7 * 24 * 3600
+    stream_ttl_s: int = 24 * 3600
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What happened to one request of a slice."""
+
+    request_id: str
+    #: a :class:`~tokenmill.wire.ResultStatus` value
+    status: str
+    #: False if it was already settled (a redelivery), True if this worker ran it
+    ran: bool
+    attempt: int | None = None
+
+
+@dataclass(eq=False)
+class _Run:
+    """Mutable state of one attempt of one request."""
+
+    dispatch: Dispatch
+    attempt: int
+    worker: str
+    simulated: bool
+    seq: int = 0
+    text: list[str] = field(default_factory=list)
+    stream_text: list[str] = field(default_factory=list)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    event_tokens: int = 0
+    event_at: float = 0.0
+    first_token_at: float | None = None
+    finish_reason: str | None = None
+    cancel_requested: bool = False
+    gen_task: asyncio.Task[None] | None = None
+
+    @property
+    def request(self) -> InferenceRequest:
+        return self.dispatch.request
+
+    @property
+    def streaming(self) -> bool:
+        return bool(self.request.body.get("stream"))
+
+    def event(self, kind: EventKind, **extra: Any) -> TokenEvent:
+        req = self.request
+        now = time.time()
+        ev = TokenEvent(
+            kind=kind,
+            request_id=req.id,
+            tenant=req.tenant,
+            model=req.model,
+            priority=req.priority,
+            worker=self.worker,
+            attempt=self.attempt,
+            seq=self.seq,
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            delta_tokens=self.completion_tokens - self.event_tokens,
+            ts=now,
+            submitted_at=req.submitted_at,
+            dispatched_at=self.dispatch.dispatched_at,
+            first_token_at=self.first_token_at,
+            batch_id=req.batch_id,
+            custom_id=req.custom_id,
+            simulated=self.simulated,
+            **extra,
+        )
+        self.seq += 1
+        self.event_tokens = self.completion_tokens
+        self.event_at = now
+        return ev
+
+
+class EngineHost:
+    """Runs requests on ``engine`` (see the module docstring).
+
+    Parameters:
+        engine: the engine; started in the host's loop by :meth:`start`.
+        config: names and timings.
+        redis_url: the result store / lease / heartbeat Redis.
+        sink: where token events go (started and closed by the host).
+        on_dead: called (in the host thread) once if the engine dies.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        config: HostConfig,
+        *,
+        redis_url: str,
+        sink: EventSink,
+        on_dead: Callable[[BaseException], None] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.config = config
+        self.redis_url = redis_url
+        self.sink = sink
+        self.on_dead = on_dead
+        self.dead: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping: asyncio.Event | None = None
+        self._runs: dict[str, _Run] = {}
+        self._waiters: dict[str, asyncio.Future[Outcome]] = {}
+        self._tags: Counter[str] = Counter()
+        self._outbox: list[tuple[Any, ...]] = []
+        self._background: set[asyncio.Task[None]] = set()
+        self._kick: asyncio.Event | None = None
+
+    # -- thread-side API --------------------------------------------------------
+
+    def start(self, timeout_s: float = 900.0) -> None:
+        """Start the loop thread and the engine; return once requests can be served.
+
+        Raises:
+            EngineError: the engine (or Redis/Kafka) failed to start.
+        """
+        ready: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._thread = threading.Thread(
+            target=self._thread_main, args=(ready,), name="tokenmill-host", daemon=True
+        )
+        self._thread.start()
+        try:
+            ready.result(timeout_s)
+        except concurrent.futures.TimeoutError as exc:
+            raise EngineError(f"engine {self.engine.name} not ready after {timeout_s:.0f}s") from exc
+
+    def stop(self, timeout_s: float = 60.0) -> None:
+        """Shut the engine down, flush events, leave the pool; idempotent."""
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None or not thread.is_alive():
+            return
+        loop.call_soon_threadsafe(self._stopping.set)  # type: ignore[union-attr]
+        thread.join(timeout_s)
+
+    def run_slice(
+        self, dispatches: Sequence[Dispatch], *, delivery_tag: str | None = None
+    ) -> list[Outcome]:
+        """Run every request of a slice concurrently; block until all are settled.
+
+        Raises:
+            StackError: Redis or Kafka failed (the message should be retried).
+        """
+        return self.submit_slice(dispatches, delivery_tag=delivery_tag).result()
+
+    def submit_slice(
+        self, dispatches: Sequence[Dispatch], *, delivery_tag: str | None = None
+    ) -> concurrent.futures.Future[list[Outcome]]:
+        if self._loop is None:
+            raise EngineError("engine host is not started")
+        return asyncio.run_coroutine_threadsafe(
+            self._serve_slice(list(dispatches), delivery_tag), self._loop
+        )
+
+    def report_invalid(self, raw: Any, reason: str) -> str | None:
+        """Fail a dispatch that cannot be read, if it names a request; returns its id."""
+        req = raw.get("request") if isinstance(raw, dict) else None
+        if not isinstance(req, dict) or self._loop is None:
+            return None
+        rid, tenant, model = req.get("id"), req.get("tenant"), req.get("model")
+        if not all(isinstance(x, str) and x for x in (rid, tenant, model)):
+            return None
+        coro = self._report_invalid(rid, tenant, model, reason)
+        asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+        return rid
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._runs)
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.dead is not None else self.engine.capacity
+
+    # -- the loop ------------------------------------------------------------------
+
+    def _thread_main(self, ready: concurrent.futures.Future[None]) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        try:
+            loop.run_until_complete(self._main(ready))
+        finally:
+            loop.close()
+
+    async def _main(self, ready: concurrent.futures.Future[None]) -> None:
+        self._stopping = asyncio.Event()
+        self._kick = asyncio.Event()
+        pool = aredis.BlockingConnectionPool.from_url(
+            self.redis_url, max_connections=64, timeout=30, health_check_interval=30
+        )
+        self.redis = aredis.Redis(connection_pool=pool)
+        self.store = ResultStore(
+            self.redis, result_ttl_s=self.config.result_ttl_s, stream_ttl_s=self.config.stream_ttl_s
+        )
+        self.leases = Leases(self.redis, self.config.worker, ttl_s=self.config.lease_ttl_s)
+        self._commit = Coalescer(self.store.commit_many)
+        self._settle = Coalescer(self.leases.settle_many)
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            await self.redis.ping()
+            await self.sink.start()
+            await self.engine.start()
+            tasks = [
+                asyncio.create_task(self._flusher(), name="tokenmill-host-flusher"),
+                asyncio.create_task(self._maintain(), name="tokenmill-host-maintain"),
+            ]
+            await self._beat()
+        except BaseException as exc:  # noqa: BLE001 - handed to start()
+            ready.set_exception(
+                exc if isinstance(exc, EngineError) else EngineError(f"start failed: {exc!r}")
+            )
+            await self._close(tasks)
+            return
+        ready.set_result(None)
+        await self._stopping.wait()
+        await self._close(tasks)
+
+    async def _close(self, tasks: list[asyncio.Task[None]]) -> None:
+        maintain = [t for t in tasks if t.get_name() == "tokenmill-host-maintain"]
+        for task in maintain:  # no heartbeat after we left the pool
+            task.cancel()
+        await asyncio.gather(*maintain, return_exceptions=True)
+        for run in list(self._runs.values()):
+            if run.gen_task is not None:
+                run.gen_task.cancel()
+        steps = [
+            heartbeat.remove(self.redis, self.config.pool, self.config.worker),
+            self.engine.shutdown(),
+        ]
+        if any(t.get_name() == "tokenmill-host-flusher" for t in tasks):
+            steps.append(self._barrier())  # queued events out before the sink closes
+        for coro in steps:
+            try:
+                await asyncio.wait_for(coro, 30)
+            except Exception as exc:  # noqa: BLE001 - best effort on the way out
+                log.warning("host shutdown step failed", error=repr(exc))
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        try:
+            await self.sink.close()
+        finally:
+            await self.redis.aclose()
+
+    # -- serving ---------------------------------------------------------------------
+
+    async def _serve_slice(self, dispatches: list[Dispatch], tag: str | None) -> list[Outcome]:
+        if tag:
+            self._tags[tag] += 1
+        try:
+            loop = asyncio.get_running_loop()
+            jobs: list[Any] = []
+            fresh: list[Dispatch] = []
+            for d in dispatches:
+                rid = d.request.id
+                if rid in self._waiters:  # already served here (this slice or another)
+                    jobs.append(self._follow(rid, self._waiters[rid]))
+                else:
+                    self._waiters[rid] = loop.create_future()
+                    fresh.append(d)
+                    jobs.append(d)
+            try:
+                admissions = await self.leases.admit([d.request.id for d in fresh])
+            except BaseException as exc:
+                for d in fresh:
+                    self._fail_waiter(d.request.id, exc)
+                raise
+            admitted = dict(zip((d.request.id for d in fresh), admissions))
+            coros = [
+                self._serve(j, admitted[j.request.id]) if isinstance(j, Dispatch) else j for j in jobs
+            ]
+            got = await asyncio.gather(*coros, return_exceptions=True)
+        finally:
+            if tag:
+                self._tags[tag] -= 1
+                if self._tags[tag] <= 0:
+                    del self._tags[tag]
+        for item in got:
+            if isinstance(item, BaseException):
+                raise item
+        return list(got)
+
+    async def _follow(self, rid: str, waiter: asyncio.Future[Outcome]) -> Outcome:
+        done = await asyncio.shield(waiter)
+        return Outcome(rid, done.status, ran=False, attempt=done.attempt)
+
+    def _fail_waiter(self, rid: str, exc: BaseException) -> None:
+        waiter = self._waiters.pop(rid, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(exc)
+            waiter.exception()  # retrieved: no "never retrieved" warning
+
+    async def _serve(self, dispatch: Dispatch, admission: Admission) -> Outcome:
+        rid = dispatch.request.id
+        waiter = self._waiters[rid]
+        settled_by_us = False
+        try:
+            while not admission.acquired:
+                # Another live worker runs it: wait for its outcome or for its lease to lapse.
+                settled = await self._settled(rid)
+                if settled is not None:
+                    waiter.set_result(settled)
+                    return settled
+                await asyncio.sleep(min(1.0, self.config.lease_ttl_s / 3))
+                [admission] = await self.leases.admit([rid])
+            if admission.result is not None:
+                outcome = await self._resend(rid, admission)
+            else:
+                attempt = max(dispatch.attempt, admission.attempt)
+                run = _Run(dispatch, attempt, self.config.worker, self.engine.simulated)
+                self._runs[rid] = run
+                try:
+                    deadline = dispatch.request.deadline
+                    if admission.cancel_requested:
+                        outcome = await self._conclude(run, ResultStatus.cancelled)
+                    elif deadline is not None and time.time() > deadline:
+                        outcome = await self._conclude(
+                            run, ResultStatus.expired, "expired", "its deadline passed before it ran"
+                        )
+                    else:
+                        outcome = await self._attempt(run)
+                finally:
+                    self._runs.pop(rid, None)
+                settled_by_us = outcome.ran
+            waiter.set_result(outcome)
+            return outcome
+        except BaseException as exc:
+            self._fail_waiter(rid, exc)
+            raise
+        finally:
+            self._waiters.pop(rid, None)
+            if not settled_by_us:
+                await self.leases.release(rid)
+
+    async def _settled(self, rid: str) -> Outcome | None:
+        """If ``rid`` has a result: make sure its terminal event went out; else None."""
+        result, event, reported = await self.store.outcome(rid)
+        if result is None:
+            return None
+        if event is not None and not reported:
+            await self._deliver(event)
+            await self.store.mark_reported(rid)
+        return Outcome(rid, result.status.value, ran=False, attempt=event.attempt if event else None)
+
+    async def _resend(self, rid: str, admission: Admission) -> Outcome:
+        """Already settled (a redelivery): re-send the stored terminal event if unconfirmed."""
+        result = decode(Result, admission.result or b"")
+        event = decode(TokenEvent, admission.final_event) if admission.final_event else None
+        if event is not None and not admission.reported:
+            await self._deliver(event)
+            await self.store.mark_reported(rid)
+        return Outcome(rid, result.status.value, ran=False, attempt=event.attempt if event else None)
+
+    async def _attempt(self, run: _Run) -> Outcome:
+        rid = run.request.id
+        self._emit(run.event(EventKind.dispatched))
+        run.gen_task = asyncio.create_task(self._generate(run), name=f"generate-{rid}")
+        try:
+            await asyncio.wait({run.gen_task})
+        finally:
+            if not run.gen_task.done():  # we were cancelled (shutdown)
+                run.gen_task.cancel()
+                await self.engine.abort(rid)
+        if run.finish_reason is not None:
+            return await self._conclude(run, ResultStatus.succeeded)
+        if run.cancel_requested:
+            return await self._conclude(run, ResultStatus.cancelled)
+        exc = None if run.gen_task.cancelled() else run.gen_task.exception()
+        if isinstance(exc, ValidationError):
+            return await self._conclude(run, ResultStatus.failed, "invalid_request", str(exc))
+        if isinstance(exc, EngineDeadError):
+            self._engine_died(exc)
+            return await self._conclude(run, ResultStatus.failed, "engine_dead", str(exc))
+        if isinstance(exc, EngineError):
+            return await self._conclude(run, ResultStatus.failed, "engine_error", str(exc))
+        if exc is not None:
+            log.error("request failed unexpectedly", request_id=rid, error=repr(exc))
+            return await self._conclude(
+                run, ResultStatus.failed, "internal_error", f"{type(exc).__name__}: {exc}"
+            )
+        return await self._conclude(
+            run, ResultStatus.failed, "engine_error", "the engine ended the request without finishing it"
+        )
+
+    async def _generate(self, run: _Run) -> None:
+        cfg = self.config
+        gen = self.engine.generate(run.request)
+        try:
+            async for step in gen:
+                self._apply(run, step)
+                if run.stream_text:
+                    self._flush_stream(run)  # streaming clients get every engine output
+                if run.first_token_at is None:
+                    if run.completion_tokens > 0:
+                        run.first_token_at = time.time()
+                        self._emit(run.event(EventKind.first_token))
+                elif (
+                    not step.done
+                    and run.completion_tokens > run.event_tokens
+                    and (
+                        run.completion_tokens - run.event_tokens >= cfg.progress_tokens
+                        or time.time() - run.event_at >= cfg.progress_interval_s
+                    )
+                ):
+                    self._emit(run.event(EventKind.progress))
+                if step.done:
+                    return
+        finally:
+            aclose = getattr(gen, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    def _apply(self, run: _Run, step: EngineStep) -> None:
+        if step.text:
+            run.text.append(step.text)
+            if run.streaming:
+                run.stream_text.append(step.text)
+        run.completion_tokens = step.completion_tokens
+        run.prompt_tokens = step.prompt_tokens
+        if step.done:
+            run.finish_reason = step.finish_reason
+
+    async def _cancel(self, run: _Run) -> None:
+        if run.cancel_requested or run.finish_reason is not None:
+            return
+        run.cancel_requested = True
+        try:
+            await self.engine.abort(run.request.id)
+        finally:
+            if run.gen_task is not None and not run.gen_task.done():
+                run.gen_task.cancel()
+
+    async def _conclude(
+        self, run: _Run, status: ResultStatus, code: str | None = None, message: str | None = None
+    ) -> Outcome:
+        req = run.request
+        now = time.time()
+        usage = Usage(prompt_tokens=run.prompt_tokens, completion_tokens=run.completion_tokens)
+        body = None
+        if status is ResultStatus.succeeded:
+            body = completion_body(
+                req, "".join(run.text), run.finish_reason or "stop", usage,
+                simulated=self.engine.simulated, created=now,
+            )
+        error = None
+        if status is ResultStatus.cancelled:
+            error = ErrorInfo(code="cancelled", message="cancelled at the client's request")
+        elif code is not None:
+            error = ErrorInfo(code=code, message=message or code)
+        kind = {
+            ResultStatus.succeeded: EventKind.finished,
+            ResultStatus.failed: EventKind.failed,
+            ResultStatus.cancelled: EventKind.cancelled,
+            ResultStatus.expired: EventKind.failed,  # no event kind of its own: reason says so
+        }[status]
+        self._flush_stream(run)
+        event = run.event(
+            kind,
+            finished_at=now,
+            reason=None if error is None else f"{error.code}: {error.message}",
+        )
+        result = Result(
+            request_id=req.id, tenant=req.tenant, model=req.model, status=status, body=body,
+            error=error, usage=usage, worker=self.config.worker, batch_id=req.batch_id,
+            custom_id=req.custom_id, finished_at=now,
+        )
+        if run.streaming:
+            await self._barrier()  # stream deltas land before the stream's end entry
+        if not await self._commit((result, event)):
+            settled = await self._settled(req.id)  # someone settled it first: theirs stands
+            assert settled is not None
+            return settled
+        await self._deliver(event)
+        await self._settle(req.id)  # reported, and the lease released
+        return Outcome(req.id, status.value, ran=True, attempt=run.attempt)
+
+    async def _report_invalid(self, rid: str, tenant: str, model: str, reason: str) -> None:
+        now = time.time()
+        try:
+            event = TokenEvent(
+                kind=EventKind.failed, request_id=rid, tenant=tenant, model=model,
+                worker=self.config.worker, reason=f"invalid_dispatch: {reason}", finished_at=now,
+                simulated=self.engine.simulated,
+            )
+            result = Result(
+                request_id=rid, tenant=tenant, model=model, status=ResultStatus.failed,
+                error=ErrorInfo(code="invalid_dispatch", message=reason),
+                worker=self.config.worker, finished_at=now,
+            )
+        except Exception as exc:  # noqa: BLE001 - ids too malformed even for an event
+            log.error("invalid dispatch cannot be reported", request_id=rid, error=repr(exc))
+            return
+        if await self.store.commit(result, event):
+            await self._deliver(event)
+            await self.store.mark_reported(rid)
+
+    def _engine_died(self, exc: BaseException) -> None:
+        if self.dead is None:
+            self.dead = exc
+            log.critical("engine died", engine=self.engine.name, error=repr(exc))
+            if self.on_dead is not None:
+                self.on_dead(exc)
+
+    # -- the outbox: events and stream deltas, batched ------------------------------
+
+    def _emit(self, event: TokenEvent) -> None:
+        self._outbox.append(("event", event, None))
+        self._kick.set()  # type: ignore[union-attr]
+
+    def _flush_stream(self, run: _Run) -> None:
+        if run.stream_text:
+            text = "".join(run.stream_text)
+            run.stream_text.clear()
+            self._outbox.append(("delta", run.request.id, text, run.completion_tokens))
+            self._kick.set()  # type: ignore[union-attr]
+
+    async def _deliver(self, event: TokenEvent) -> None:
+        """Send ``event`` after everything queued before it; wait for the broker's ack."""
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._outbox.append(("event", event, done))
+        self._kick.set()  # type: ignore[union-attr]
+        await done
+
+    async def _barrier(self) -> None:
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._outbox.append(("barrier", done))
+        self._kick.set()  # type: ignore[union-attr]
+        await done
+
+    async def _flusher(self) -> None:
+        assert self._kick is not None
+        while True:
+            await self._kick.wait()
+            self._kick.clear()
+            batch, self._outbox = self._outbox, []
+            deltas = [item for item in batch if item[0] == "delta"]
+            delta_error: BaseException | None = None
+            if deltas:
+                pipe = self.redis.pipeline(transaction=False)
+                for _, rid, text, tokens in deltas:
+                    self.store.add_delta(pipe, rid, text, tokens)
+                try:
+                    await pipe.execute()
+                except Exception as exc:  # noqa: BLE001 - reported to waiters below
+                    delta_error = exc
+                    log.error("stream deltas not written", error=repr(exc))
+            for item in batch:
+                if item[0] == "event":
+                    _, event, waiter = item
+                    try:
+                        delivered = await self.sink.send(event)
+                    except Exception as exc:  # noqa: BLE001
+                        log.error("token event not queued", kind=event.kind, error=repr(exc))
+                        if waiter is not None and not waiter.done():
+                            waiter.set_exception(exc)
+                        continue
+                    if waiter is not None:
+                        _chain(asyncio.ensure_future(delivered), waiter)
+                elif item[0] == "barrier" and not item[1].done():
+                    if delta_error is not None:
+                        item[1].set_exception(StackError(f"Redis: {delta_error!r}"))
+                    else:
+                        item[1].set_result(None)
+
+    # -- maintenance: cancels, heartbeats, leases, visibility ----------------------
+
+    async def _maintain(self) -> None:
+        cfg = self.config
+        next_beat = time.monotonic() + cfg.maintenance_interval_s
+        while True:
+            await asyncio.sleep(cfg.cancel_poll_s)
+            try:
+                rids = [r for r, run in self._runs.items() if not run.cancel_requested]
+                for rid in await cancelled_among(self.redis, rids):
+                    run = self._runs.get(rid)
+                    if run is not None:
+                        task = asyncio.create_task(self._cancel(run))
+                        self._background.add(task)  # keep a reference until it is done
+                        task.add_done_callback(self._background.discard)
+                if time.monotonic() >= next_beat:
+                    next_beat = time.monotonic() + cfg.maintenance_interval_s
+                    await self._beat()
+            except Exception as exc:  # noqa: BLE001 - Redis hiccup: try again next tick
+                log.warning("host maintenance failed", error=repr(exc))
+
+    async def _beat(self) -> None:
+        cfg = self.config
+        beat = WorkerHeartbeat(
+            worker=cfg.worker, pool=cfg.pool, models=(cfg.model,), engine=self.engine.name,
+            simulated=self.engine.simulated, capacity=self.capacity, in_flight=self.in_flight,
+        )
+        await heartbeat.publish(self.redis, beat, ttl_s=cfg.heartbeat_ttl_s)
+        held = list(self._waiters)
+        if held:
+            await self.leases.renew(held)
+        if self._tags and cfg.visibility_index_key:
+            await renew_visibility(
+                self.redis, list(self._tags), index_key=cfg.visibility_index_key, now=time.time()
+            )
+
+
+def _chain(src: asyncio.Future[Any], dst: asyncio.Future[Any]) -> None:
+    def copy(f: asyncio.Future[Any]) -> None:
+        if dst.done():
+            return
+        if f.cancelled():
+            dst.set_exception(StackError("token event delivery was cancelled"))
+        elif f.exception() is not None:
+            dst.set_exception(StackError(f"Kafka: token event not delivered: {f.exception()!r}"))
+        else:
+            dst.set_result(None)
+
+    src.add_done_callback(copy)

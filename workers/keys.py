@@ -1,0 +1,58 @@
+"""Every Redis key the workers write, in one place (readers use these too).
+
+=====================================  ==========================================
+key                                    what
+=====================================  ==========================================
+``tokenmill:result:<request_id>``      :class:`~tokenmill.wire.Result` JSON (TTL)
+``tokenmill:final-event:<request_id>`` the terminal TokenEvent JSON, kept so a
+                                       redelivery re-sends the *same* event
+``tokenmill:reported:<request_id>``    set once the terminal event reached Kafka
+``tokenmill:stream:<request_id>``      Redis Stream: ``delta`` entries (streaming
+                                       requests) then one ``end`` entry
+``tokenmill:cancel:<request_id>``      cancel requested (set by clients/scheduler)
+``tokenmill:lease:<request_id>``       worker running it; TTL, renewed while it runs
+``tokenmill:attempts:<request_id>``    runs started so far (INCR)
+``tokenmill:workers:<pool>``           ZSET worker name → last heartbeat (epoch s)
+``tokenmill:worker:<name>``            :class:`~tokenmill.wire.WorkerHeartbeat` JSON (TTL)
+=====================================  ==========================================
+"""
+
+from __future__ import annotations
+
+PREFIX = "tokenmill:"
+
+
+def result(request_id: str) -> str:
+    return f"{PREFIX}result:{request_id}"
+
+
+def final_event(request_id: str) -> str:
+    return f"{PREFIX}final-event:{request_id}"
+
+
+def reported(request_id: str) -> str:
+    return f"{PREFIX}reported:{request_id}"
+
+
+def stream(request_id: str) -> str:
+    return f"{PREFIX}stream:{request_id}"
+
+
+def cancel(request_id: str) -> str:
+    return f"{PREFIX}cancel:{request_id}"
+
+
+def lease(request_id: str) -> str:
+    return f"{PREFIX}lease:{request_id}"
+
+
+def attempts(request_id: str) -> str:
+    return f"{PREFIX}attempts:{request_id}"
+
+
+def pool_workers(pool: str) -> str:
+    return f"{PREFIX}workers:{pool}"
+
+
+def worker(name: str) -> str:
+    return f"{PREFIX}worker:{name}"

@@ -1,0 +1,64 @@
+"""The Celery task ``tokenmill.run_slice``: several requests per message.
+
+``run_slice(dispatches)`` takes a list of :class:`~tokenmill.wire.Dispatch` as JSON
+dicts, hands them all to the worker's :class:`~tokenmill.workers.host.EngineHost`
+(attached to the app as ``app.tokenmill_host`` by the worker process) and returns
+once every request has a stored outcome; only then is the message acked.
+
+Engine failures are outcomes (a ``failed`` result and event), not task failures. A
+task fails only when Redis or Kafka does: then the message is requeued (``Reject``)
+after a short pause, and the requests already settled are skipped on redelivery.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pydantic
+from aiokafka.errors import KafkaError
+from celery import Celery, Task
+from celery.exceptions import Reject
+from redis.exceptions import RedisError
+
+from ..errors import StackError
+from ..logs import get_logger
+from ..wire import Dispatch, describe_validation_error
+
+__all__ = ["register_tasks"]
+
+log = get_logger(__name__)
+
+#: pause before requeueing a slice whose infrastructure failed
+REQUEUE_PAUSE_S = 1.0
+
+
+def register_tasks(app: Celery) -> None:
+    from .celery_app import TASK_NAME
+
+    @app.task(name=TASK_NAME, bind=True, acks_late=True, ignore_result=True)
+    def run_slice(self: Task, dispatches: list[dict[str, Any]]) -> dict[str, str]:
+        host = getattr(self.app, "tokenmill_host", None)
+        if host is None:
+            # Not a tokenmill worker process (a misconfigured consumer): put it back.
+            raise Reject("no engine host in this worker", requeue=True)
+        valid: list[Dispatch] = []
+        report: dict[str, str] = {}
+        for raw in dispatches:
+            try:
+                valid.append(Dispatch.model_validate(raw))
+            except pydantic.ValidationError as exc:
+                reason = describe_validation_error(exc)
+                rid = host.report_invalid(raw, reason)
+                log.error("invalid dispatch", request_id=rid, reason=reason)
+                if rid:
+                    report[rid] = "failed"
+        tag = (self.request.properties or {}).get("delivery_tag")
+        try:
+            outcomes = host.run_slice(valid, delivery_tag=tag)
+        except (StackError, OSError, RedisError, KafkaError) as exc:
+            log.error("slice failed, requeueing", error=repr(exc))
+            time.sleep(REQUEUE_PAUSE_S)
+            raise Reject(repr(exc), requeue=True) from exc
+        report.update({o.request_id: o.status for o in outcomes})
+        return report
