@@ -6,7 +6,7 @@ delivery never double-counts. Functions take the caller's session and never comm
 see :mod:`.db` for transactions and :mod:`.money` for the rounding rule.
 """
 
-from .batches import get_batch, list_batches, upsert_batch
+from .batches import active_batches, get_batch, list_batches, lock_batch, upsert_batch
 from .billing import (
     Invoice,
     InvoiceLine,
@@ -25,6 +25,7 @@ from .db import (
     run_transaction,
     schema_diff,
     session_factory,
+    shared_factory,
     transaction,
 )
 from .errors import IllegalTransition, LedgerConflict
@@ -44,7 +45,13 @@ from .models import (
     WebhookDelivery,
 )
 from .money import exact, to_minor_unit
-from .requests import advance_request, get_request, upsert_request
+from .requests import (
+    advance_request,
+    get_request,
+    unfinished_batch_requests,
+    upsert_request,
+    upsert_requests,
+)
 from .sla import record_sla
 from .state_machine import TRANSITIONS, can_transition, check_transition
 from .tenants import sync_tenants
@@ -57,7 +64,13 @@ from .usage import (
     usage_minutes,
     usage_totals,
 )
-from .webhooks import enqueue_webhook, record_webhook_attempt
+from .webhooks import (
+    enqueue_webhook,
+    get_webhook,
+    lease_due_webhooks,
+    list_webhooks,
+    record_webhook_attempt,
+)
 
 __all__ = [
     "TRANSITIONS",
@@ -81,6 +94,7 @@ __all__ = [
     "UsageTotals",
     "WebhookAttempt",
     "WebhookDelivery",
+    "active_batches",
     "advance_request",
     "can_transition",
     "check_transition",
@@ -89,8 +103,12 @@ __all__ = [
     "exact",
     "get_batch",
     "get_request",
+    "get_webhook",
     "invoice",
+    "lease_due_webhooks",
     "list_batches",
+    "list_webhooks",
+    "lock_batch",
     "make_engine",
     "migrate",
     "minute_of",
@@ -104,13 +122,16 @@ __all__ = [
     "run_transaction",
     "schema_diff",
     "session_factory",
+    "shared_factory",
     "sync_price_cards",
     "sync_tenants",
     "tenant_spend",
     "to_minor_unit",
     "transaction",
+    "unfinished_batch_requests",
     "upsert_batch",
     "upsert_request",
+    "upsert_requests",
     "usage_minutes",
     "usage_totals",
 ]

@@ -13,7 +13,7 @@ from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
 from tokenmill.errors import LedgerError, NotFound
-from tokenmill.wire import Batch, RequestCounts
+from tokenmill.wire import Batch, BatchStatus, RequestCounts
 
 from .errors import translated
 from .models import BatchRow
@@ -165,3 +165,43 @@ def list_batches(
         query.order_by(BatchRow.created_at.desc(), BatchRow.id.desc()).limit(limit)
     ).scalars()
     return [to_wire(row) for row in rows]
+
+
+#: statuses a batch runner still has work in
+ACTIVE_STATUSES = (
+    BatchStatus.validating,
+    BatchStatus.in_progress,
+    BatchStatus.finalizing,
+    BatchStatus.cancelling,
+)
+
+
+@translated
+def active_batches(session: Session) -> list[Batch]:
+    """Every tenant's batches that are not in a terminal status, oldest first (for the
+    batch runner; never shown to tenants)."""
+    rows = session.execute(
+        select(BatchRow)
+        .where(BatchRow.status.in_(ACTIVE_STATUSES))
+        .order_by(BatchRow.created_at, BatchRow.id)
+    ).scalars()
+    return [to_wire(row) for row in rows]
+
+
+@translated
+def lock_batch(session: Session, batch_id: str) -> Batch:
+    """A batch, locked until the transaction ends, for a read-modify-write with
+    :func:`upsert_batch` (services only: not tenant-scoped).
+
+    Raises:
+        NotFound: no such batch.
+    """
+    row = session.execute(
+        select(BatchRow)
+        .where(BatchRow.id == batch_id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    ).scalar_one_or_none()
+    if row is None:
+        raise NotFound(f"batch {batch_id} not found")
+    return to_wire(row)

@@ -11,8 +11,9 @@ from __future__ import annotations
 import calendar
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
+from typing import NamedTuple
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -25,7 +26,7 @@ from .errors import translated
 from .models import EntryKind, LedgerEntry, PriceCardVersion
 from .money import ZERO, exact, to_minor_unit
 from .types import utc, utcnow
-from .upsert import insert_ignore
+from .upsert import insert_ignore, insert_ignore_many
 
 
 @dataclass(frozen=True)
@@ -45,13 +46,13 @@ class Period:
     def month(cls, year: int, month: int) -> Period:
         """A calendar month (UTC)."""
         days = calendar.monthrange(year, month)[1]
-        start = datetime(year, month, 1, tzinfo=timezone.utc)
+        start = datetime(year, month, 1, tzinfo=UTC)
         return cls(start, start + timedelta(days=days))
 
     @classmethod
     def day(cls, day: date) -> Period:
         """A calendar day (UTC)."""
-        start = datetime(day.year, day.month, day.day, tzinfo=timezone.utc)
+        start = datetime(day.year, day.month, day.day, tzinfo=UTC)
         return cls(start, start + timedelta(days=1))
 
     @classmethod
@@ -224,6 +225,66 @@ def record_charge(
         },
         ["request_id", "kind"],
     )
+
+
+class ChargeItem(NamedTuple):
+    """One request's charge, as :func:`record_charges_new` takes it."""
+
+    request_id: str
+    tenant: str
+    model: str
+    #: exact cost from :func:`tokenmill.pricing.cost` under the version below
+    amount: Decimal
+    price_card_version_id: int
+    currency: str
+    prompt_tokens: int
+    completion_tokens: int
+    #: when the billed event happened (the request's finish): decides the period
+    at: datetime
+
+
+@translated
+def record_charges_new(session: Session, items: Iterable[ChargeItem]) -> set[str]:
+    """Append many charges with multi-row inserts; a request already charged (a replay,
+    or a repeat within ``items``: the first wins) is skipped.
+
+    Parameters:
+        session: the caller's transaction; commit it before acknowledging the events.
+        items: the charges; rows are inserted in request-id order (see
+            :func:`~.upsert.insert_ignore_many`).
+
+    Raises:
+        LedgerError: a float, inexact or negative amount, or an unknown price card
+            version (the whole transaction fails: keep the batch small or retry the
+            items one by one to find the culprit).
+
+    Returns:
+        The request ids charged by this call.
+    """
+    unique: dict[str, ChargeItem] = {}
+    for item in items:
+        unique.setdefault(item.request_id, item)
+    rows = []
+    for rid in sorted(unique):
+        item = unique[rid]
+        amount = exact(item.amount)
+        if amount < 0:
+            raise LedgerError(f"charge of {amount} has the wrong sign (request {rid})")
+        rows.append(
+            {
+                "request_id": rid,
+                "kind": EntryKind.charge,
+                "tenant": item.tenant,
+                "model": item.model,
+                "amount": amount,
+                "currency": item.currency,
+                "price_card_version_id": item.price_card_version_id,
+                "prompt_tokens": item.prompt_tokens,
+                "completion_tokens": item.completion_tokens,
+                "created_at": utc(item.at),
+            }
+        )
+    return insert_ignore_many(session, LedgerEntry, rows, ["request_id", "kind"], "request_id")
 
 
 def _single_currency(currencies: set[str], tenant: str) -> str:

@@ -15,6 +15,7 @@ the message that caused the write.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -111,6 +112,26 @@ def _sqlite_engine(url: URL, echo: bool) -> Engine:
 def session_factory(engine: Engine) -> sessionmaker[Session]:
     """Sessions bound to ``engine``; objects stay readable after commit."""
     return sessionmaker(engine, expire_on_commit=False)
+
+
+_SHARED: dict[str, sessionmaker[Session]] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_factory(url: str) -> sessionmaker[Session]:
+    """One migrated engine's session factory per URL per process (for services and
+    clients that open the ledger by URL; the first call migrates it to head).
+
+    Raises:
+        LedgerError: bad URL or the migration failed.
+    """
+    with _SHARED_LOCK:
+        factory = _SHARED.get(url)
+        if factory is None:
+            engine = make_engine(url)
+            migrate(engine)
+            factory = _SHARED[url] = session_factory(engine)
+        return factory
 
 
 @contextmanager

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 
 from sqlalchemy import select
@@ -14,7 +15,7 @@ from .errors import translated
 from .models import RequestRow
 from .state_machine import check_transition
 from .types import utc, utcnow
-from .upsert import insert_ignore
+from .upsert import dialect_insert, insert_ignore
 
 
 @translated
@@ -43,6 +44,53 @@ def upsert_request(session: Session, request: InferenceRequest) -> bool:
         "attempts": 0,
     }
     return insert_ignore(session, RequestRow, values, ["id"])
+
+
+@translated
+def upsert_requests(
+    session: Session, requests: Sequence[InferenceRequest], *, chunk: int = 500
+) -> int:
+    """:func:`upsert_request` for many requests, a few statements in all (batch files).
+
+    Returns:
+        How many were new.
+    """
+    new = 0
+    for start in range(0, len(requests), chunk):
+        values = [
+            {
+                "id": r.id,
+                "tenant": r.tenant,
+                "model": r.model,
+                "priority": r.priority,
+                "state": RequestState.QUEUED,
+                "batch_id": r.batch_id,
+                "custom_id": r.custom_id,
+                "submitted_at": utc(r.submitted_at),
+                "attempts": 0,
+            }
+            for r in requests[start : start + chunk]
+        ]
+        stmt = (
+            dialect_insert(session, RequestRow)
+            .values(values)
+            .on_conflict_do_nothing(index_elements=["id"])
+            .execution_options(preserve_rowcount=True)
+        )
+        new += max(0, session.execute(stmt).rowcount)  # type: ignore[attr-defined]
+    return new
+
+
+@translated
+def unfinished_batch_requests(session: Session, batch_id: str) -> list[str]:
+    """Ids of a batch's requests not yet in a terminal state."""
+    return list(
+        session.execute(
+            select(RequestRow.id).where(
+                RequestRow.batch_id == batch_id, RequestRow.state < RequestState.FINISHED
+            )
+        ).scalars()
+    )
 
 
 @translated

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
+from typing import Any, NamedTuple
 
+from sqlalchemy import case, func, or_, select
 from sqlalchemy.orm import Session
 
 from .errors import translated
 from .models import SlaRecord
 from .types import utc
-from .upsert import insert_ignore
+from .upsert import insert_ignore, insert_ignore_many
 
 
 @translated
@@ -63,3 +67,178 @@ def record_sla(
         },
         ["request_id"],
     )
+
+
+class SlaItem(NamedTuple):
+    """One finished request's SLA figures, as :func:`record_sla_new` takes them."""
+
+    request_id: str
+    tenant: str
+    tier: str
+    model: str
+    sla_class: str
+    queue_ms: float | None
+    ttft_ms: float | None
+    tpot_ms: float | None
+    e2e_ms: float | None
+    met: bool
+    finished_at: datetime
+
+
+@translated
+def record_sla_new(session: Session, items: Iterable[SlaItem]) -> set[str]:
+    """Record many requests' SLA figures with multi-row inserts; replays (and repeats
+    within ``items``: the first wins) are no-ops.
+
+    Returns:
+        The request ids recorded by this call.
+    """
+    unique: dict[str, SlaItem] = {}
+    for item in items:
+        unique.setdefault(item.request_id, item)
+    rows = [
+        {
+            "request_id": rid,
+            "tenant": unique[rid].tenant,
+            "tier": unique[rid].tier,
+            "model": unique[rid].model,
+            "sla_class": unique[rid].sla_class,
+            "queue_ms": unique[rid].queue_ms,
+            "ttft_ms": unique[rid].ttft_ms,
+            "tpot_ms": unique[rid].tpot_ms,
+            "e2e_ms": unique[rid].e2e_ms,
+            "met": unique[rid].met,
+            "finished_at": utc(unique[rid].finished_at),
+        }
+        for rid in sorted(unique)
+    ]
+    return insert_ignore_many(session, SlaRecord, rows, ["request_id"], "request_id")
+
+
+# -- reports -------------------------------------------------------------------------
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float | None:
+    """The ``q``-quantile (0..1) of ascending values, interpolated linearly between
+    closest ranks (PostgreSQL's ``percentile_cont``); None when there are none."""
+    if not sorted_values:
+        return None
+    pos = (len(sorted_values) - 1) * q
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+#: the figures an SLA report summarizes, in order
+FIGURES = ("queue_ms", "ttft_ms", "tpot_ms", "e2e_ms")
+QUANTILES = (0.5, 0.95, 0.99)
+
+
+@dataclass(frozen=True)
+class SlaGroup:
+    """SLA figures of one tenant × tier × model over a span of time."""
+
+    tenant: str
+    tier: str
+    model: str
+    sla_class: str
+    requests: int
+    #: requests that met every target of their class (goodput)
+    met: int
+    #: figure name → (p50, p95, p99) in ms; None where no request defines the figure
+    quantiles: dict[str, tuple[float | None, float | None, float | None]]
+    #: target name (ttft, tpot, e2e) → requests meeting it (an undefined figure meets it)
+    target_met: dict[str, int]
+
+    @property
+    def attainment(self) -> float:
+        return self.met / self.requests if self.requests else 0.0
+
+
+@translated
+def sla_groups(
+    session: Session,
+    since: datetime,
+    until: datetime | None = None,
+    *,
+    tenant: str | None = None,
+    targets: Mapping[str, Any] | None = None,
+) -> list[SlaGroup]:
+    """Per tenant × tier × model: p50/p95/p99 of queue wait, TTFT, TPOT and end-to-end
+    latency, and how many requests met their targets, over ``since <= finished_at < until``.
+
+    Parameters:
+        targets: SLA class name → its targets (objects with ``ttft_ms``, ``tpot_ms``,
+            ``e2e_ms``), for per-target counts; a class not given counts as met.
+    """
+    query = select(
+        SlaRecord.tenant, SlaRecord.tier, SlaRecord.model, SlaRecord.sla_class,
+        SlaRecord.queue_ms, SlaRecord.ttft_ms, SlaRecord.tpot_ms, SlaRecord.e2e_ms, SlaRecord.met,
+    ).where(SlaRecord.finished_at >= utc(since))  # fmt: skip
+    if until is not None:
+        query = query.where(SlaRecord.finished_at < utc(until))
+    if tenant is not None:
+        query = query.where(SlaRecord.tenant == tenant)
+    groups: dict[tuple[str, str, str, str], list[Any]] = {}
+    for row in session.execute(query):
+        groups.setdefault(tuple(row[:4]), []).append(row)  # type: ignore[arg-type]
+    out = []
+    for (ten, tier, model, cls), rows in sorted(groups.items()):
+        quantiles = {}
+        for i, fig in enumerate(FIGURES):
+            values = sorted(r[4 + i] for r in rows if r[4 + i] is not None)
+            quantiles[fig] = tuple(percentile(values, q) for q in QUANTILES)
+        target = (targets or {}).get(cls)
+        target_met = {}
+        for name, col in (("ttft", 5), ("tpot", 6), ("e2e", 7)):
+            limit = getattr(target, f"{name}_ms", None)
+            target_met[name] = sum(
+                1 for r in rows if limit is None or r[col] is None or r[col] <= limit
+            )
+        out.append(SlaGroup(ten, tier, model, cls, len(rows), sum(1 for r in rows if r[8]),
+                            quantiles, target_met))  # type: ignore[arg-type]  # fmt: skip
+    return out
+
+
+@dataclass(frozen=True)
+class Attainment:
+    """A tenant's SLA attainment over a window (counts, for the gauges)."""
+
+    tenant: str
+    requests: int
+    #: met every target (goodput)
+    met: int
+    #: target name (ttft, tpot, e2e) → requests meeting it
+    target_met: dict[str, int]
+
+
+@translated
+def sla_attainment(
+    session: Session, since: datetime, targets: Mapping[str, Any], until: datetime | None = None
+) -> list[Attainment]:
+    """Per tenant: requests, those meeting every target, and those meeting each target,
+    over ``since <= finished_at < until`` (aggregated in the database: cheap enough to
+    run every few seconds)."""
+    totals: dict[str, list[int]] = {}
+    per_target: dict[str, dict[str, int]] = {}
+    for cls, target in sorted(targets.items()):
+        cols = []
+        for name in ("ttft", "tpot", "e2e"):
+            col = getattr(SlaRecord, f"{name}_ms")
+            ok = or_(col.is_(None), col <= float(getattr(target, f"{name}_ms")))
+            cols.append(func.coalesce(func.sum(case((ok, 1), else_=0)), 0))
+        query = select(
+            SlaRecord.tenant, func.count(),
+            func.coalesce(func.sum(case((SlaRecord.met, 1), else_=0)), 0), *cols,
+        ).where(SlaRecord.sla_class == cls, SlaRecord.finished_at >= utc(since))  # fmt: skip
+        if until is not None:
+            query = query.where(SlaRecord.finished_at < utc(until))
+        for tenant, n, met, ttft, tpot, e2e in session.execute(query.group_by(SlaRecord.tenant)):
+            t = totals.setdefault(tenant, [0, 0])
+            t[0] += int(n)
+            t[1] += int(met)
+            pt = per_target.setdefault(tenant, {"ttft": 0, "tpot": 0, "e2e": 0})
+            pt["ttft"] += int(ttft)
+            pt["tpot"] += int(tpot)
+            pt["e2e"] += int(e2e)
+    return [Attainment(t, n, met, per_target[t]) for t, (n, met) in sorted(totals.items())]

@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -20,7 +21,7 @@ from tokenmill.wire import Priority
 from .errors import translated
 from .models import UsageMinute, UsageRecord
 from .types import utc, utcnow
-from .upsert import dialect_insert, insert_ignore
+from .upsert import dialect_insert, insert_ignore_many
 
 
 @dataclass(frozen=True)
@@ -89,11 +90,23 @@ def record_usage(
 @translated
 def record_usage_many(session: Session, items: Iterable[UsageItem]) -> int:
     """Record many requests' usage in one go; replays (and repeats within ``items``) are
-    no-ops.
+    no-ops. See :func:`record_usage_new`.
+
+    Returns:
+        How many items were new.
+    """
+    return len(record_usage_new(session, items))
+
+
+@translated
+def record_usage_new(session: Session, items: Iterable[UsageItem]) -> set[str]:
+    """Record many requests' usage with multi-row inserts; replays (and repeats within
+    ``items``: the first wins) are no-ops.
 
     Rows are locked in one global order (usage records by request id, then roll-up
     rows by key), so concurrent consumers replaying overlapping sets cannot deadlock
-    on PostgreSQL, and the roll-up takes one statement per minute bucket.
+    on PostgreSQL, and the roll-up takes one statement per minute bucket, counting
+    only the records this call inserted.
 
     Parameters:
         session: the caller's transaction; commit it before acknowledging the events.
@@ -103,27 +116,34 @@ def record_usage_many(session: Session, items: Iterable[UsageItem]) -> int:
         LedgerError: the database refused a write (e.g. negative counts).
 
     Returns:
-        How many items were new.
+        The request ids whose usage was new.
     """
     rollup: dict[tuple[str, str, datetime], list[int]] = defaultdict(lambda: [0, 0, 0])
     now = utcnow()
-    for item in sorted(items, key=lambda i: i.request_id):
-        minute = minute_of(item.at)
-        values = {
+    unique: dict[str, UsageItem] = {}
+    for item in items:
+        unique.setdefault(item.request_id, item)  # a repeat within ``items``: first wins
+    ordered = [unique[rid] for rid in sorted(unique)]
+    rows: list[dict[str, Any]] = [
+        {
             "request_id": item.request_id,
             "tenant": item.tenant,
             "model": item.model,
             "priority": Priority(item.priority),
-            "minute": minute,
+            "minute": minute_of(item.at),
             "prompt_tokens": item.prompt_tokens,
             "completion_tokens": item.completion_tokens,
             "recorded_at": now,
         }
-        if insert_ignore(session, UsageRecord, values, ["request_id"]):
-            sums = rollup[(item.tenant, item.model, minute)]
+        for item in ordered
+    ]
+    inserted = insert_ignore_many(session, UsageRecord, rows, ["request_id"], "request_id")
+    for row in rows:
+        if row["request_id"] in inserted:
+            sums = rollup[(row["tenant"], row["model"], row["minute"])]
             sums[0] += 1
-            sums[1] += item.prompt_tokens
-            sums[2] += item.completion_tokens
+            sums[1] += row["prompt_tokens"]
+            sums[2] += row["completion_tokens"]
     table = UsageMinute.__table__.c
     for (tenant, model, minute), (requests, input_tokens, output_tokens) in sorted(rollup.items()):
         stmt = dialect_insert(session, UsageMinute).values(
@@ -144,7 +164,7 @@ def record_usage_many(session: Session, items: Iterable[UsageItem]) -> int:
                 },
             )
         )
-    return sum(sums[0] for sums in rollup.values())
+    return inserted
 
 
 @translated
@@ -180,3 +200,49 @@ def usage_totals(
         query = query.where(UsageMinute.minute < until)
     rows = session.execute(query.group_by(UsageMinute.model).order_by(UsageMinute.model))
     return {model: UsageTotals(int(r), int(i), int(o)) for model, r, i, o in rows}
+
+
+@dataclass(frozen=True)
+class UsageRow:
+    """Usage of one tenant and model, in one minute window or over the whole span."""
+
+    tenant: str
+    model: str
+    #: the minute window's start (UTC); None for a total over the span
+    minute: datetime | None
+    requests: int
+    input_tokens: int
+    output_tokens: int
+
+
+@translated
+def usage_rows(
+    session: Session,
+    since: datetime,
+    until: datetime | None = None,
+    *,
+    tenant: str | None = None,
+    per_minute: bool = False,
+) -> list[UsageRow]:
+    """Usage per tenant × model (× minute window if ``per_minute``) over minute windows
+    with ``since <= minute < until``, ordered by tenant, model (and minute)."""
+    keys = [UsageMinute.tenant, UsageMinute.model] + ([UsageMinute.minute] if per_minute else [])
+    query = select(
+        *keys,
+        func.sum(UsageMinute.requests),
+        func.sum(UsageMinute.input_tokens),
+        func.sum(UsageMinute.output_tokens),
+    ).where(UsageMinute.minute >= utc(since))
+    if until is not None:
+        query = query.where(UsageMinute.minute < utc(until))
+    if tenant is not None:
+        query = query.where(UsageMinute.tenant == tenant)
+    out = []
+    for row in session.execute(query.group_by(*keys).order_by(*keys)):
+        values: tuple[Any, ...] = tuple(row)
+        minute = values[2] if per_minute else None
+        if minute is not None and minute.tzinfo is None:
+            minute = minute.replace(tzinfo=UTC)
+        r, i, o = values[-3:]
+        out.append(UsageRow(values[0], values[1], minute, int(r), int(i), int(o)))
+    return out

@@ -7,7 +7,7 @@ the webhook sender; this module only records what it decided.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select
@@ -126,3 +126,62 @@ def record_webhook_attempt(
             delivery.delivered_at = utc(at)
         session.flush()
     return new
+
+
+@translated
+def get_webhook(session: Session, webhook_id: str) -> WebhookDelivery:
+    """A delivery by its message id (services only: not tenant-scoped).
+
+    Raises:
+        NotFound: no such delivery.
+    """
+    delivery = session.execute(
+        select(WebhookDelivery).where(WebhookDelivery.webhook_id == webhook_id)
+    ).scalar_one_or_none()
+    if delivery is None:
+        raise NotFound(f"webhook {webhook_id} not found")
+    return delivery
+
+
+@translated
+def lease_due_webhooks(
+    session: Session, now: datetime, *, lease_s: float, limit: int = 100
+) -> list[tuple[str, int]]:
+    """Take pending deliveries that are due: push their ``next_attempt_at`` ``lease_s``
+    into the future (so no other sender takes them meanwhile) and return
+    ``(webhook_id, attempts so far)`` of each. A sender that dies before recording its
+    attempt loses nothing: the delivery falls due again when the lease ends."""
+    now = utc(now)
+    query = (
+        select(WebhookDelivery)
+        .where(
+            WebhookDelivery.status == DeliveryStatus.pending,
+            WebhookDelivery.next_attempt_at <= now,
+        )
+        .order_by(WebhookDelivery.next_attempt_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    due = list(session.execute(query).scalars())
+    for delivery in due:
+        delivery.next_attempt_at = now + timedelta(seconds=lease_s)
+    session.flush()
+    return [(d.webhook_id, d.attempts) for d in due]
+
+
+@translated
+def list_webhooks(
+    session: Session,
+    *,
+    tenant: str | None = None,
+    status: DeliveryStatus | None = None,
+    limit: int = 50,
+) -> list[WebhookDelivery]:
+    """Deliveries, newest first, optionally one tenant's and in one status."""
+    query = select(WebhookDelivery)
+    if tenant is not None:
+        query = query.where(WebhookDelivery.tenant == tenant)
+    if status is not None:
+        query = query.where(WebhookDelivery.status == DeliveryStatus(status))
+    newest = query.order_by(WebhookDelivery.created_at.desc(), WebhookDelivery.id.desc())
+    return list(session.execute(newest.limit(limit)).scalars())

@@ -1,0 +1,44 @@
+"""tokenmill.ledger.streams: faust stream processors from token events to the ledger.
+
+Usage (per tenant × model × minute), billing (one charge per finished request, priced
+with the price-card version in force) and SLA figures (TTFT, TPOT, end-to-end, queue
+wait; violations published) are written to the ledger in one transaction per batch,
+keyed by request id, before the batch's offsets may be committed: exact under
+at-least-once delivery, crashes and rebalances. See ``docs/streams.md``.
+"""
+
+from .app import create_app, faust_settings
+from .config import DEFAULT_METRICS_PORT, StreamsConfig
+from .decode import Rejected, parse
+from .measure import TARGETS, Measurement, measure
+from .metrics import StreamMetrics, serve
+from .processor import BatchProcessor, BatchReport, Publisher, Record
+from .sink import BatchOutcome, Card, LedgerSink, LedgerUnavailable, Recorded
+from .violations import SlaViolation, violation_of
+from .worker import run
+
+__all__ = [
+    "DEFAULT_METRICS_PORT",
+    "TARGETS",
+    "BatchOutcome",
+    "BatchProcessor",
+    "BatchReport",
+    "Card",
+    "LedgerSink",
+    "LedgerUnavailable",
+    "Measurement",
+    "Publisher",
+    "Record",
+    "Recorded",
+    "Rejected",
+    "SlaViolation",
+    "StreamMetrics",
+    "StreamsConfig",
+    "create_app",
+    "faust_settings",
+    "measure",
+    "parse",
+    "run",
+    "serve",
+    "violation_of",
+]

@@ -1,0 +1,58 @@
+"""Settings of the stream processors: ``TOKENMILL_STREAMS__*`` environment variables.
+
+They are read on their own (not through :class:`~tokenmill.config.Settings`, whose
+file schema forbids unknown sections), with the prefix a future ``[streams]`` section
+of the settings file would have, so the names stay valid if it is added. Tests and
+side-by-side deployments isolate themselves with their own ``APP_ID`` (the Kafka
+consumer group) and topic names.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from tokenmill.wire import DEAD_LETTER_TOPIC, SLA_VIOLATIONS_TOPIC, TOKEN_EVENTS_TOPIC
+
+#: port of the Prometheus endpoint in the deployed stack
+DEFAULT_METRICS_PORT = 9464
+
+
+class StreamsConfig(BaseSettings):
+    """How the stream processors consume, batch, publish and export."""
+
+    model_config = SettingsConfigDict(env_prefix="TOKENMILL_STREAMS__", extra="ignore", frozen=True)
+
+    #: the faust app id, which is also the Kafka consumer group of its workers
+    app_id: str = Field(default="tokenmill-streams", min_length=1, max_length=200)
+    topic: str = TOKEN_EVENTS_TOPIC
+    dead_letter_topic: str = DEAD_LETTER_TOPIC
+    violations_topic: str = SLA_VIOLATIONS_TOPIC
+    #: partitions of topics created at start (existing topics are left as they are)
+    partitions: int = Field(default=8, gt=0)
+    #: most events written in one database transaction
+    batch_max: int = Field(default=5000, gt=0)
+    #: longest wait for a batch to fill before writing what there is
+    batch_within_s: float = Field(default=0.1, gt=0)
+    #: how often faust commits the offsets of written (acknowledged) events
+    commit_interval_s: float = Field(default=2.0, gt=0)
+    #: Prometheus endpoint; port None: none, 0: a free port (written to ``metrics_port_file``)
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = Field(default=DEFAULT_METRICS_PORT, ge=0, le=65535)
+    metrics_port_file: Path | None = None
+    #: window of the goodput and attainment gauges, read from the ledger
+    sla_window_s: float = Field(default=300.0, gt=0)
+    #: how often those gauges are refreshed
+    gauge_interval_s: float = Field(default=10.0, gt=0)
+    #: faust's state directory; default ``<home>/faust``
+    datadir: Path | None = None
+
+    def datadir_for(self, home: Path) -> Path:
+        return (self.datadir or home / "faust").resolve()
+
+    def port_file_for(self, home: Path) -> Path:
+        return (
+            self.metrics_port_file or home / "streams" / f"{self.app_id}.metrics-port"
+        ).resolve()

@@ -1,0 +1,231 @@
+"""Prometheus metrics of the stream processors.
+
+Names follow vLLM's (``vllm:time_to_first_token_seconds`` →
+``tokenmill_time_to_first_token_seconds``, same buckets) and OpenTelemetry's ``gen_ai``
+semantic conventions where they exist (``gen_ai.client.token.usage`` →
+``gen_ai_client_token_usage``, with ``gen_ai_token_type`` = ``input``/``output`` and
+``gen_ai_request_model``), plus ``tenant`` (and ``tier``) labels. Counters move only
+for records new to the ledger, so replays do not inflate them; with several workers,
+sum them across instances. The SLA gauges are read from the ledger over a sliding
+window, so every worker exports the same values (take ``max``), and they survive
+restarts. Percentiles over windows: ``histogram_quantile`` over the histograms, or
+``tokenmill sla`` for exact ones from the ledger.
+
+The figures are kept by one collector, updated once per batch on the processor's
+thread (``prometheus_client``'s per-call locking and label lookups cost more than the
+rest of the per-event work); the HTTP server's thread reads them.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.exposition import start_http_server
+from prometheus_client.registry import Collector
+
+from ..sla import Attainment
+from .sink import BatchOutcome
+
+# Buckets as vLLM defines them (vllm/v1/metrics/loggers.py).
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
+                5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)  # fmt: skip
+TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
+                7.5, 10.0, 20.0, 40.0, 80.0)  # fmt: skip
+LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
+                   60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)  # fmt: skip
+# OpenTelemetry's advisory buckets for gen_ai.client.token.usage.
+TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304,
+                 16777216, 67108864)  # fmt: skip
+LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+
+SLA_LABELS = ("tenant", "tier", "model")
+
+
+class _Counter:
+    def __init__(self, name: str, doc: str, labels: tuple[str, ...]) -> None:
+        self.name, self.doc, self.labels = name, doc, labels
+        self.values: dict[tuple[str, ...], float] = defaultdict(float)
+
+    def inc(self, key: tuple[str, ...], by: float = 1.0) -> None:
+        self.values[key] += by
+
+    def family(self) -> CounterMetricFamily:
+        fam = CounterMetricFamily(self.name, self.doc, labels=self.labels)
+        for key, value in list(self.values.items()):
+            fam.add_metric(list(key), value)
+        return fam
+
+
+class _Histogram:
+    def __init__(
+        self, name: str, doc: str, labels: tuple[str, ...], buckets: tuple[float, ...]
+    ) -> None:
+        self.name, self.doc, self.labels, self.bounds = name, doc, labels, buckets
+        #: label values → [per-bucket counts (last: +Inf), sum]
+        self.data: dict[tuple[str, ...], list[Any]] = {}
+
+    def observe(self, key: tuple[str, ...], value: float) -> None:
+        entry = self.data.get(key)
+        if entry is None:
+            entry = self.data[key] = [[0] * (len(self.bounds) + 1), 0.0]
+        entry[0][bisect_left(self.bounds, value)] += 1
+        entry[1] += value
+
+    def family(self) -> HistogramMetricFamily:
+        fam = HistogramMetricFamily(self.name, self.doc, labels=self.labels)
+        for key, (counts, total) in list(self.data.items()):
+            cumulative, running = [], 0
+            for bound, n in zip((*self.bounds, float("inf")), list(counts)):
+                running += n
+                cumulative.append((_le(bound), running))
+            fam.add_metric(list(key), cumulative, total)
+        return fam
+
+
+def _le(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else repr(float(bound))
+
+
+class StreamMetrics(Collector):
+    """The metrics one stream-processor process exports.
+
+    Parameters:
+        registry: where to register (None: nowhere, e.g. in tests that call
+            :meth:`collect` directly).
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = REGISTRY) -> None:
+        C, H = _Counter, _Histogram
+        self.requests = C(
+            "tokenmill_requests", "Finished requests recorded in the ledger.", SLA_LABELS
+        )
+        self.tokens = C("tokenmill_tokens", "Tokens of finished requests (type: input|output).",
+                        ("tenant", "model", "type"))  # fmt: skip
+        self.cost = C("tokenmill_cost", "Charged amount (approximate; the ledger is exact).",
+                      ("tenant", "model", "currency"))  # fmt: skip
+        self.sla_requests = C("tokenmill_sla_requests",
+                              "Finished requests by whether they met every target of their SLA class.",
+                              (*SLA_LABELS, "met"))  # fmt: skip
+        self.violations = C("tokenmill_sla_violations", "Missed SLA targets (target: ttft|tpot|e2e).",
+                            (*SLA_LABELS, "target"))  # fmt: skip
+        self.events = C("tokenmill_streams_events",
+                        "Token events processed (outcome: recorded|duplicate|skipped|dead_lettered).",
+                        ("outcome",))  # fmt: skip
+        self.token_usage = H("gen_ai_client_token_usage",
+                             "Tokens per request (OpenTelemetry gen_ai.client.token.usage).",
+                             ("gen_ai_token_type", "gen_ai_request_model", "tenant"), TOKEN_BUCKETS)  # fmt: skip
+        self.ttft = H("tokenmill_time_to_first_token_seconds", "Time to first token, from submission.",
+                      SLA_LABELS, TTFT_BUCKETS)  # fmt: skip
+        self.tpot = H("tokenmill_time_per_output_token_seconds",
+                      "(end-to-end - TTFT) / (output tokens - 1).", SLA_LABELS, TPOT_BUCKETS)  # fmt: skip
+        self.e2e = H("tokenmill_e2e_request_latency_seconds", "Submission to finish.", SLA_LABELS,
+                     LATENCY_BUCKETS)  # fmt: skip
+        self.queue = H("tokenmill_request_queue_time_seconds", "Submission to dispatch.", SLA_LABELS,
+                       LATENCY_BUCKETS)  # fmt: skip
+        self.batch_seconds = H("tokenmill_streams_batch_duration_seconds",
+                               "Time to record one batch, publishing included.", (), LAG_BUCKETS)  # fmt: skip
+        self.lag = H("tokenmill_streams_ledger_lag_seconds", "From a request's finish to its ledger commit.",
+                     (), LAG_BUCKETS)  # fmt: skip
+        self.gauges: dict[str, tuple[str, tuple[str, ...], dict[tuple[str, ...], float]]] = {
+            "tokenmill_sla_goodput_ratio": (
+                "Share of a tenant's finished requests that met every target, over the window.",
+                ("tenant",), {}),
+            "tokenmill_sla_goodput_requests_per_second": (
+                "A tenant's requests per second that met every target, over the window.",
+                ("tenant",), {}),
+            "tokenmill_sla_attainment_ratio": (
+                "Share of a tenant's finished requests meeting one target, over the window.",
+                ("tenant", "target"), {}),
+        }  # fmt: skip
+        if registry is not None:
+            registry.register(self)
+
+    def _all(self) -> Iterable[_Counter | _Histogram]:
+        return (self.requests, self.tokens, self.cost, self.sla_requests, self.violations,
+                self.events, self.token_usage, self.ttft, self.tpot, self.e2e, self.queue,
+                self.batch_seconds, self.lag)  # fmt: skip
+
+    def collect(self) -> Iterator[Any]:
+        for metric in self._all():
+            yield metric.family()
+        for name, (doc, labels, values) in self.gauges.items():
+            fam = GaugeMetricFamily(name, doc, labels=labels)
+            for key, value in list(values.items()):
+                fam.add_metric(list(key), value)
+            yield fam
+
+    def observe(self, outcome: BatchOutcome, *, dead_lettered: int, committed_at: float,
+                seconds: float) -> None:  # fmt: skip
+        """Count a written batch (only records new to the ledger move the counters)."""
+        new = outcome.new
+        self.events.inc(("recorded",), len(new))
+        self.events.inc(("duplicate",), outcome.duplicates)
+        self.events.inc(("skipped",), outcome.skipped)
+        self.events.inc(("dead_lettered",), dead_lettered)
+        self.batch_seconds.observe((), seconds)
+        cost: dict[tuple[str, str, str], Any] = {}
+        for rec in new:
+            ev, m = rec.event, rec.measurement
+            sla = (ev.tenant, rec.tier or "unknown", ev.model)
+            self.requests.inc(sla)
+            self.tokens.inc((ev.tenant, ev.model, "input"), ev.prompt_tokens)
+            self.tokens.inc((ev.tenant, ev.model, "output"), ev.completion_tokens)
+            self.token_usage.observe(("input", ev.model, ev.tenant), ev.prompt_tokens)
+            self.token_usage.observe(("output", ev.model, ev.tenant), ev.completion_tokens)
+            key = (ev.tenant, ev.model, rec.currency)
+            cost[key] = cost.get(key, 0) + rec.cost
+            self.e2e.observe(sla, m.e2e_ms / 1000.0)
+            if m.ttft_ms is not None:
+                self.ttft.observe(sla, m.ttft_ms / 1000.0)
+            if m.tpot_ms is not None:
+                self.tpot.observe(sla, m.tpot_ms / 1000.0)
+            if m.queue_ms is not None:
+                self.queue.observe(sla, m.queue_ms / 1000.0)
+            if rec.tier is not None:
+                self.sla_requests.inc((*sla, "false" if m.missed else "true"))
+                for target in m.missed:
+                    self.violations.inc((*sla, target))
+            if ev.finished_at is not None:
+                self.lag.observe((), max(0.0, committed_at - ev.finished_at))
+        for key, amount in cost.items():
+            self.cost.inc(key, float(amount))
+
+    def set_window(self, rows: Iterable[Attainment], window_s: float) -> None:
+        """Set the SLA gauges from per-tenant counts over the last ``window_s`` seconds."""
+        ratio = self.gauges["tokenmill_sla_goodput_ratio"][2]
+        rate = self.gauges["tokenmill_sla_goodput_requests_per_second"][2]
+        attainment = self.gauges["tokenmill_sla_attainment_ratio"][2]
+        for row in rows:
+            if row.requests == 0:
+                continue
+            ratio[(row.tenant,)] = row.met / row.requests
+            rate[(row.tenant,)] = row.met / window_s
+            for target, ok in row.target_met.items():
+                attainment[(row.tenant, target)] = ok / row.requests
+
+
+def serve(host: str, port: int, registry: CollectorRegistry = REGISTRY,
+          port_file: Path | None = None) -> int:  # fmt: skip
+    """Serve ``/metrics`` over HTTP in a daemon thread; port 0 picks a free one.
+
+    Returns:
+        The port; also written to ``port_file`` (atomically) if given.
+    """
+    server, _thread = start_http_server(port, addr=host, registry=registry)
+    actual = int(server.server_port)
+    if port_file is not None:
+        port_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = port_file.with_suffix(".tmp")
+        tmp.write_text(str(actual))
+        tmp.replace(port_file)
+    _servers.append(server)
+    return actual
+
+
+_servers: list[object] = []  # keep the servers referenced for the process's lifetime

@@ -1,0 +1,121 @@
+"""``tokenmill usage | invoice | sla`` read the ledger the stream processors write;
+``tokenmill up`` starts a ``streams`` service."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+import typer
+from tokenmill.config import Settings
+from tokenmill.ledger.commands import parse_time, register, streams_services
+from tokenmill.ledger.streams import LedgerSink
+from tokenmill.ledger.streams import testing as st
+from typer.testing import CliRunner
+
+from tokenmill.wire import TokenEvent
+
+NOW = time.time()
+
+
+@pytest.fixture
+def cli(
+    settings: Settings, ledger_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> typer.Typer:
+    monkeypatch.setenv("TOKENMILL_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("TOKENMILL_DATABASE_URL", ledger_url)
+    app = typer.Typer()
+    register(app)
+    return app
+
+
+@pytest.fixture
+def recorded(sink: LedgerSink) -> list[dict]:
+    events = [
+        st.finished_event("a1", tenant="alpha", prompt_tokens=1000, completion_tokens=100, finished_at=NOW),
+        st.finished_event("a2", tenant="alpha", model="smollm2", prompt_tokens=3, completion_tokens=7,
+                          priority="batch", finished_at=NOW),
+        st.finished_event("a3", tenant="alpha", prompt_tokens=5, completion_tokens=1, ttft_s=4.0, finished_at=NOW),
+        st.finished_event("b1", tenant="beta", prompt_tokens=10, completion_tokens=20, finished_at=NOW),
+    ]  # fmt: skip
+    sink.write([TokenEvent.model_validate(e) for e in events])
+    return events
+
+
+def run(cli: typer.Typer, *args: str) -> str:
+    result = CliRunner().invoke(cli, list(args))
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result.output
+
+
+def test_usage_per_tenant_model_and_minute(cli: typer.Typer, recorded: list[dict]) -> None:
+    doc = json.loads(run(cli, "usage", "--json"))
+    assert [(r["tenant"], r["model"], r["requests"], r["input_tokens"], r["output_tokens"]) for r in doc["rows"]] == [
+        ("alpha", "sim", 2, 1005, 101), ("alpha", "smollm2", 1, 3, 7), ("beta", "sim", 1, 10, 20),
+    ]  # fmt: skip
+    minutes = json.loads(run(cli, "usage", "--tenant", "beta", "--per-minute", "--json"))["rows"]
+    minute = datetime.fromtimestamp(NOW, UTC).replace(second=0, microsecond=0)
+    assert minutes == [{"tenant": "beta", "model": "sim", "minute": minute.isoformat().replace("+00:00", "Z"),
+                        "requests": 1, "input_tokens": 10, "output_tokens": 20}]  # fmt: skip
+    table = run(cli, "usage", "--since", "1h")
+    assert "alpha" in table and "smollm2" in table and "1,005" in table
+    assert "no usage" in run(cli, "usage", "--since", "2020-01-01", "--until", "2020-02-01")
+
+
+def test_invoice_total_is_the_sum_of_its_entries(cli: typer.Typer, recorded: list[dict]) -> None:
+    period = datetime.fromtimestamp(NOW, UTC).strftime("%Y-%m")
+    doc = json.loads(run(cli, "invoice", "--tenant", "alpha", "--period", period, "--json"))
+    lines = {ln["model"]: Decimal(ln["amount"]) for ln in doc["lines"]}
+    # sim: (1000*0.10 + 100*0.40 + 5*0.10 + 1*0.40)/1e6; smollm2 batch: (3*0.20 + 7*0.80)/1e6/2
+    assert lines == {"sim": Decimal("0.0001409"), "smollm2": Decimal("0.0000031")}
+    assert Decimal(doc["total"]) == sum(lines.values())
+    assert (doc["total_rounded"], doc["currency"]) == ("0.00", "USD")
+    assert Decimal(doc["rounding_adjustment"]) == Decimal(doc["total_rounded"]) - sum(
+        Decimal(ln["amount_rounded"]) for ln in doc["lines"]
+    )
+    table = run(cli, "invoice", "--tenant", "alpha", "--period", period)
+    assert "0.0001440" in table and "total" in table
+    bad = CliRunner().invoke(cli, ["invoice", "--tenant", "alpha", "--period", "November"])
+    assert bad.exit_code != 0
+
+
+def test_sla_percentiles_attainment_and_goodput(cli: typer.Typer, recorded: list[dict]) -> None:
+    doc = json.loads(run(cli, "sla", "--since", "10m", "--json"))
+    alpha = doc["tenants"]["alpha"]
+    assert (alpha["requests"], alpha["met"]) == (3, 2)
+    assert alpha["target_attainment"]["ttft"] == pytest.approx(2 / 3)
+    assert alpha["goodput_rps"] == pytest.approx(2 / 600, rel=0.01)
+    group = next(g for g in doc["groups"] if (g["tenant"], g["model"]) == ("alpha", "sim"))
+    assert group["tier"] == "gold" and group["requests"] == 2
+    assert group["ttft_ms_p50"] == pytest.approx(
+        (100 + 4000) / 2
+    )  # interpolated median of 100, 4000
+    table = run(cli, "sla", "--tenant", "alpha")
+    assert "gold" in table and "66.7%" in table
+
+
+def test_times_are_iso_or_spans_back() -> None:
+    now = datetime(2026, 11, 3, 12, tzinfo=UTC)
+    assert parse_time("2h", now=now) == datetime(2026, 11, 3, 10, tzinfo=UTC)
+    assert parse_time("2026-11-01", now=now) == datetime(2026, 11, 1, tzinfo=UTC)
+    assert parse_time("2026-11-01T05:00+01:00", now=now) == datetime(2026, 11, 1, 4, tzinfo=UTC)
+    from tokenmill.errors import ValidationError
+
+    with pytest.raises(ValidationError):
+        parse_time("yesterday", now=now)
+
+
+def test_up_starts_a_streams_service_with_a_metrics_probe(settings: Settings) -> None:
+    (spec,) = streams_services(settings, [])
+    assert (spec.name, spec.probe, spec.depends_on) == ("streams", "http", ("kafka",))
+    from tokenmill.stack.spec import Launch
+
+    launch = Launch(
+        "streams", Path("/h"), 4321, Path("/h/logs/streams.log"), Path("/h/data"), {}, {}
+    )
+    assert spec.argv(launch)[-4:] == ["tokenmill", "streams", "--metrics-port", "4321"]
+    assert spec.address_of(launch) == "http://127.0.0.1:4321/metrics"

@@ -1,0 +1,357 @@
+"""The stream processors' parts without a broker: decoding, SLA measurement, the ledger
+sink (SQLite and PostgreSQL), the batch processor, metrics, and reconciliation with the
+scheduler's budget accounting."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as hs
+from prometheus_client import CollectorRegistry, generate_latest
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+from tokenmill.config import PriceCard, Settings
+from tokenmill.ledger import make_engine, migrate, session_factory, sync_price_cards, transaction
+from tokenmill.ledger.models import LedgerEntry, SlaRecord, UsageMinute, UsageRecord
+from tokenmill.ledger.streams import (
+    BatchProcessor,
+    LedgerSink,
+    LedgerUnavailable,
+    Record,
+    Rejected,
+    StreamMetrics,
+    StreamsConfig,
+    measure,
+    parse,
+)
+from tokenmill.ledger.streams import testing as st
+
+from tokenmill.wire import EventKind, TokenEvent
+
+T_FINISH = datetime(2026, 11, 3, 12, 0, 30, tzinfo=UTC).timestamp()
+
+
+def ev(rid: str = "r1", **kw: Any) -> TokenEvent:
+    fields = st.finished_event(rid, finished_at=kw.pop("finished_at", T_FINISH), **kw)
+    return TokenEvent.model_validate(fields)
+
+
+# -- decoding --------------------------------------------------------------------------
+
+
+def test_parse_accepts_events_and_names_what_is_wrong() -> None:
+    good = st.encode(st.finished_event("r1"))
+    assert isinstance(parse(good), TokenEvent)
+    progress = json.dumps({"kind": "progress", "request_id": "r", "tenant": "a", "model": "m"})
+    assert parse(progress.encode()).kind is EventKind.progress  # type: ignore[union-attr]
+    cases = {
+        b"": "empty message",
+        b"{nope": "Invalid JSON",
+        json.dumps({**json.loads(good), "completion_tokens": -1}).encode(): "completion_tokens",
+        json.dumps(
+            {**json.loads(good), "schema_version": "2.0"}
+        ).encode(): "UnsupportedSchemaVersion",
+        json.dumps({**json.loads(good), "finished_at": None}).encode(): "lacks finished_at",
+    }
+    for raw, words in cases.items():
+        got = parse(raw)
+        assert isinstance(got, Rejected) and words in got.reason, (raw, got)
+
+
+# -- SLA measurement ---------------------------------------------------------------------
+
+
+def test_measure_follows_the_definitions(settings: Settings) -> None:
+    gold = settings.sla["gold"]  # ttft 1000, tpot 100, e2e 30000 ms
+    e = ev(completion_tokens=11, queue_s=0.05, ttft_s=0.5, tpot_s=0.02)
+    m = measure(e, gold)
+    assert m.queue_ms == pytest.approx(50)
+    assert m.ttft_ms == pytest.approx(500)
+    assert m.e2e_ms == pytest.approx(500 + 10 * 20)
+    assert m.tpot_ms == pytest.approx((m.e2e_ms - m.ttft_ms) / 10)
+    assert m.met and m.missed == ()
+    one = measure(ev(completion_tokens=1, ttft_s=0.2), gold)
+    assert one.tpot_ms is None and one.met  # TPOT undefined for one output token
+    slow = measure(ev(completion_tokens=3, ttft_s=2.0, tpot_s=0.5), gold)
+    assert slow.missed == ("ttft", "tpot")
+    assert measure(ev(ttft_s=99), None).met  # no SLA class: nothing to miss
+    no_first = ev(completion_tokens=0).model_copy(update={"first_token_at": None})
+    assert measure(no_first, gold).ttft_ms is None
+
+
+# -- the ledger sink ------------------------------------------------------------------------
+
+
+def _rows(sessions: sessionmaker[Session], model: Any) -> int:
+    with transaction(sessions) as s:
+        return int(s.execute(select(func.count()).select_from(model)).scalar_one())
+
+
+def test_sink_prices_with_the_card_in_force_and_replays_are_no_ops(
+    sink: LedgerSink, sessions: sessionmaker[Session]
+) -> None:
+    with transaction(sessions) as s:  # sim costs twice as much from November 3rd, noon
+        sync_price_cards(s, [PriceCard(model="sim", effective_from=datetime(2026, 11, 3, 12, tzinfo=UTC),
+                                       input_per_million="0.20", output_per_million="0.80",
+                                       batch_discount="0.5")])  # fmt: skip
+    sink.prepare()
+    before_change = T_FINISH - 3600
+    events = [
+        ev("old", prompt_tokens=1000, completion_tokens=500, finished_at=before_change),
+        ev("new", prompt_tokens=1000, completion_tokens=500),
+        ev("new-batch", prompt_tokens=1000, completion_tokens=500, priority="batch"),
+        ev("progress").model_copy(update={"kind": EventKind.progress}),
+    ]
+    out = sink.write(events)
+    assert [r.event.request_id for r in out.new] == ["old", "new", "new-batch"]
+    assert out.skipped == 1 and not out.rejected
+    with transaction(sessions) as s:
+        amounts = dict(s.execute(select(LedgerEntry.request_id, LedgerEntry.amount)).all())
+    assert amounts == {
+        "old": Decimal("0.0003"),  # 1000 * 0.10/M + 500 * 0.40/M
+        "new": Decimal("0.0006"),
+        "new-batch": Decimal("0.0003"),  # half price
+    }
+    again = sink.write(events)
+    assert again.duplicates == 3 and not again.new
+    assert (
+        _rows(sessions, UsageRecord),
+        _rows(sessions, LedgerEntry),
+        _rows(sessions, SlaRecord),
+    ) == (3, 3, 3)
+    with transaction(sessions) as s:
+        assert s.execute(select(func.sum(UsageMinute.requests))).scalar_one() == 3
+
+
+def test_sink_rejects_what_it_cannot_price_and_keeps_the_rest(
+    sink: LedgerSink, sessions: sessionmaker[Session]
+) -> None:
+    out = sink.write(
+        [
+            ev("a"),
+            ev("b", model="unpriced"),
+            ev("a", completion_tokens=7),
+            ev("c", tenant="stranger"),
+        ]
+    )
+    assert [(i, r.split(":")[0]) for i, r in out.rejected] == [(1, "NotFound")]
+    assert [(r.event.request_id, r.new) for r in out.recorded] == [
+        ("a", True),
+        ("a", False),
+        ("c", True),
+    ]
+    # An unknown tenant is billed (money is never dropped) but has no SLA class.
+    assert (_rows(sessions, UsageRecord), _rows(sessions, SlaRecord)) == (2, 1)
+
+
+def test_sink_reports_an_unreachable_database_as_retryable(
+    settings: Settings, tmp_path: Any
+) -> None:
+    engine = make_engine("postgresql://nobody@127.0.0.1:1/none")
+    sink = LedgerSink(session_factory(engine), settings)
+    sink._cards = {"sim": [st_card()]}
+    with pytest.raises(LedgerUnavailable):
+        sink.write([ev()])
+
+
+def st_card() -> Any:
+    from tokenmill.ledger.streams import Card
+
+    return Card(
+        1,
+        "sim",
+        datetime(2026, 1, 1, tzinfo=UTC),
+        "USD",
+        Decimal("0.1"),
+        Decimal("0.4"),
+        Decimal("0.5"),
+    )
+
+
+@hsettings(
+    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    spec=hs.lists(hs.tuples(hs.integers(0, 30), hs.integers(0, 5000), hs.integers(0, 900),
+                            hs.sampled_from(["standard", "batch"])), min_size=1, max_size=40),
+    data=hs.data(),
+)  # fmt: skip
+def test_any_redelivery_pattern_gives_the_same_ledger(
+    spec: list, data: Any, settings: Settings
+) -> None:
+    """Events delivered in any order, any number of times, in any batches: the ledger
+    holds each request once and the totals of the first delivery of each."""
+    events = [
+        ev(f"q{n}", prompt_tokens=p, completion_tokens=c, priority=prio) for n, p, c, prio in spec
+    ]
+    first: dict[str, TokenEvent] = {}
+    deliveries = data.draw(hs.lists(hs.sampled_from(events), max_size=60)) + events
+    for e in deliveries:
+        first.setdefault(e.request_id, e)
+    cuts = sorted(data.draw(hs.lists(hs.integers(0, len(deliveries)), max_size=6)))
+    engine = make_engine("sqlite://")
+    migrate(engine)
+    sink = LedgerSink(session_factory(engine), settings)
+    sink.prepare()
+    for lo, hi in zip([0, *cuts], [*cuts, len(deliveries)]):
+        sink.write(deliveries[lo:hi])
+    totals = _totals(session_factory(engine))
+    cost = sum((st_card_cost(e) for e in first.values()), Decimal(0))
+    assert totals == (len(first), sum(e.prompt_tokens for e in first.values()),
+                      sum(e.completion_tokens for e in first.values()), cost)  # fmt: skip
+    engine.dispose()
+
+
+def st_card_cost(e: TokenEvent) -> Decimal:
+    c = (Decimal("0.10") * e.prompt_tokens + Decimal("0.40") * e.completion_tokens) / 1_000_000
+    return c / 2 if e.priority.value == "batch" else c
+
+
+def _totals(sessions: sessionmaker[Session]) -> tuple[int, int, int, Decimal]:
+    with transaction(sessions) as s:
+        n, i, o = s.execute(select(func.sum(UsageMinute.requests), func.sum(UsageMinute.input_tokens),
+                                   func.sum(UsageMinute.output_tokens))).one()  # fmt: skip
+        amount = sum(s.execute(select(LedgerEntry.amount)).scalars(), Decimal(0))
+    return int(n), int(i), int(o), amount
+
+
+# -- the batch processor -------------------------------------------------------------------
+
+
+class FakePublisher:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes | None, bytes, dict[str, bytes]]] = []
+
+    async def send(self, topic: str, key: bytes | None, value: bytes,
+                   headers: list[tuple[str, bytes]]) -> Awaitable[Any]:  # fmt: skip
+        self.sent.append((topic, key, value, dict(headers)))
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+
+def records(*values: bytes) -> list[Record]:
+    return [Record("tokens", i % 2, 100 + i, b"alpha", v) for i, v in enumerate(values)]
+
+
+async def test_processor_dead_letters_publishes_violations_and_counts_new_records(
+    sink: LedgerSink,
+) -> None:
+    pub, registry = FakePublisher(), CollectorRegistry()
+    metrics = StreamMetrics(registry)
+    proc = BatchProcessor(sink, StreamsConfig(), pub, metrics)
+    batch = records(
+        st.encode(st.finished_event("ok", completion_tokens=10)),
+        b"garbage",
+        st.encode(st.finished_event("slow", ttft_s=5.0, completion_tokens=2)),  # gold TTFT is 1 s
+    )
+    report = await proc.process(batch)
+    assert (report.recorded, report.dead_lettered, report.violations) == (2, 1, 1)
+    (dead,), (viol,) = (
+        [s for s in pub.sent if s[0] == t]
+        for t in ("tokenmill.dead-letter", "tokenmill.sla-violations")
+    )
+    assert (
+        dead[2] == b"garbage"
+        and dead[3]["source-offset"] == b"101"
+        and dead[3]["source-partition"] == b"1"
+    )
+    assert b"Invalid JSON" in dead[3]["reason"] and dead[3]["source-topic"] == b"tokens"
+    v = json.loads(viol[2])
+    assert (v["request_id"], v["missed"], v["tier"], v["targets"]["ttft_ms"]) == (
+        "slow",
+        ["ttft"],
+        "gold",
+        1000.0,
+    )
+    again = await proc.process(batch)  # a replay: nothing new, violations again (at-least-once)
+    assert (again.recorded, again.duplicates, again.violations) == (0, 2, 1)
+    text = generate_latest(registry).decode()
+    assert 'tokenmill_requests_total{model="sim",tenant="alpha",tier="gold"} 2.0' in text
+    assert 'tokenmill_streams_events_total{outcome="duplicate"} 2.0' in text
+    assert (
+        'tokenmill_time_to_first_token_seconds_bucket{le="+Inf",model="sim",tenant="alpha",tier="gold"} 2.0'
+        in text
+    )
+    assert (
+        'gen_ai_client_token_usage_count{gen_ai_request_model="sim",gen_ai_token_type="output",tenant="alpha"} 2.0'
+        in text
+    )
+    assert (
+        'tokenmill_sla_violations_total{model="sim",target="ttft",tenant="alpha",tier="gold"} 1.0'
+        in text
+    )
+
+
+async def test_processor_retries_an_unreachable_database(sink: LedgerSink) -> None:
+    calls = []
+    real = sink.write
+
+    def flaky(events: Any) -> Any:
+        calls.append(1)
+        if len(calls) < 3:
+            raise LedgerUnavailable("down")
+        return real(events)
+
+    sink.write = flaky  # type: ignore[method-assign]
+    proc = BatchProcessor(sink, StreamsConfig(), FakePublisher(), backoff_s=0.01)
+    report = await proc.process(records(st.encode(st.finished_event("r"))))
+    assert len(calls) == 3 and report.recorded == 1
+
+
+def test_sla_gauges_come_from_the_ledger_window(
+    sink: LedgerSink, sessions: sessionmaker[Session]
+) -> None:
+    from tokenmill.ledger.sla import sla_attainment
+
+    now = time.time()
+    sink.write([ev("fast", finished_at=now), ev("slow", finished_at=now, ttft_s=3.0),
+                ev("old", finished_at=now - 3600, ttft_s=3.0)])  # fmt: skip
+    with transaction(sessions) as s:
+        rows = sla_attainment(s, datetime.now(UTC) - timedelta(minutes=5), sink.settings.sla)
+    registry = CollectorRegistry()
+    metrics = StreamMetrics(registry)
+    metrics.set_window(rows, 300)
+    text = generate_latest(registry).decode()
+    assert 'tokenmill_sla_goodput_ratio{tenant="alpha"} 0.5' in text
+    assert 'tokenmill_sla_attainment_ratio{target="ttft",tenant="alpha"} 0.5' in text
+    assert 'tokenmill_sla_attainment_ratio{target="e2e",tenant="alpha"} 1.0' in text
+
+
+# -- one cost function: the scheduler's budget settles at the ledger's charge -----------------
+
+
+@pytest.mark.parametrize("priority", ["standard", "batch"])
+def test_scheduler_budget_settles_at_the_ledger_charge(
+    sink: LedgerSink, sessions: sessionmaker[Session], settings: Settings, priority: str
+) -> None:
+    from tokenmill.scheduler import Pool, Priority, QueuedRequest
+    from tokenmill.scheduler.service import build_policy
+
+    policy = build_policy(settings)
+    now = time.time()
+    policy.enqueue(QueuedRequest("rec-1", "alpha", "sim", Priority(priority), 1234, 800, now), now)
+    assert [
+        d.request.request_id
+        for d in policy.dispatch(Pool("p", frozenset({"sim"}), 4), now).dispatched
+    ] == ["rec-1"]
+    settled = policy.complete("rec-1", 1234, 567, now)
+    assert settled is not None and settled.cost is not None
+    sink.write(
+        [ev("rec-1", prompt_tokens=1234, completion_tokens=567, priority=priority, finished_at=now)]
+    )
+    with transaction(sessions) as s:
+        charged = s.execute(
+            select(LedgerEntry.amount).where(LedgerEntry.request_id == "rec-1")
+        ).scalar_one()
+    assert charged == settled.cost
+    assert policy.budget("alpha", now).spent == charged  # type: ignore[union-attr]
