@@ -204,7 +204,7 @@ class Worker:
         while self.client.exists(*names) < len(names):  # cheap poll; results read once
             if time.monotonic() > deadline:
                 raise SystemExit("requests got no result in 600 s")
-            time.sleep(0.02)
+            time.sleep(0.05)
         results = [get_result(self.client, r.id) for r in reqs]
         if any(r is None or r.usage is None for r in results):
             raise SystemExit("a request got no usage")

@@ -32,18 +32,17 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aredis
 
-from ..errors import EngineDeadError, EngineError, StackError, ValidationError
+from ..errors import EngineDeadError, EngineError, ValidationError
 from ..logs import get_logger
 from ..wire import (
     Dispatch,
     ErrorInfo,
     EventKind,
-    InferenceRequest,
     Result,
     ResultStatus,
     TokenEvent,
@@ -52,11 +51,13 @@ from ..wire import (
     decode,
 )
 from . import heartbeat
+from .attempt import Attempt
 from .batching import Coalescer
 from .cancel import cancelled_among
 from .engines.base import Engine, EngineStep
 from .events import EventSink
 from .lease import Admission, Leases, renew_visibility
+from .outbox import Outbox
 from .responses import completion_body
 from .results import ResultStore
 
@@ -97,64 +98,6 @@ class Outcome:
     attempt: int | None = None
 
 
-@dataclass(eq=False)
-class _Run:
-    """Mutable state of one attempt of one request."""
-
-    dispatch: Dispatch
-    attempt: int
-    worker: str
-    simulated: bool
-    seq: int = 0
-    text: list[str] = field(default_factory=list)
-    stream_text: list[str] = field(default_factory=list)
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    event_tokens: int = 0
-    event_at: float = 0.0
-    first_token_at: float | None = None
-    finish_reason: str | None = None
-    cancel_requested: bool = False
-    gen_task: asyncio.Task[None] | None = None
-
-    @property
-    def request(self) -> InferenceRequest:
-        return self.dispatch.request
-
-    @property
-    def streaming(self) -> bool:
-        return bool(self.request.body.get("stream"))
-
-    def event(self, kind: EventKind, **extra: Any) -> TokenEvent:
-        req = self.request
-        now = time.time()
-        ev = TokenEvent(
-            kind=kind,
-            request_id=req.id,
-            tenant=req.tenant,
-            model=req.model,
-            priority=req.priority,
-            worker=self.worker,
-            attempt=self.attempt,
-            seq=self.seq,
-            prompt_tokens=self.prompt_tokens,
-            completion_tokens=self.completion_tokens,
-            delta_tokens=self.completion_tokens - self.event_tokens,
-            ts=now,
-            submitted_at=req.submitted_at,
-            dispatched_at=self.dispatch.dispatched_at,
-            first_token_at=self.first_token_at,
-            batch_id=req.batch_id,
-            custom_id=req.custom_id,
-            simulated=self.simulated,
-            **extra,
-        )
-        self.seq += 1
-        self.event_tokens = self.completion_tokens
-        self.event_at = now
-        return ev
-
-
 class EngineHost:
     """Runs requests on ``engine`` (see the module docstring).
 
@@ -184,12 +127,10 @@ class EngineHost:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping: asyncio.Event | None = None
-        self._runs: dict[str, _Run] = {}
+        self._runs: dict[str, Attempt] = {}
         self._waiters: dict[str, asyncio.Future[Outcome]] = {}
         self._tags: Counter[str] = Counter()
-        self._outbox: list[tuple[Any, ...]] = []
         self._background: set[asyncio.Task[None]] = set()
-        self._kick: asyncio.Event | None = None
 
     # -- thread-side API --------------------------------------------------------
 
@@ -268,7 +209,6 @@ class EngineHost:
 
     async def _main(self, ready: concurrent.futures.Future[None]) -> None:
         self._stopping = asyncio.Event()
-        self._kick = asyncio.Event()
         pool = aredis.BlockingConnectionPool.from_url(
             self.redis_url, max_connections=64, timeout=30, health_check_interval=30
         )
@@ -277,6 +217,7 @@ class EngineHost:
             self.redis, result_ttl_s=self.config.result_ttl_s, stream_ttl_s=self.config.stream_ttl_s
         )
         self.leases = Leases(self.redis, self.config.worker, ttl_s=self.config.lease_ttl_s)
+        self.outbox = Outbox(self.sink, self.store, self.redis)
         self._commit = Coalescer(self.store.commit_many)
         self._settle = Coalescer(self.leases.settle_many)
         tasks: list[asyncio.Task[None]] = []
@@ -285,7 +226,7 @@ class EngineHost:
             await self.sink.start()
             await self.engine.start()
             tasks = [
-                asyncio.create_task(self._flusher(), name="tokenmill-host-flusher"),
+                asyncio.create_task(self.outbox.run(), name="tokenmill-host-flusher"),
                 asyncio.create_task(self._maintain(), name="tokenmill-host-maintain"),
             ]
             await self._beat()
@@ -312,7 +253,7 @@ class EngineHost:
             self.engine.shutdown(),
         ]
         if any(t.get_name() == "tokenmill-host-flusher" for t in tasks):
-            steps.append(self._barrier())  # queued events out before the sink closes
+            steps.append(self.outbox.barrier())  # queued events out before the sink closes
         for coro in steps:
             try:
                 await asyncio.wait_for(coro, 30)
@@ -391,7 +332,7 @@ class EngineHost:
                 outcome = await self._resend(rid, admission)
             else:
                 attempt = max(dispatch.attempt, admission.attempt)
-                run = _Run(dispatch, attempt, self.config.worker, self.engine.simulated)
+                run = Attempt(dispatch, attempt, self.config.worker, self.engine.simulated)
                 self._runs[rid] = run
                 try:
                     deadline = dispatch.request.deadline
@@ -422,7 +363,7 @@ class EngineHost:
         if result is None:
             return None
         if event is not None and not reported:
-            await self._deliver(event)
+            await self.outbox.deliver(event)
             await self.store.mark_reported(rid)
         return Outcome(rid, result.status.value, ran=False, attempt=event.attempt if event else None)
 
@@ -431,13 +372,13 @@ class EngineHost:
         result = decode(Result, admission.result or b"")
         event = decode(TokenEvent, admission.final_event) if admission.final_event else None
         if event is not None and not admission.reported:
-            await self._deliver(event)
+            await self.outbox.deliver(event)
             await self.store.mark_reported(rid)
         return Outcome(rid, result.status.value, ran=False, attempt=event.attempt if event else None)
 
-    async def _attempt(self, run: _Run) -> Outcome:
+    async def _attempt(self, run: Attempt) -> Outcome:
         rid = run.request.id
-        self._emit(run.event(EventKind.dispatched))
+        self.outbox.emit(run.event(EventKind.dispatched))
         run.gen_task = asyncio.create_task(self._generate(run), name=f"generate-{rid}")
         try:
             await asyncio.wait({run.gen_task})
@@ -466,7 +407,7 @@ class EngineHost:
             run, ResultStatus.failed, "engine_error", "the engine ended the request without finishing it"
         )
 
-    async def _generate(self, run: _Run) -> None:
+    async def _generate(self, run: Attempt) -> None:
         cfg = self.config
         gen = self.engine.generate(run.request)
         try:
@@ -477,7 +418,7 @@ class EngineHost:
                 if run.first_token_at is None:
                     if run.completion_tokens > 0:
                         run.first_token_at = time.time()
-                        self._emit(run.event(EventKind.first_token))
+                        self.outbox.emit(run.event(EventKind.first_token))
                 elif (
                     not step.done
                     and run.completion_tokens > run.event_tokens
@@ -486,7 +427,7 @@ class EngineHost:
                         or time.time() - run.event_at >= cfg.progress_interval_s
                     )
                 ):
-                    self._emit(run.event(EventKind.progress))
+                    self.outbox.emit(run.event(EventKind.progress))
                 if step.done:
                     return
         finally:
@@ -494,7 +435,7 @@ class EngineHost:
             if aclose is not None:
                 await aclose()
 
-    def _apply(self, run: _Run, step: EngineStep) -> None:
+    def _apply(self, run: Attempt, step: EngineStep) -> None:
         if step.text:
             run.text.append(step.text)
             if run.streaming:
@@ -504,7 +445,7 @@ class EngineHost:
         if step.done:
             run.finish_reason = step.finish_reason
 
-    async def _cancel(self, run: _Run) -> None:
+    async def _cancel(self, run: Attempt) -> None:
         if run.cancel_requested or run.finish_reason is not None:
             return
         run.cancel_requested = True
@@ -515,7 +456,7 @@ class EngineHost:
                 run.gen_task.cancel()
 
     async def _conclude(
-        self, run: _Run, status: ResultStatus, code: str | None = None, message: str | None = None
+        self, run: Attempt, status: ResultStatus, code: str | None = None, message: str | None = None
     ) -> Outcome:
         req = run.request
         now = time.time()
@@ -549,12 +490,12 @@ class EngineHost:
             custom_id=req.custom_id, finished_at=now,
         )
         if run.streaming:
-            await self._barrier()  # stream deltas land before the stream's end entry
+            await self.outbox.barrier()  # stream deltas land before the stream's end entry
         if not await self._commit((result, event)):
             settled = await self._settled(req.id)  # someone settled it first: theirs stands
             assert settled is not None
             return settled
-        await self._deliver(event)
+        await self.outbox.deliver(event)
         await self._settle(req.id)  # reported, and the lease released
         return Outcome(req.id, status.value, ran=True, attempt=run.attempt)
 
@@ -575,7 +516,7 @@ class EngineHost:
             log.error("invalid dispatch cannot be reported", request_id=rid, error=repr(exc))
             return
         if await self.store.commit(result, event):
-            await self._deliver(event)
+            await self.outbox.deliver(event)
             await self.store.mark_reported(rid)
 
     def _engine_died(self, exc: BaseException) -> None:
@@ -585,66 +526,11 @@ class EngineHost:
             if self.on_dead is not None:
                 self.on_dead(exc)
 
-    # -- the outbox: events and stream deltas, batched ------------------------------
-
-    def _emit(self, event: TokenEvent) -> None:
-        self._outbox.append(("event", event, None))
-        self._kick.set()  # type: ignore[union-attr]
-
-    def _flush_stream(self, run: _Run) -> None:
+    def _flush_stream(self, run: Attempt) -> None:
         if run.stream_text:
             text = "".join(run.stream_text)
             run.stream_text.clear()
-            self._outbox.append(("delta", run.request.id, text, run.completion_tokens))
-            self._kick.set()  # type: ignore[union-attr]
-
-    async def _deliver(self, event: TokenEvent) -> None:
-        """Send ``event`` after everything queued before it; wait for the broker's ack."""
-        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._outbox.append(("event", event, done))
-        self._kick.set()  # type: ignore[union-attr]
-        await done
-
-    async def _barrier(self) -> None:
-        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._outbox.append(("barrier", done))
-        self._kick.set()  # type: ignore[union-attr]
-        await done
-
-    async def _flusher(self) -> None:
-        assert self._kick is not None
-        while True:
-            await self._kick.wait()
-            self._kick.clear()
-            batch, self._outbox = self._outbox, []
-            deltas = [item for item in batch if item[0] == "delta"]
-            delta_error: BaseException | None = None
-            if deltas:
-                pipe = self.redis.pipeline(transaction=False)
-                for _, rid, text, tokens in deltas:
-                    self.store.add_delta(pipe, rid, text, tokens)
-                try:
-                    await pipe.execute()
-                except Exception as exc:  # noqa: BLE001 - reported to waiters below
-                    delta_error = exc
-                    log.error("stream deltas not written", error=repr(exc))
-            for item in batch:
-                if item[0] == "event":
-                    _, event, waiter = item
-                    try:
-                        delivered = await self.sink.send(event)
-                    except Exception as exc:  # noqa: BLE001
-                        log.error("token event not queued", kind=event.kind, error=repr(exc))
-                        if waiter is not None and not waiter.done():
-                            waiter.set_exception(exc)
-                        continue
-                    if waiter is not None:
-                        _chain(asyncio.ensure_future(delivered), waiter)
-                elif item[0] == "barrier" and not item[1].done():
-                    if delta_error is not None:
-                        item[1].set_exception(StackError(f"Redis: {delta_error!r}"))
-                    else:
-                        item[1].set_result(None)
+            self.outbox.delta(run.request.id, text, run.completion_tokens)
 
     # -- maintenance: cancels, heartbeats, leases, visibility ----------------------
 
@@ -681,17 +567,3 @@ class EngineHost:
             await renew_visibility(
                 self.redis, list(self._tags), index_key=cfg.visibility_index_key, now=time.time()
             )
-
-
-def _chain(src: asyncio.Future[Any], dst: asyncio.Future[Any]) -> None:
-    def copy(f: asyncio.Future[Any]) -> None:
-        if dst.done():
-            return
-        if f.cancelled():
-            dst.set_exception(StackError("token event delivery was cancelled"))
-        elif f.exception() is not None:
-            dst.set_exception(StackError(f"Kafka: token event not delivered: {f.exception()!r}"))
-        else:
-            dst.set_result(None)
-
-    src.add_done_callback(copy)
