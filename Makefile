@@ -57,6 +57,9 @@ demo: setup
 
 bench: setup
 	$(PY) bench/scheduler.py
+	$(PY) bench/engine_efficiency.py
+	$(PY) bench/streams.py
+	$(PY) bench/pipeline.py
 
 down:
 	-$(BIN)/tokenmill down

@@ -176,7 +176,9 @@ def main() -> None:
 
         env = t.worker_env(home=work / "home", bootstrap=bootstrap, database_url=url,
                            app_id="bench-streams", topic=TOPIC)  # fmt: skip
-        workers = [t.WorkerProcess(env, work / f"worker{i}.log").start() for i in range(args.workers)]
+        workers = [
+            t.WorkerProcess(env, work / f"worker{i}.log").start() for i in range(args.workers)
+        ]
         poller: LedgerPoller | None = None
         db_file = Path(url.split("sqlite:///", 1)[1]) if url.startswith("sqlite") else None
         first = cpu0 = None
@@ -202,7 +204,11 @@ def main() -> None:
         assert first is not None and cpu0 is not None
         elapsed = time.perf_counter() - first
         rate = (args.events - first_count) / elapsed if elapsed > 0 else float("nan")
-        cpu_us = (sum(cpu_seconds(w.pid) for w in workers) - cpu0) / max(args.events - first_count, 1) * 1e6
+        cpu_us = (
+            (sum(cpu_seconds(w.pid) for w in workers) - cpu0)
+            / max(args.events - first_count, 1)
+            * 1e6
+        )
         totals = t.ledger_totals(url)
         assert totals.usage_records == totals.charges == args.events, totals
         print(f"stream processor: {rate:,.0f} events/s into the ledger "

@@ -137,7 +137,7 @@ def usage(
     ] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Requests and tokens per tenant × model (× minute), from the ledger."""
+    """Requests and tokens per tenant and model (and minute), from the ledger."""
     from .usage import usage_rows
 
     settings = load_settings()
@@ -195,8 +195,11 @@ def invoice(
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """A tenant's invoice: one line per model; the total is the exact sum of the entries,
-    rounded once (half-even) to the currency's minor unit."""
+    """A tenant's invoice for a month (or a day), one line per model.
+
+    The total is the exact sum of the ledger entries, rounded once (half-even) to the
+    currency's minor unit; the rounding adjustment reconciles it with the rounded lines.
+    """
     from .billing import invoice as make_invoice
 
     settings = load_settings()
@@ -243,8 +246,11 @@ def sla(
     until: Annotated[str | None, typer.Option(help="End (exclusive); default now.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """SLA figures per tenant × tier × model (p50/p95/p99 of TTFT, TPOT, end-to-end and
-    queue wait), and attainment and goodput per tenant."""
+    """SLA percentiles per tenant, tier and model; attainment and goodput per tenant.
+
+    p50/p95/p99 of TTFT, TPOT, end-to-end latency and queue wait over the span, exact
+    from the ledger's per-request records.
+    """
     from .sla import FIGURES, sla_groups
 
     settings = load_settings()
@@ -287,7 +293,7 @@ def sla(
     table = Table(title=f"SLA since {_iso(start)} (ms: p50 / p95 / p99)")
     for col in ("tenant", "tier", "model"):
         table.add_column(col)
-    for col in ("requests", "met", "TTFT", "TPOT", "end-to-end", "queue"):
+    for col in ("requests", "attainment", "TTFT", "TPOT", "end-to-end", "queue"):
         table.add_column(col, justify="right")
     for g in groups:
         table.add_row(g.tenant, g.tier, g.model, f"{g.requests:,}", f"{g.attainment:.1%}",

@@ -32,10 +32,9 @@ class StreamsConfig(BaseSettings):
     violations_topic: str = SLA_VIOLATIONS_TOPIC
     #: partitions of topics created at start (existing topics are left as they are)
     partitions: int = Field(default=8, gt=0)
-    #: most events written in one database transaction
+    #: most events fetched at once, and (about) the most written in one transaction;
+    #: a batch is whatever has arrived, so it stays small (and fast) under light load
     batch_max: int = Field(default=5000, gt=0)
-    #: longest wait for a batch to fill before writing what there is
-    batch_within_s: float = Field(default=0.1, gt=0)
     #: how often faust commits the offsets of written (acknowledged) events
     commit_interval_s: float = Field(default=2.0, gt=0)
     #: Prometheus endpoint; port None: none, 0: a free port (written to ``metrics_port_file``)
