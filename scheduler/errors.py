@@ -15,10 +15,12 @@ Every error is raised before any state changes, so a caller may catch it and go 
 
 from __future__ import annotations
 
+from ..errors import TokenmillError
+
 from decimal import Decimal
 
 
-class SchedulerError(Exception):
+class SchedulerError(TokenmillError):
     """Base of every error the scheduling policy raises."""
 
 

@@ -431,7 +431,7 @@ class Scheduler:
                 if edf and edf[0][2] is entry:
                     heappop(edf)
                 else:  # it is the head of the linked list
-                    mq.first = entry
+                    mq.first = entry.next
                     if mq.first is None:
                         mq.last = None
                 mq.live -= 1

@@ -41,7 +41,7 @@ from ..workers import keys as worker_keys
 from ..workers.celery_app import create_app, send_slice
 from ..workers.heartbeat import live_workers_async
 from ..workers.results import ResultStore
-from .errors import DuplicateRequest, SchedulerError
+from .errors import BudgetExceeded, DuplicateRequest, SchedulerError
 from .offsets import OffsetTracker
 from .policy import Scheduler
 from .snapshot import SchedulerSnapshot
@@ -76,8 +76,8 @@ def build_policy(settings: Settings) -> Scheduler:
         interactive_share=s.class_shares.get("interactive", 0.7),
         standard_share=s.class_shares.get("standard", 0.2),
         batch_share=s.class_shares.get("batch", 0.1),
-        # One class of credit per `aging_s` seconds of waiting.
-        aging_rate=1000.0 / s.aging_s,
+        # About one class step of credit (in weighted tokens / share) per `aging_s` waited.
+        aging_rate=10_000.0 / s.aging_s,
     )
     tenants = []
     for name, t in settings.tenants.items():
@@ -266,6 +266,10 @@ class SchedulerService:
                 self.policy.enqueue(to_queued(req, Held(req, tp, rec.offset)), now)
             except DuplicateRequest:
                 self.offsets.skip(tp, rec.offset)  # redelivered while still queued/in flight
+                continue
+            except BudgetExceeded as exc:
+                self.offsets.skip(tp, rec.offset)
+                await self._report(req, wire.ResultStatus.failed, "budget_exceeded", str(exc))
                 continue
             except SchedulerError as exc:
                 await self._dead_letter(rec, f"rejected by scheduler: {exc}")
