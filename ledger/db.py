@@ -15,6 +15,7 @@ the message that caused the write.
 
 from __future__ import annotations
 
+import fcntl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -225,10 +226,27 @@ def _command() -> Any:
     return command
 
 
+@contextmanager
+def _sqlite_migration_lock(engine: Engine) -> Iterator[None]:
+    """SQLite's counterpart of the PostgreSQL advisory lock: a file lock beside the
+    database, so concurrent starts migrate one at a time instead of failing with
+    "database is locked" while the first one converts the file to WAL and creates tables."""
+    database = engine.url.database
+    if engine.dialect.name != "sqlite" or not database or database == ":memory:":
+        yield
+        return
+    with open(f"{database}.migrate-lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def _run_alembic(target: str | URL | Engine, run: Callable[[Any], None]) -> None:
     engine = target if isinstance(target, Engine) else make_engine(target)
     try:
-        with engine.begin() as conn:
+        with _sqlite_migration_lock(engine), engine.begin() as conn:
             if conn.dialect.name == "postgresql":
                 # Services migrate at start; let one do it while the others wait.
                 conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATE_LOCK_KEY})
