@@ -17,10 +17,11 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import redis.asyncio as aredis
+from aiokafka.errors import KafkaError
 
-from .. import kafka, wire
+from .. import kafka, loops, wire
 from ..config import Settings, load_settings
-from ..errors import TokenmillError, ValidationError
+from ..errors import StackError, TokenmillError, ValidationError
 from ..stack import endpoints
 from ..workers.cancel import request_cancel_async
 from ..workers.results import get_result_async, stream_events_async
@@ -97,7 +98,7 @@ class AsyncClient:
         self._bootstrap = kafka_bootstrap
         self._producer = kafka.producer(kafka_bootstrap)
         self._redis = aredis.Redis.from_url(redis_url)
-        self._waiter = ResultWaiter(self._redis)
+        self._waiter = ResultWaiter(self._redis, self.tenant)
         self._started = False
 
     async def __aenter__(self) -> AsyncClient:
@@ -154,11 +155,12 @@ class AsyncClient:
         for req in reqs:
             if req.tenant != self.tenant:
                 raise ValidationError(f"tenant: request {req.id} is for another tenant", field="tenant")
-        futures = [
-            await self._producer.send(req.priority.topic, req.to_bytes(), key=req.tenant.encode())
-            for req in reqs
-        ]
-        await asyncio.gather(*futures)
+        records = [(req.priority.topic, req.tenant.encode(), req.to_bytes()) for req in reqs]
+        futures = await kafka.send_batched(self._producer, records)
+        try:
+            await asyncio.gather(*set(futures))
+        except KafkaError as exc:
+            raise StackError(f"Kafka: requests not accepted: {exc!r}") from exc
         return [Handle(r.id, r.tenant, r.model, r.priority) for r in reqs]
 
     # -- results -----------------------------------------------------------------------
@@ -241,7 +243,7 @@ class Client:
     """
 
     def __init__(self, api_key: str | None = None, **kwargs: Any) -> None:
-        self._loop = asyncio.new_event_loop()
+        self._loop = loops.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="tokenmill-client", daemon=True)
         self._thread.start()
         self._async = self._run(_make_async(api_key, kwargs))

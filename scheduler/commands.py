@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from collections.abc import Sequence
 
 import typer
 
+from .. import loops
 from ..config import Settings, load_settings
 from ..stack import ServiceSpec, endpoints, register_factory
 
@@ -19,7 +19,7 @@ def scheduler_command() -> None:
 
     settings = load_settings()
     configure(settings.log_level)
-    asyncio.run(serve(settings, endpoints(settings)))
+    loops.run(serve(settings, endpoints(settings)))
 
 
 def scheduler_services(settings: Settings, models: Sequence[str]) -> list[ServiceSpec]:
@@ -28,8 +28,23 @@ def scheduler_services(settings: Settings, models: Sequence[str]) -> list[Servic
             name="scheduler",
             argv=lambda launch: [sys.executable, "-m", "tokenmill", "scheduler"],
             depends_on=("kafka", "redis"),
+            ready=lambda launch: _is_consuming(launch.addresses.get("redis")),
         )
     ]
+
+
+def _is_consuming(redis_url: str | None) -> bool:
+    """The scheduler has joined its topics (it sets a short-lived key once it has)."""
+    import redis
+
+    from .service import ALIVE_KEY
+
+    if not redis_url:
+        return False
+    try:
+        return bool(redis.Redis.from_url(redis_url, socket_timeout=1.0).exists(ALIVE_KEY))
+    except redis.RedisError:
+        return False
 
 
 def register(app: typer.Typer) -> None:

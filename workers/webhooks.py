@@ -45,6 +45,7 @@ from urllib.parse import urlsplit
 import httpx
 import redis
 
+from .. import loops
 from ..errors import ValidationError
 from ..logs import get_logger
 from . import keys
@@ -380,6 +381,8 @@ class WebhookService:
 def _webhook_request(raw: bytes) -> Any:
     from .. import wire
 
+    if b'"webhook_url"' not in raw:  # absent fields are not serialized: most requests
+        return None
     try:
         req = wire.decode(wire.InferenceRequest, raw)
     except wire.SchemaError:
@@ -408,7 +411,7 @@ def run_webhook_worker(settings: Settings, *, concurrency: int = 8, loglevel: st
     app = create_app(redis_url)
     register_webhook_tasks(app, lambda: Deliverer.create(settings, redis_url))
     service = WebhookService(settings, app, kafka_bootstrap=kafka_bootstrap, redis_url=redis_url)
-    loop = asyncio.new_event_loop()
+    loop = loops.new_event_loop()
     stop = asyncio.Event()
     thread = threading.Thread(target=loop.run_until_complete, args=(service.run(stop),),
                               name="webhook-service", daemon=True)
