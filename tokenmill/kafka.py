@@ -7,12 +7,15 @@ Kafka errors are translated into :class:`~tokenmill.errors.StackError` where the
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+import functools
+import random
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.partitioner import murmur2
 
 from .errors import StackError
 from .wire import (
@@ -77,9 +80,63 @@ async def ensure_topics(
 
 def producer(bootstrap: str, **overrides: Any) -> AIOKafkaProducer:
     """A producer that waits for the broker's ack (``acks=all``) and batches briefly."""
-    opts: dict[str, Any] = dict(acks="all", linger_ms=2, max_batch_size=256 * 1024)
+    opts: dict[str, Any] = dict(
+        acks="all", linger_ms=2, max_batch_size=256 * 1024, partitioner=key_partition
+    )
     opts.update(overrides)
     return AIOKafkaProducer(bootstrap_servers=normalize_bootstrap(bootstrap), **opts)
+
+
+@functools.lru_cache(maxsize=4096)
+def _key_hash(key: bytes) -> int:
+    return murmur2(key) & 0x7FFFFFFF
+
+
+def key_partition(key: bytes | None, all_partitions: list[int], available: list[int]) -> int:
+    """aiokafka's default partitioner (murmur2 of the key, as the Java client) with the
+    hash cached: keys are tenant names, few and repeated, and murmur2 is pure Python."""
+    if key is None:
+        return random.choice(available or all_partitions)
+    return all_partitions[_key_hash(key) % len(all_partitions)]
+
+
+async def send_batched(
+    producer: AIOKafkaProducer, records: Sequence[tuple[str, bytes, bytes]]
+) -> list[asyncio.Future[Any]]:
+    """Send ``(topic, key, value)`` records as one record batch per topic-partition;
+    returns each record's delivery future (shared by the records of a batch).
+
+    ``producer.send`` walks aiokafka's Python accumulator and makes a future per
+    message; a batch appends each record in its builder. Every record goes to the
+    partition ``send`` would choose (:func:`key_partition`), and a partition's batches
+    are delivered in order, so per-key order is kept.
+
+    Raises:
+        StackError: Kafka refused a batch, or a record is larger than a batch.
+    """
+    delivered: dict[int, asyncio.Future[Any]] = {}  # id(batch) → its delivery
+    batch_of: list[Any] = []  # each record's batch (keeps every batch alive)
+    try:
+        partitions: dict[str, list[int]] = {}
+        open_batches: dict[tuple[str, int], Any] = {}
+        for topic, key, value in records:
+            parts = partitions.get(topic)
+            if parts is None:
+                parts = partitions[topic] = sorted(await producer.partitions_for(topic))
+            tp = (topic, key_partition(key, parts, parts))
+            batch = open_batches.get(tp)
+            if batch is None or batch.append(key=key, value=value, timestamp=None) is None:
+                if batch is not None:  # full: send it, start another
+                    delivered[id(batch)] = await producer.send_batch(batch, tp[0], partition=tp[1])
+                batch = open_batches[tp] = producer.create_batch()
+                if batch.append(key=key, value=value, timestamp=None) is None:
+                    raise StackError(f"Kafka: a {len(value)}-byte record does not fit in a batch")
+            batch_of.append(batch)
+        for (topic, part), batch in open_batches.items():
+            delivered[id(batch)] = await producer.send_batch(batch, topic, partition=part)
+    except KafkaError as exc:
+        raise StackError(f"Kafka: cannot send: {exc!r}") from exc
+    return [delivered[id(batch)] for batch in batch_of]
 
 
 def consumer(bootstrap: str, *topics: str, group_id: str | None, **overrides: Any) -> AIOKafkaConsumer:

@@ -144,7 +144,7 @@ class WireModel(BaseModel):
         return v
 
     def to_bytes(self) -> bytes:
-        return self.model_dump_json(exclude_none=True).encode()
+        return self.__pydantic_serializer__.to_json(self, exclude_none=True)
 
 
 _NEWER_MAJOR = "unsupported schema version"

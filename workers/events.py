@@ -18,7 +18,7 @@ the deltas of an attempt sum to its final ``completion_tokens``.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from typing import Any, Protocol
 
 from ..errors import StackError
@@ -35,6 +35,9 @@ class EventSink(Protocol):
 
     async def send(self, event: TokenEvent) -> Awaitable[Any]:
         """Queue ``event``; the returned awaitable completes once it is delivered."""
+
+    async def send_many(self, events: Sequence[TokenEvent]) -> list[Awaitable[Any]]:
+        """:meth:`send` for several events, in order; one awaitable per event."""
 
     async def close(self) -> None:
         """Deliver what is queued, then release the connection."""
@@ -53,7 +56,7 @@ class KafkaSink:
         from .. import kafka
 
         await kafka.ensure_topics(self.bootstrap, [self.topic])
-        opts = {"linger_ms": 5, "partitioner": _CachedPartitioner(), **self._overrides}
+        opts = {"linger_ms": 5, **self._overrides}
         self._producer = kafka.producer(self.bootstrap, **opts)
         await kafka.start(self._producer, "token-event producer")
 
@@ -69,6 +72,16 @@ class KafkaSink:
         fut.add_done_callback(_log_failure)
         return fut
 
+    async def send_many(self, events: Sequence[TokenEvent]) -> list[Awaitable[Any]]:
+        """One record batch per partition (:func:`tokenmill.kafka.send_batched`)."""
+        from .. import kafka
+
+        records = [(self.topic, e.tenant.encode(), e.to_bytes()) for e in events]
+        futures = await kafka.send_batched(self._producer, records)
+        for fut in set(futures):
+            fut.add_done_callback(_log_failure)
+        return list(futures)
+
     async def close(self) -> None:
         if self._producer is not None:
             try:
@@ -76,28 +89,6 @@ class KafkaSink:
             finally:
                 await self._producer.stop()
             self._producer = None
-
-
-class _CachedPartitioner:
-    """aiokafka's default partitioner (murmur2 of the key, as the Java client), with the
-    hash cached per key: the keys are tenant names, few and repeated, and murmur2 is
-    pure Python — it showed up in the host thread's profile."""
-
-    def __init__(self) -> None:
-        from aiokafka.partitioner import DefaultPartitioner
-
-        self._default = DefaultPartitioner()
-        self._hash: dict[bytes, int] = {}
-
-    def __call__(self, key: bytes | None, all_partitions: list[int], available: list[int]) -> int:
-        if key is None:
-            return self._default(key, all_partitions, available)
-        h = self._hash.get(key)
-        if h is None:
-            from aiokafka.partitioner import murmur2
-
-            h = self._hash[key] = murmur2(key) & 0x7FFFFFFF
-        return all_partitions[h % len(all_partitions)]
 
 
 def _log_failure(fut: asyncio.Future[Any]) -> None:
@@ -119,6 +110,9 @@ class MemorySink:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         done.set_result(None)
         return done
+
+    async def send_many(self, events: Sequence[TokenEvent]) -> list[Awaitable[Any]]:
+        return [await self.send(e) for e in events]
 
     async def close(self) -> None:
         return None

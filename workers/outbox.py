@@ -4,7 +4,7 @@ Everything the host emits goes through one queue drained by one task, so events 
 request reach Kafka in the order they were made, stream deltas reach Redis before the
 stream's ``end`` entry (:meth:`Outbox.barrier`), and a terminal event can be awaited
 until the broker acknowledged it (:meth:`Outbox.deliver`). Each drain writes all queued
-deltas in one Redis pipeline.
+deltas in one Redis pipeline, and all queued events as one record batch per partition.
 """
 
 from __future__ import annotations
@@ -68,14 +68,20 @@ class Outbox:
             self._kick.clear()
             batch, self._queue = self._queue, []
             delta_error = await self._write_deltas([i for i in batch if i[0] == "delta"])
+            events: list[tuple[TokenEvent, asyncio.Future[Any] | None]] = []
             for item in batch:
                 if item[0] == "event":
-                    await self._send(item[1], item[2])
-                elif item[0] == "barrier" and not item[1].done():
+                    events.append((item[1], item[2]))
+                elif item[0] == "barrier":
+                    await self._send(events)  # what came before the barrier is queued
+                    events = []
+                    if item[1].done():
+                        continue
                     if delta_error is not None:
                         item[1].set_exception(StackError(f"Redis: {delta_error!r}"))
                     else:
                         item[1].set_result(None)
+            await self._send(events)
 
     async def _write_deltas(self, deltas: list[tuple[Any, ...]]) -> BaseException | None:
         if not deltas:
@@ -90,16 +96,20 @@ class Outbox:
             return exc
         return None
 
-    async def _send(self, event: TokenEvent, waiter: asyncio.Future[Any] | None) -> None:
-        try:
-            delivered = await self.sink.send(event)
-        except Exception as exc:  # noqa: BLE001 - reported to the waiter
-            log.error("token event not queued", kind=event.kind, error=repr(exc))
-            if waiter is not None and not waiter.done():
-                waiter.set_exception(exc)
+    async def _send(self, events: list[tuple[TokenEvent, asyncio.Future[Any] | None]]) -> None:
+        if not events:
             return
-        if waiter is not None:
-            _chain(asyncio.ensure_future(delivered), waiter)
+        try:
+            deliveries = await self.sink.send_many([event for event, _ in events])
+        except Exception as exc:  # noqa: BLE001 - reported to the waiters
+            log.error("token events not queued", count=len(events), error=repr(exc))
+            for _, waiter in events:
+                if waiter is not None and not waiter.done():
+                    waiter.set_exception(exc)
+            return
+        for (_, waiter), delivered in zip(events, deliveries):
+            if waiter is not None:
+                _chain(asyncio.ensure_future(delivered), waiter)
 
 
 def _chain(src: asyncio.Future[Any], dst: asyncio.Future[Any]) -> None:

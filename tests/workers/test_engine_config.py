@@ -98,9 +98,11 @@ def test_response_bodies_are_openai_shaped(prompt: int, completion: int, sim: bo
 
 
 @given(key=st.binary(min_size=1, max_size=64), n=st.integers(1, 64))
-def test_cached_partitioner_matches_kafkas_default(key: bytes, n: int) -> None:
+def test_key_partition_matches_kafkas_default(key: bytes, n: int) -> None:
     from aiokafka.partitioner import DefaultPartitioner
-    from tokenmill.workers.events import _CachedPartitioner
 
-    cached, parts = _CachedPartitioner(), list(range(n))
-    assert cached(key, parts, parts) == DefaultPartitioner()(key, parts, parts) == cached(key, parts, [])
+    from tokenmill.kafka import key_partition
+
+    parts = list(range(n))
+    assert key_partition(key, parts, parts) == DefaultPartitioner()(key, parts, parts)
+    assert key_partition(key, parts, []) == key_partition(key, parts, parts)  # cached
