@@ -1,38 +1,75 @@
 """One task per client waits for all of its pending results.
 
-Blocking on a Redis stream per request needs a connection per request; a client
-waiting on thousands (``map``, batch files) instead polls their result keys with
-``MGET`` in chunks, backing off while nothing arrives.
+Blocking on a Redis stream per request needs a connection per request, and polling
+every pending result key costs O(pending) per poll — quadratic for a client waiting on
+thousands (``map``, batch files). Instead, every stored outcome is announced on its
+tenant's ``done`` stream, atomically with the result (the store's commit script), and
+one task per client blocks on that stream (``XREAD``) and fetches only the announced
+results it waits for (``MGET``).
+
+Nothing is missed:
+
+* the task takes its stream position *before* checking everything already pending, so
+  a result stored earlier is found by that check and a later one is announced after
+  the position;
+* a request registered later is checked once on registration (batched), so a result
+  stored before it was registered (its announcement already read past) is found too;
+* every :data:`SWEEP_S` — and after a Redis error — everything pending is checked
+  again, which covers announcements trimmed before they were read (a client further
+  than ``DONE_MAXLEN`` behind).
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Iterable
 
 import redis.asyncio as aredis
+from redis.exceptions import RedisError
 
+from ..logs import get_logger
 from ..wire import Result, decode
 from ..workers import keys
 
+__all__ = ["ResultWaiter"]
+
+log = get_logger(__name__)
+
 CHUNK = 1000
-MIN_INTERVAL_S = 0.002
-MAX_INTERVAL_S = 0.05
+#: the longest a blocking read waits before the task looks at its sweep clock
+BLOCK_MS = 200
+SWEEP_S = 2.0
+ERROR_PAUSE_S = 0.2
 
 
 class ResultWaiter:
-    def __init__(self, client: aredis.Redis) -> None:
+    """Waits for results of ``tenant``'s requests (see the module docstring)."""
+
+    def __init__(self, client: aredis.Redis, tenant: str) -> None:
         self._redis = client
+        self._done = keys.done(tenant)
         self._pending: dict[str, list[asyncio.Future[Result]]] = {}
+        self._fresh: set[str] = set()
         self._task: asyncio.Task[None] | None = None
-        self._wake = asyncio.Event()
+        self._checker: asyncio.Task[None] | None = None
 
     async def wait(self, request_id: str, timeout: float) -> Result | None:
-        """The request's result, or None after ``timeout`` seconds."""
+        """The request's result, or None after ``timeout`` seconds.
+
+        Raises:
+            redis.exceptions.RedisError: Redis failed while checking the request.
+        """
         fut: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         self._pending.setdefault(request_id, []).append(fut)
         if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._poll(), name="tokenmill-result-waiter")
-        self._wake.set()
+            self._task = asyncio.create_task(self._follow(), name="tokenmill-result-waiter")
+        else:
+            self._fresh.add(request_id)
+            if self._checker is None or self._checker.done():
+                self._checker = asyncio.create_task(
+                    self._check_fresh(), name="tokenmill-result-check"
+                )
         try:
             return await asyncio.wait_for(fut, timeout)
         except TimeoutError:
@@ -44,30 +81,68 @@ class ResultWaiter:
                 if not waiters:
                     del self._pending[request_id]
 
-    async def _poll(self) -> None:
-        interval = MIN_INTERVAL_S
-        while self._pending:
-            ids = list(self._pending)
-            found = 0
-            for start in range(0, len(ids), CHUNK):
-                chunk = ids[start : start + CHUNK]
-                raws = await self._redis.mget([keys.result(r) for r in chunk])
-                for rid, raw in zip(chunk, raws):
-                    if raw is None:
-                        continue
-                    found += 1
-                    result = decode(Result, raw)
-                    for fut in self._pending.pop(rid, []):
-                        if not fut.done():
-                            fut.set_result(result)
-            interval = MIN_INTERVAL_S if found else min(interval * 2, MAX_INTERVAL_S)
-            self._wake.clear()
+    async def _check_fresh(self) -> None:
+        await asyncio.sleep(0)  # let a burst of registrations gather into one MGET
+        while self._fresh:
+            fresh, self._fresh = list(self._fresh), set()
             try:
-                await asyncio.wait_for(self._wake.wait(), interval)
-            except TimeoutError:
-                pass
+                await self._fetch(fresh)
+            except RedisError as exc:
+                self._fail(fresh, exc)
+
+    async def _follow(self) -> None:
+        position: bytes | str | None = None
+        sweep_at = 0.0
+        while self._pending:
+            try:
+                if position is None:
+                    position = await self._last_id()  # before the sweep: see the docstring
+                if time.monotonic() >= sweep_at:
+                    await self._fetch(list(self._pending))
+                    sweep_at = time.monotonic() + SWEEP_S
+                    continue
+                got = await self._redis.xread({self._done: position}, count=10_000, block=BLOCK_MS)
+                announced: list[str] = []
+                for _, entries in got or ():
+                    for entry_id, fields in entries:
+                        position = entry_id
+                        rid = fields.get(b"id", fields.get("id"))
+                        rid = rid.decode() if isinstance(rid, bytes) else rid
+                        if rid in self._pending:
+                            announced.append(rid)
+                if announced:
+                    await self._fetch(announced)
+            except RedisError as exc:
+                log.warning("result announcements unreadable; will sweep", error=repr(exc))
+                await asyncio.sleep(ERROR_PAUSE_S)
+                sweep_at = 0.0
+
+    async def _last_id(self) -> bytes | str:
+        """The id of the stream's newest entry ("0-0" while it has none)."""
+        newest = await self._redis.xrevrange(self._done, count=1)
+        return newest[0][0] if newest else "0-0"
+
+    async def _fetch(self, request_ids: Iterable[str]) -> None:
+        ids = list(request_ids)
+        for start in range(0, len(ids), CHUNK):
+            chunk = ids[start : start + CHUNK]
+            raws = await self._redis.mget([keys.result(r) for r in chunk])
+            for rid, raw in zip(chunk, raws):
+                if raw is None:
+                    continue
+                result = decode(Result, raw)
+                for fut in self._pending.pop(rid, []):
+                    if not fut.done():
+                        fut.set_result(result)
+
+    def _fail(self, request_ids: Iterable[str], exc: BaseException) -> None:
+        for rid in request_ids:
+            for fut in self._pending.pop(rid, []):
+                if not fut.done():
+                    fut.set_exception(exc)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        tasks = [t for t in (self._task, self._checker) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

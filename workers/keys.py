@@ -12,6 +12,8 @@ key                                    what
 ``tokenmill:cancel:<request_id>``      cancel requested (set by clients/scheduler)
 ``tokenmill:lease:<request_id>``       worker running it; TTL, renewed while it runs
 ``tokenmill:attempts:<request_id>``    runs started so far (INCR)
+``tokenmill:done:<tenant>``            Redis Stream: one ``id`` entry per stored
+                                       outcome of the tenant (clients' waiters)
 ``tokenmill:workers:<pool>``           ZSET worker name → last heartbeat (epoch s)
 ``tokenmill:worker:<name>``            :class:`~tokenmill.wire.WorkerHeartbeat` JSON (TTL)
 =====================================  ==========================================
@@ -48,6 +50,10 @@ def lease(request_id: str) -> str:
 
 def attempts(request_id: str) -> str:
     return f"{PREFIX}attempts:{request_id}"
+
+
+def done(tenant: str) -> str:
+    return f"{PREFIX}done:{tenant}"
 
 
 def pool_workers(pool: str) -> str:

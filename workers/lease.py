@@ -54,9 +54,12 @@ end
 return out
 """
 
+# KEYS: reported, lease, reported, lease, ...; ARGV: holder, reported ttl.
 _SETTLE = """
-redis.call('SET', KEYS[1], '1', 'EX', ARGV[2])
-if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
+for i = 1, #KEYS, 2 do
+  redis.call('SET', KEYS[i], '1', 'EX', ARGV[2])
+  if redis.call('GET', KEYS[i + 1]) == ARGV[1] then redis.call('DEL', KEYS[i + 1]) end
+end
 return 1
 """
 
@@ -128,14 +131,12 @@ class Leases:
     async def settle_many(
         self, request_ids: Sequence[str], *, reported_ttl_s: int = 7 * 24 * 3600
     ) -> list[None]:
-        """:meth:`settle` for several requests in one pipeline."""
-        pipe = self.client.pipeline(transaction=False)
-        for rid in request_ids:
-            await self._settle(
-                keys=[keys.reported(rid), keys.lease(rid)], args=[self.holder, reported_ttl_s],
-                client=pipe,
-            )
-        await pipe.execute()
+        """:meth:`settle` for several requests in one script call."""
+        if request_ids:
+            ks: list[str] = []
+            for rid in request_ids:
+                ks += [keys.reported(rid), keys.lease(rid)]
+            await self._settle(keys=ks, args=[self.holder, reported_ttl_s])
         return [None] * len(request_ids)
 
     async def acquire(self, request_id: str) -> bool:

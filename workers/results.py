@@ -4,8 +4,9 @@ Redis Stream per request that clients block on.
 Writers (the worker host) commit a request's outcome with :meth:`ResultStore.commit`:
 one Lua script sets the result *only if none exists* (``SET NX`` — the first outcome
 wins, a redelivered request cannot overwrite it), stores the terminal TokenEvent
-beside it (so a redelivery re-sends the identical event, same ``event_id``) and
-appends the stream's ``end`` entry, atomically. Streaming requests
+beside it (so a redelivery re-sends the identical event, same ``event_id``), appends
+the stream's ``end`` entry and announces the request id on its tenant's ``done``
+stream (what clients' waiters block on), atomically. Streaming requests
 (``body.stream``) also get ``delta`` entries (coalesced text) before it.
 
 Readers (clients, the scheduler, the API) use :func:`get_result`,
@@ -41,14 +42,30 @@ RESULT_TTL_S = 7 * 24 * 3600
 STREAM_TTL_S = 24 * 3600
 STREAM_MAXLEN = 10_000
 
+#: announcements kept per tenant on its ``done`` stream; waiters that fall further
+#: behind than this find their results by their periodic sweep instead
+DONE_MAXLEN = 100_000
+
+# Per outcome, 4 KEYS: result, final-event, stream, tenant's done stream; 4 ARGV from
+# ARGV[5] on: result JSON, event JSON, status, request id. ARGV[1..4]: result ttl,
+# stream ttl, stream maxlen, done maxlen. One call commits a whole batch, each outcome
+# atomically: the first outcome wins (SET NX).
 _COMMIT = """
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[3]) then
-  redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
-  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*', 'type', 'end', 'status', ARGV[5])
-  redis.call('EXPIRE', KEYS[3], ARGV[4])
-  return 1
+local out = {}
+for i = 0, #KEYS / 4 - 1 do
+  local k, a = i * 4, 4 + i * 4
+  if redis.call('SET', KEYS[k + 1], ARGV[a + 1], 'NX', 'EX', ARGV[1]) then
+    redis.call('SET', KEYS[k + 2], ARGV[a + 2], 'EX', ARGV[1])
+    redis.call('XADD', KEYS[k + 3], 'MAXLEN', '~', ARGV[3], '*',
+               'type', 'end', 'status', ARGV[a + 3])
+    redis.call('EXPIRE', KEYS[k + 3], ARGV[2])
+    redis.call('XADD', KEYS[k + 4], 'MAXLEN', '~', ARGV[4], '*', 'id', ARGV[a + 4])
+    out[#out + 1] = 1
+  else
+    out[#out + 1] = 0
+  end
 end
-return 0
+return out
 """
 
 
@@ -89,23 +106,17 @@ class ResultStore:
         return done
 
     async def commit_many(self, outcomes: Sequence[tuple[Result, TokenEvent]]) -> list[bool]:
-        """:meth:`commit` for several requests in one pipeline (each one atomic)."""
-        pipe = self.client.pipeline(transaction=False)
+        """:meth:`commit` for several requests in one script call (each one atomic)."""
+        if not outcomes:
+            return []
+        ks: list[str] = []
+        args: list[Any] = [self.result_ttl_s, self.stream_ttl_s, STREAM_MAXLEN, DONE_MAXLEN]
         for result, final_event in outcomes:
             rid = result.request_id
-            await self._commit(
-                keys=[keys.result(rid), keys.final_event(rid), keys.stream(rid)],
-                args=[
-                    result.to_bytes(),
-                    final_event.to_bytes(),
-                    self.result_ttl_s,
-                    self.stream_ttl_s,
-                    result.status.value,
-                    STREAM_MAXLEN,
-                ],
-                client=pipe,
-            )
-        return [bool(done) for done in await pipe.execute()]
+            ks += [keys.result(rid), keys.final_event(rid), keys.stream(rid)]
+            ks.append(keys.done(result.tenant))
+            args += [result.to_bytes(), final_event.to_bytes(), result.status.value, rid]
+        return [bool(done) for done in await self._commit(keys=ks, args=args)]
 
     async def outcome(self, request_id: str) -> tuple[Result | None, TokenEvent | None, bool]:
         """The stored result, its terminal event, and whether that event was reported."""
