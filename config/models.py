@@ -154,6 +154,11 @@ class SchedulerSettings(Section):
     aging_s: float = Field(default=30.0, gt=0)
     #: a worker whose heartbeat is older than this is dropped
     heartbeat_timeout_s: float = Field(default=5.0, gt=0)
+    #: most requests per Celery message: a message costs the worker about as much as
+    #: tens of zero-cost requests, and a slice is acked once all of it is settled
+    max_slice: int = Field(default=256, gt=0, le=4096)
+    #: under load, wait up to this long for a full slice of free capacity
+    slice_fill_s: float = Field(default=0.02, ge=0, le=1)
 
 
 class BatchSettings(Section):

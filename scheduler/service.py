@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -38,7 +39,7 @@ from ..logs import get_logger
 from ..pricing import cost as price
 from ..stack import Endpoints
 from ..workers import keys as worker_keys
-from ..workers.celery_app import create_app, send_slice
+from ..workers.celery_app import celery_priority, create_app, send_slice_json
 from ..workers.heartbeat import live_workers_async
 from ..workers.results import ResultStore
 from .errors import BudgetExceeded, DuplicateRequest, SchedulerError
@@ -52,7 +53,15 @@ log = get_logger(__name__)
 GROUP_ID = "tokenmill-scheduler"
 SETTLE_GROUP_ID = "tokenmill-scheduler-settle"
 SNAPSHOT_KEY = worker_keys.PREFIX + "scheduler:snapshot"
+#: set (short TTL, renewed by housekeeping) while a scheduler is consuming
+ALIVE_KEY = worker_keys.PREFIX + "scheduler:alive"
+ALIVE_TTL_S = 5
 DISPATCHED_TTL_S = 7 * 24 * 3600
+# KEYS: dispatched marks; ARGV: ttl. One call marks a whole slice.
+_MARK_DISPATCHED = """
+for _, key in ipairs(KEYS) do redis.call('SET', key, '1', 'EX', ARGV[1]) end
+return #KEYS
+"""
 _PERIOD_S = {BudgetPeriod.day: 86_400.0, BudgetPeriod.month: 30 * 86_400.0}
 
 
@@ -116,6 +125,8 @@ class Held:
     request: wire.InferenceRequest
     tp: TopicPartition
     offset: int
+    #: the message as read: dispatched as is, never re-serialized
+    raw: bytes
 
 
 @dataclass
@@ -136,16 +147,18 @@ class SchedulerService:
         endpoints: Endpoints,
         *,
         celery_app: Celery | None = None,
-        max_slice: int = 64,
-        max_slice_delay_s: float = 0.02,
+        max_slice: int | None = None,
+        max_slice_delay_s: float | None = None,
         tick_s: float = 0.002,
     ) -> None:
         self.settings = settings
         self.endpoints = endpoints
         self.policy = build_policy(settings)
         self.app = celery_app or create_app(endpoints.redis_url)
-        self.max_slice = max_slice
-        self.max_slice_delay_s = max_slice_delay_s
+        self.max_slice = max_slice or settings.scheduler.max_slice
+        self.max_slice_delay_s = (
+            settings.scheduler.slice_fill_s if max_slice_delay_s is None else max_slice_delay_s
+        )
         self.tick_s = tick_s
         self.offsets = OffsetTracker()
         self.pools: dict[str, PoolState] = {}
@@ -168,11 +181,13 @@ class SchedulerService:
         bootstrap = self.endpoints.kafka_bootstrap
         await kafka.ensure_topics(bootstrap)
         self.redis = aredis.Redis.from_url(self.endpoints.redis_url)
+        self._mark_dispatched = self.redis.register_script(_MARK_DISPATCHED)
         self.store = ResultStore(self.redis)
         await self._restore()
         self.producer = kafka.producer(bootstrap)
         self.requests = kafka.consumer(
-            bootstrap, *wire.REQUEST_TOPICS, wire.CONTROL_TOPIC, group_id=GROUP_ID
+            bootstrap, *wire.REQUEST_TOPICS, wire.CONTROL_TOPIC, group_id=GROUP_ID,
+            fetch_max_wait_ms=10,  # the broker's long poll is coarse: a shorter one cuts latency
         )
         self.events = kafka.consumer(bootstrap, wire.TOKEN_EVENTS_TOPIC, group_id=SETTLE_GROUP_ID)
         for client, what in (
@@ -182,6 +197,7 @@ class SchedulerService:
         ):
             await kafka.start(client, f"scheduler {what}")
         log.info("scheduler started", pools=sorted(self.pools))
+        await self.redis.set(ALIVE_KEY, str(os.getpid()), ex=ALIVE_TTL_S)
         tasks = [
             asyncio.create_task(self._consume_requests(stop), name="requests"),
             asyncio.create_task(self._consume_events(stop), name="events"),
@@ -203,6 +219,7 @@ class SchedulerService:
             await self._checkpoint()
             for client in (self.requests, self.events, self.producer):
                 await client.stop()
+            await self.redis.delete(ALIVE_KEY)
             await self.redis.aclose()
             log.info("scheduler stopped", dispatched=self.dispatched_total)
 
@@ -252,10 +269,7 @@ class SchedulerService:
         if not parsed:
             return
         # Skip what an earlier life of the scheduler already dispatched.
-        pipe = self.redis.pipeline(transaction=False)
-        for _, req in parsed:
-            pipe.exists(dispatched_key(req.id))
-        seen = await pipe.execute()
+        seen = await self.redis.mget([dispatched_key(req.id) for _, req in parsed])
         now = time.time()
         for (rec, req), already in zip(parsed, seen):
             tp = TopicPartition(rec.topic, rec.partition)
@@ -263,7 +277,7 @@ class SchedulerService:
                 self.offsets.skip(tp, rec.offset)
                 continue
             try:
-                self.policy.enqueue(to_queued(req, Held(req, tp, rec.offset)), now)
+                self.policy.enqueue(to_queued(req, Held(req, tp, rec.offset, rec.value)), now)
             except DuplicateRequest:
                 self.offsets.skip(tp, rec.offset)  # redelivered while still queued/in flight
                 continue
@@ -360,20 +374,21 @@ class SchedulerService:
         return sent
 
     async def _send(self, pool: PoolState, chunk: list[QueuedRequest], now: float) -> None:
-        dispatches = [wire.Dispatch(request=_held(q).request, dispatched_at=now) for q in chunk]
+        held = [_held(q) for q in chunk]
+        # The requests go out as read from Kafka (the worker validates them again).
+        tail = b',"dispatched_at":%s,"attempt":1}' % repr(now).encode()
+        payload = b"[" + b",".join(b'{"request":' + h.raw + tail for h in held) + b"]"
+        rank = min(h.request.priority.rank for h in held)
         # kombu's publish is synchronous and quick (one Redis round trip).
-        send_slice(self.app, pool.name, dispatches)
+        send_slice_json(self.app, pool.name, payload, celery_priority(rank))
         self.slices_total += 1
-        pipe = self.redis.pipeline(transaction=False)
-        for q in chunk:
-            pipe.set(dispatched_key(q.request_id), b"1", ex=DISPATCHED_TTL_S)
-        await pipe.execute()
-        for q in chunk:
-            held = _held(q)
+        await self._mark_dispatched(keys=[dispatched_key(q.request_id) for q in chunk],
+                                    args=[DISPATCHED_TTL_S])  # fmt: skip
+        for q, h in zip(chunk, held):
             pool.in_flight.add(q.request_id)
             self._pool_of_request[q.request_id] = pool.name
             self._owner.pop(q.request_id, None)
-            self.offsets.release(held.tp, held.offset)
+            self.offsets.release(h.tp, h.offset)
 
     async def _reject(self, rej: Rejection) -> None:
         held = _held(rej.request)
@@ -465,6 +480,7 @@ class SchedulerService:
         rounds = 0
         while not stop.is_set():
             await asyncio.sleep(0.5)
+            await self.redis.set(ALIVE_KEY, str(os.getpid()), ex=ALIVE_TTL_S)
             for rej in self.policy.expire(time.time()):
                 await self._reject(rej)
             rounds += 1

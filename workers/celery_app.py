@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from celery import Celery
+from pydantic import TypeAdapter
 
 from ..wire import Dispatch
 
@@ -39,10 +40,13 @@ __all__ = [
     "create_app",
     "queue_name",
     "send_slice",
+    "send_slice_json",
 ]
 
-#: the task the scheduler sends: ``run_slice(dispatches: list[dict])``
+#: the task the scheduler sends: ``run_slice(dispatches)``, a JSON array of Dispatch
+#: as a string (or, from older senders, a list of dicts)
 TASK_NAME = "tokenmill.run_slice"
+SLICE: TypeAdapter[list[Dispatch]] = TypeAdapter(list[Dispatch])
 QUEUE_PREFIX = "tokenmill.pool."
 #: kombu's index of unacked messages (set explicitly so the host can renew it)
 UNACKED_INDEX_KEY = "unacked_index"
@@ -107,8 +111,20 @@ def send_slice(app: Celery, pool: str, dispatches: Sequence[Dispatch], *, priori
         raise ValueError("an empty slice")
     if priority is None:
         priority = celery_priority(min(d.request.priority.rank for d in dispatches))
-    payload = [d.model_dump(mode="json", exclude_none=True) for d in dispatches]
-    result = app.send_task(TASK_NAME, args=[payload], queue=queue_name(pool), priority=priority)
+    payload = SLICE.dump_json(list(dispatches), exclude_none=True)
+    return send_slice_json(app, pool, payload, priority)
+
+
+def send_slice_json(app: Celery, pool: str, payload: bytes, priority: int) -> str:
+    """Send a slice already serialized as a JSON array of Dispatch objects.
+
+    The slice travels as one JSON string argument: Celery's JSON encoding of a string
+    is one C-level escape, where a list of nested dicts is walked object by object on
+    both ends, and the worker validates the whole string in one pydantic call.
+    """
+    result = app.send_task(
+        TASK_NAME, args=[payload.decode()], queue=queue_name(pool), priority=priority
+    )
     return str(result.id)
 
 

@@ -37,6 +37,7 @@ from typing import Any
 
 import redis.asyncio as aredis
 
+from .. import loops
 from ..errors import EngineDeadError, EngineError, ValidationError
 from ..logs import get_logger
 from ..wire import (
@@ -200,7 +201,7 @@ class EngineHost:
     # -- the loop ------------------------------------------------------------------
 
     def _thread_main(self, ready: concurrent.futures.Future[None]) -> None:
-        loop = asyncio.new_event_loop()
+        loop = loops.new_event_loop()
         self._loop = loop
         try:
             loop.run_until_complete(self._main(ready))
@@ -418,7 +419,8 @@ class EngineHost:
                 if run.first_token_at is None:
                     if run.completion_tokens > 0:
                         run.first_token_at = time.time()
-                        self.outbox.emit(run.event(EventKind.first_token))
+                        if not step.done:  # else the terminal event carries first_token_at
+                            self.outbox.emit(run.event(EventKind.first_token))
                 elif (
                     not step.done
                     and run.completion_tokens > run.event_tokens
@@ -484,7 +486,7 @@ class EngineHost:
             finished_at=now,
             reason=None if error is None else f"{error.code}: {error.message}",
         )
-        result = Result(
+        result = Result.model_construct(  # from validated parts, as the events
             request_id=req.id, tenant=req.tenant, model=req.model, status=status, body=body,
             error=error, usage=usage, worker=self.config.worker, batch_id=req.batch_id,
             custom_id=req.custom_id, finished_at=now,

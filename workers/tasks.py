@@ -12,6 +12,7 @@ after a short pause, and the requests already settled are skipped on redelivery.
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -24,6 +25,7 @@ from redis.exceptions import RedisError
 from ..errors import StackError
 from ..logs import get_logger
 from ..wire import Dispatch, describe_validation_error
+from .celery_app import SLICE, TASK_NAME
 
 __all__ = ["register_tasks"]
 
@@ -33,26 +35,43 @@ log = get_logger(__name__)
 REQUEUE_PAUSE_S = 1.0
 
 
-def register_tasks(app: Celery) -> None:
-    from .celery_app import TASK_NAME
+def _read_slice(dispatches: str | list[Any], host: Any, report: dict[str, str]) -> list[Dispatch]:
+    """The valid dispatches of a slice; each invalid one that names a request is
+    failed through ``host`` (and put in ``report``), the others only logged."""
+    if isinstance(dispatches, str):
+        try:
+            return SLICE.validate_json(dispatches)  # the common case: one pydantic call
+        except pydantic.ValidationError:
+            try:
+                dispatches = json.loads(dispatches)
+            except ValueError as exc:
+                log.error("unreadable slice", reason=str(exc))
+                return []
+    if not isinstance(dispatches, list):
+        log.error("unreadable slice", reason=f"a {type(dispatches).__name__}, not a list")
+        return []
+    valid: list[Dispatch] = []
+    for raw in dispatches:
+        try:
+            valid.append(Dispatch.model_validate(raw))
+        except pydantic.ValidationError as exc:
+            reason = describe_validation_error(exc)
+            rid = host.report_invalid(raw, reason)
+            log.error("invalid dispatch", request_id=rid, reason=reason)
+            if rid:
+                report[rid] = "failed"
+    return valid
 
+
+def register_tasks(app: Celery) -> None:
     @app.task(name=TASK_NAME, bind=True, acks_late=True, ignore_result=True)
-    def run_slice(self: Task, dispatches: list[dict[str, Any]]) -> dict[str, str]:
+    def run_slice(self: Task, dispatches: str | list[dict[str, Any]]) -> dict[str, str]:
         host = getattr(self.app, "tokenmill_host", None)
         if host is None:
             # Not a tokenmill worker process (a misconfigured consumer): put it back.
             raise Reject("no engine host in this worker", requeue=True)
-        valid: list[Dispatch] = []
         report: dict[str, str] = {}
-        for raw in dispatches:
-            try:
-                valid.append(Dispatch.model_validate(raw))
-            except pydantic.ValidationError as exc:
-                reason = describe_validation_error(exc)
-                rid = host.report_invalid(raw, reason)
-                log.error("invalid dispatch", request_id=rid, reason=reason)
-                if rid:
-                    report[rid] = "failed"
+        valid = _read_slice(dispatches, host, report)
         tag = (self.request.properties or {}).get("delivery_tag")
         try:
             outcomes = host.run_slice(valid, delivery_tag=tag)
