@@ -24,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,20 @@ def engine_args(model: str, max_num_seqs: int) -> dict[str, Any]:
         # explicit: LLM and the engine API have different defaults for these
         "max_num_seqs": max_num_seqs, "max_num_batched_tokens": 4096,
     }
+
+
+def model_toml(name: str, model: str, max_num_seqs: int) -> str:
+    """A ``[models.<name>]`` entry (vLLM engine, the settings of :func:`engine_args`;
+    ``max_in_flight`` sets the engine's ``max_num_seqs``) and its price card."""
+    eargs = engine_args(model, max_num_seqs)
+    eargs.pop("max_num_seqs")
+    inline = ", ".join(f"{k} = {json.dumps(v)}" for k, v in eargs.items())
+    return (
+        f'[models.{name}]\nengine = "vllm"\n'
+        f"max_in_flight = {max_num_seqs}\nengine_args = {{ {inline} }}\n"
+        f'[[price_cards]]\nmodel = "{name}"\neffective_from = 2026-01-01T00:00:00Z\n'
+        'input_per_million = "0.1"\noutput_per_million = "0.4"\n'
+    )
 
 
 # -- (a) vLLM directly ------------------------------------------------------------------
@@ -91,15 +106,21 @@ class Direct:
                                      stderr=self.log, text=True)
         self._expect("ready")
 
-    def _expect(self, what: str) -> str:
+    def _expect(self, what: str, timeout_s: float = 900.0) -> str:
+        """The child's next line starting with ``what``; it is killed after ``timeout_s``."""
         assert self.proc.stdout is not None
-        while True:
-            line = self.proc.stdout.readline()
-            if not line:
-                raise SystemExit(f"direct vLLM run failed; see {self.log.name}")
-            line = line.strip()
-            if line.startswith(what):
-                return line
+        timer = threading.Timer(timeout_s, self.proc.kill)  # readline has no timeout
+        timer.start()
+        try:
+            while True:
+                line = self.proc.stdout.readline()
+                if not line:
+                    raise SystemExit(f"direct vLLM run failed or timed out; see {self.log.name}")
+                line = line.strip()
+                if line.startswith(what):
+                    return line
+        finally:
+            timer.cancel()
 
     def run(self) -> dict[str, float]:
         assert self.proc.stdin is not None
@@ -150,15 +171,7 @@ class Worker:
             self.children.append(proc.pid)
             kafka = f"127.0.0.1:{port}"
         config = state / "tokenmill.toml"
-        eargs = engine_args(args.model, args.max_num_seqs)
-        eargs.pop("max_num_seqs")
-        inline = ", ".join(f"{k} = {json.dumps(v)}" for k, v in eargs.items())
-        config.write_text(
-            f'home = "{state / "home"}"\n[models.tiny]\nengine = "vllm"\n'
-            f"max_in_flight = {args.max_num_seqs}\nengine_args = {{ {inline} }}\n"
-            '[[price_cards]]\nmodel = "tiny"\neffective_from = 2026-01-01T00:00:00Z\n'
-            'input_per_million = "0.1"\noutput_per_million = "0.4"\n'
-        )
+        config.write_text(f'home = "{state / "home"}"\n' + model_toml("tiny", args.model, args.max_num_seqs))
         wenv = {**env, "TOKENMILL_CONFIG": str(config), "TOKENMILL_REDIS_URL": redis_url,
                 "TOKENMILL_KAFKA_URL": kafka or ""}
         log = (state / "worker.log").open("wb")

@@ -8,9 +8,11 @@ Measures on a fresh local stack (started in a temporary home, stopped at the end
   starting the request (the worker's ``dispatched`` event);
 * baselines in the same run: raw aiokafka produce→consume messages/s, and Celery no-op
   task round trips/s on the same Redis;
-* ``vllm_pipeline_efficiency``: null here; see ``bench/engine_efficiency.py``.
+* ``vllm_pipeline_efficiency``: output tokens/s through the whole pipeline with the
+  vLLM CPU engine over direct ``LLM.generate`` on the same prompts, measured after the
+  sim stack is down (``bench/pipeline_vllm.py``; ``--no-vllm`` skips it: null).
 
-    python bench/pipeline.py [--requests 20000]
+    python bench/pipeline.py [--requests 20000] [--no-vllm]
 
 Ends with one JSON line of the figures.
 """
@@ -180,6 +182,7 @@ async def added_latency(kafka_bootstrap: str, n: int = 200, rate: float = 20.0) 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=20_000)
+    ap.add_argument("--no-vllm", action="store_true", help="skip the vLLM efficiency runs")
     args = ap.parse_args()
     figures: dict[str, Any] = {}
     with LocalStack(["bench"]) as stack:
@@ -196,9 +199,15 @@ def main() -> None:
         figures["added_latency_p99_ms"] = pct(lat, 0.99)
         print(f"pipeline: added latency at 20 req/s     p50 {figures['added_latency_p50_ms']:.1f} ms, "
               f"p99 {figures['added_latency_p99_ms']:.1f} ms")
-    # Measured by bench/engine_efficiency.py for the worker; the Kafka + scheduler legs
-    # add no engine work, so it is not repeated here (null: not measured in this run).
     figures["vllm_pipeline_efficiency"] = None
+    if not args.no_vllm:
+        from pipeline_vllm import measure
+
+        vllm = measure()
+        figures["vllm_pipeline_efficiency"] = vllm["vllm_pipeline_efficiency"]
+        print(f"pipeline: vLLM CPU through the pipeline {vllm['pipeline_tokens_per_s']:>10,.0f} tok/s"
+              f"  = {vllm['vllm_pipeline_efficiency']:.3f}× direct LLM.generate"
+              f" ({vllm['direct_tokens_per_s']:,.0f} tok/s)")
     print(json.dumps({k: (round(v, 2) if isinstance(v, float) else v) for k, v in figures.items()}))
 
 
