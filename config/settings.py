@@ -7,6 +7,7 @@ the file, the key and the reason (:class:`~tokenmill.errors.ConfigError`).
 
 from __future__ import annotations
 
+import bisect
 import os
 import tomllib
 from datetime import datetime
@@ -135,10 +136,23 @@ class Settings(BaseSettings):
 
     def price_card(self, model: str, at: datetime) -> PriceCard:
         """The card in force for ``model`` at ``at`` (the latest that started before)."""
-        cards = [c for c in self.price_cards if c.model == model and c.effective_from <= at]
-        if not cards:
+        starts, cards = self._cards_by_model.get(model, ((), ()))
+        i = bisect.bisect_right(starts, at)  # the scheduler asks this once per request
+        if i == 0:
             raise ConfigError(f"no price card for model {model!r} in force at {at.isoformat()}")
-        return max(cards, key=lambda c: c.effective_from)
+        return cards[i - 1]
+
+    @cached_property
+    def _cards_by_model(self) -> dict[str, tuple[tuple[datetime, ...], tuple[PriceCard, ...]]]:
+        """Per model: its cards' start times, ascending, and the cards in that order."""
+        by_model: dict[str, list[PriceCard]] = {}
+        for card in self.price_cards:
+            by_model.setdefault(card.model, []).append(card)
+        out = {}
+        for model, cards in by_model.items():
+            cards.sort(key=lambda c: c.effective_from)
+            out[model] = (tuple(c.effective_from for c in cards), tuple(cards))
+        return out
 
     def tenant_for_key(self, api_key: str) -> str | None:
         for name, tenant in self.tenants.items():

@@ -62,6 +62,11 @@ _MARK_DISPATCHED = """
 for _, key in ipairs(KEYS) do redis.call('SET', key, '1', 'EX', ARGV[1]) end
 return #KEYS
 """
+#: exact JSON of the non-terminal kinds: TokenEvent has no nested objects, and a quote
+#: inside a string value is escaped, so these bytes only ever occur as the kind field
+_NOT_TERMINAL = tuple(
+    b'"kind":"%s"' % k.value.encode() for k in wire.EventKind if not k.is_terminal
+)
 _PERIOD_S = {BudgetPeriod.day: 86_400.0, BudgetPeriod.month: 30 * 86_400.0}
 
 
@@ -455,6 +460,8 @@ class SchedulerService:
                 self._wake.set()
 
     def _settle(self, rec: ConsumerRecord) -> bool:
+        if any(marker in rec.value for marker in _NOT_TERMINAL):
+            return False  # most events; decoding them was most of the settle cost
         try:
             ev = wire.decode(wire.TokenEvent, rec.value)
         except SchemaError:
