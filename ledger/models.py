@@ -92,7 +92,7 @@ def str_enum(enum: type[StrEnum], name: str) -> Enum:
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
-    type_annotation_map = {datetime: UtcDateTime(), Decimal: MONEY}
+    type_annotation_map = {datetime: UtcDateTime(), Decimal: MONEY}  # noqa: RUF012  (SQLAlchemy reads it)
 
 
 class TenantRow(Base):

@@ -19,7 +19,6 @@ from __future__ import annotations
 from decimal import ROUND_HALF_EVEN, Decimal, localcontext
 
 from tokenmill.errors import LedgerError
-from tokenmill.wire import Priority
 
 SCALE = 10
 QUANTUM = Decimal(1).scaleb(-SCALE)

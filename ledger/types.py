@@ -15,7 +15,7 @@ These types are part of the schema contract: the migrations spell out the same D
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -35,12 +35,12 @@ def utc(ts: float | datetime) -> datetime:
     if isinstance(ts, datetime):
         if ts.tzinfo is None:
             raise LedgerError(f"naive datetime {ts.isoformat()}: ledger times must be aware")
-        return ts.astimezone(timezone.utc)
-    return datetime.fromtimestamp(ts, timezone.utc)
+        return ts.astimezone(UTC)
+    return datetime.fromtimestamp(ts, UTC)
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class UtcDateTime(TypeDecorator[datetime]):
@@ -59,8 +59,8 @@ class UtcDateTime(TypeDecorator[datetime]):
         if value is None:
             return None
         if value.tzinfo is None:
-            return value.replace(tzinfo=timezone.utc)
-        return value.astimezone(timezone.utc)
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
 
 
 class ExactDecimal(TypeDecorator[Decimal]):
@@ -85,7 +85,8 @@ class ExactDecimal(TypeDecorator[Decimal]):
         if value is None:
             return None
         if isinstance(value, float) or not isinstance(value, (Decimal, int)):
-            raise ValueError(f"exact decimal expected, got {type(value).__name__} {value!r}")
+            # ValueError, like every refusal here: SQLAlchemy wraps it for the ledger to translate.
+            raise ValueError(f"exact decimal expected, got {type(value).__name__} {value!r}")  # noqa: TRY004
         value = Decimal(value)
         if not value.is_finite() or abs(value) >= self._limit:
             raise ValueError(f"{value} does not fit NUMERIC({self.precision},{self.scale})")

@@ -8,20 +8,21 @@ event changes neither: counts are exact under at-least-once delivery.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import Connection, func, select
 from sqlalchemy.orm import Session
 
 from tokenmill.wire import Priority
 
+from .bulk import bind_processor, upsert_add
 from .errors import translated
 from .models import UsageMinute, UsageRecord
 from .types import utc, utcnow
-from .upsert import dialect_insert, insert_ignore_many
+from .upsert import insert_ignore_many
 
 
 @dataclass(frozen=True)
@@ -105,8 +106,8 @@ def record_usage_new(session: Session, items: Iterable[UsageItem]) -> set[str]:
 
     Rows are locked in one global order (usage records by request id, then roll-up
     rows by key), so concurrent consumers replaying overlapping sets cannot deadlock
-    on PostgreSQL, and the roll-up takes one statement per minute bucket, counting
-    only the records this call inserted.
+    on PostgreSQL, and the roll-up takes one statement, counting only the records this
+    call inserted.
 
     Parameters:
         session: the caller's transaction; commit it before acknowledging the events.
@@ -144,27 +145,23 @@ def record_usage_new(session: Session, items: Iterable[UsageItem]) -> set[str]:
             sums[0] += 1
             sums[1] += row["prompt_tokens"]
             sums[2] += row["completion_tokens"]
-    table = UsageMinute.__table__.c
-    for (tenant, model, minute), (requests, input_tokens, output_tokens) in sorted(rollup.items()):
-        stmt = dialect_insert(session, UsageMinute).values(
-            tenant=tenant,
-            model=model,
-            minute=minute,
-            requests=requests,
-            input_tokens=input_tokens,
-            output_tokens=output_tokens,
-        )
-        session.execute(
-            stmt.on_conflict_do_update(
-                index_elements=["tenant", "model", "minute"],
-                set_={
-                    "requests": table.requests + stmt.excluded.requests,
-                    "input_tokens": table.input_tokens + stmt.excluded.input_tokens,
-                    "output_tokens": table.output_tokens + stmt.excluded.output_tokens,
-                },
-            )
-        )
+    conn = session.connection()
+    encode = bind_processor(UsageMinute.__table__.c.minute.type, conn.dialect)
+    add_to_minutes(conn, {(t, m, encode(minute)): sums for (t, m, minute), sums in rollup.items()})
     return inserted
+
+
+#: the key and the counters of a ``usage_minutes`` row
+MINUTE_KEYS = ("tenant", "model", "minute")
+MINUTE_COUNTERS = ("requests", "input_tokens", "output_tokens")
+
+
+def add_to_minutes(conn: Connection, sums: Mapping[tuple[str, str, Any], Sequence[int]]) -> None:
+    """Add (requests, input tokens, output tokens) to per-minute roll-up rows, keyed by
+    (tenant, model, driver-ready minute), in one statement, in key order (no deadlock
+    between concurrent writers)."""
+    rows = [(*key, *counts) for key, counts in sorted(sums.items())]
+    upsert_add(conn, UsageMinute, MINUTE_KEYS, MINUTE_COUNTERS, rows)
 
 
 @translated

@@ -6,8 +6,13 @@ alone. The order is what makes the stream exact under at-least-once delivery:
 
 1. the database transaction commits (replays are no-ops: unique request ids);
 2. dead letters and violations are delivered (awaited);
-3. only then does :meth:`BatchProcessor.process` return, and the caller acknowledges
-   the records (the consumer commits their offsets later).
+3. only then does :meth:`BatchProcessor.finish` (or ``process``) return, and the caller
+   acknowledges the records (the consumer commits their offsets later).
+
+Decoding, pricing and building the rows (:meth:`BatchProcessor.prepare`) touch no
+state that the ledger's writes depend on, so the caller may prepare the next batch
+while the previous one is written; batches are still written, and acknowledged, one at
+a time in fetch order.
 
 A crash anywhere before 3 replays the batch. While the database is unreachable the
 batch is retried with backoff, holding the stream (nothing is acknowledged).
@@ -27,7 +32,7 @@ from tokenmill.wire import TokenEvent
 from .config import StreamsConfig
 from .decode import Rejected, parse
 from .metrics import StreamMetrics
-from .sink import BatchOutcome, LedgerSink, LedgerUnavailable
+from .sink import LedgerSink, LedgerUnavailable, Plan
 from .violations import violation_of
 
 log = get_logger(__name__)
@@ -44,11 +49,43 @@ class Record:
     value: bytes | None
 
 
+class RecordLike(Protocol):
+    """What the processor reads of a record: a :class:`Record` or aiokafka's
+    ``ConsumerRecord`` (handed over as fetched, without a copy)."""
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def value(self) -> bytes | None: ...
+
+
 class Publisher(Protocol):
     async def send(
         self, topic: str, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]]
     ) -> Awaitable[Any]:
         """Queue a message; the returned awaitable completes when the broker has it."""
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A batch decoded and planned (:meth:`BatchProcessor.prepare`)."""
+
+    records: Sequence[RecordLike]
+    plan: Plan
+    #: index of the record of each decoded event
+    where: list[int]
+    #: (record index, reason) of records that cannot be decoded
+    rejects: list[tuple[int, str]]
+    #: time.monotonic() when preparing began
+    started: float
+    #: seconds spent preparing
+    prepare_s: float
 
 
 @dataclass(frozen=True)
@@ -61,13 +98,16 @@ class BatchReport:
     skipped: int
     dead_lettered: int
     violations: int
-    #: time spent decoding and writing, and then publishing
+    #: time spent decoding and planning, writing (the transaction, retries included),
+    #: and then publishing
+    prepare_ms: float
     write_ms: float
     publish_ms: float
 
 
 class BatchProcessor:
-    """Processes batches one at a time (see the module docstring for the order)."""
+    """Processes batches (see the module docstring for the order): writes one at a time,
+    and a caller may :meth:`prepare` the next batch while one is being written."""
 
     def __init__(
         self,
@@ -86,9 +126,10 @@ class BatchProcessor:
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
 
-    def _handle(self, records: Sequence[Record]) -> tuple[BatchOutcome, list[tuple[int, str]]]:
-        """Decode and write (blocking). Returns the outcome and the (record index,
-        reason) of every record to dead-letter."""
+    def prepare(self, records: Sequence[RecordLike]) -> Prepared:
+        """Decode a batch and plan its ledger rows (CPU only: on the loop's thread, while
+        the previous batch is being written)."""
+        started = time.monotonic()
         events: list[TokenEvent] = []
         where: list[int] = []
         rejects: list[tuple[int, str]] = []
@@ -99,27 +140,30 @@ class BatchProcessor:
             else:
                 events.append(parsed)
                 where.append(i)
-        outcome = self.sink.write(events)
-        rejects += [(where[j], reason) for j, reason in outcome.rejected]
-        rejects.sort()
-        return outcome, rejects
+        plan = self.sink.plan(events)
+        return Prepared(records, plan, where, rejects, started, time.monotonic() - started)
 
-    async def process(self, records: Sequence[Record]) -> BatchReport:
-        """Record a batch; returns once everything it implies is durable.
+    async def process(self, records: Sequence[RecordLike]) -> BatchReport:
+        """Record a batch (:meth:`prepare`, then :meth:`finish`)."""
+        return await self.finish(self.prepare(records))
+
+    async def finish(self, prepared: Prepared) -> BatchReport:
+        """Write a prepared batch, then publish its dead letters and violations; returns
+        once everything it implies is durable.
 
         Raises:
             Exception: anything but an unreachable database (which is retried): the
                 caller must not acknowledge the batch.
         """
-        started = time.monotonic()
+        records, started = prepared.records, prepared.started
         delay = self.backoff_s
+        write_started = time.monotonic()
         while True:
             try:
-                # On the loop's own thread: a second Python thread doing this CPU-heavy
-                # work would make the consumer's many small thread hand-offs wait for
-                # the GIL (measured: 2.4x slower). Heartbeats run on faust's consumer
-                # thread meanwhile, so a long batch does not cost the group membership.
-                outcome, rejects = self._handle(records)
+                # The transaction runs on a thread of its own: the database's work (the
+                # bulk of it in SQLite's C code, without the GIL) overlaps the decoding
+                # and planning of the next batch on the loop's thread.
+                outcome = await asyncio.to_thread(self.sink.commit, prepared.plan)
                 break
             except LedgerUnavailable as exc:
                 log.warning(
@@ -127,6 +171,8 @@ class BatchProcessor:
                 )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.max_backoff_s)
+        rejects = prepared.rejects + [(prepared.where[j], why) for j, why in outcome.rejected]
+        rejects.sort()
         committed_at = time.time()
         written = time.monotonic()
         pending: list[Awaitable[Any]] = []
@@ -164,7 +210,8 @@ class BatchProcessor:
             )
         done = time.monotonic()
         report = BatchReport(len(records), len(outcome.new), outcome.duplicates, outcome.skipped,
-                             len(rejects), violations, round((written - started) * 1000, 1),
+                             len(rejects), violations, round(prepared.prepare_s * 1000, 1),
+                             round((written - write_started) * 1000, 1),
                              round((done - written) * 1000, 1))  # fmt: skip
         if self.metrics is not None:
             self.metrics.observe(outcome, dead_lettered=len(rejects), committed_at=committed_at,

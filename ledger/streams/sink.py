@@ -15,11 +15,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
+from typing import Any
 
+from sqlalchemy import Connection, select
 from sqlalchemy import exc as sa_exc
-from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from tokenmill.config import Settings, SlaClass
 
@@ -27,13 +28,13 @@ from tokenmill import pricing
 from tokenmill.errors import LedgerError
 from tokenmill.wire import EventKind, TokenEvent
 
-from ..billing import ChargeItem, record_charges_new, sync_price_cards
+from ..billing import sync_price_cards
+from ..bulk import Encoder, insert_new, insert_rows
 from ..db import run_transaction, transaction
-from ..errors import LedgerConflict
-from ..models import PriceCardVersion
-from ..sla import SlaItem, record_sla_new
-from ..types import utc
-from ..usage import UsageItem, record_usage_new
+from ..errors import LedgerConflict, translated
+from ..models import EntryKind, LedgerEntry, PriceCardVersion, SlaRecord, UsageRecord
+from ..types import utcnow
+from ..usage import add_to_minutes
 from .measure import Measurement, measure
 
 
@@ -107,6 +108,7 @@ class LedgerSink:
         self.settings = settings
         self._cards: dict[str, list[Card]] = {}
         self._tiers: dict[str, tuple[str | None, str | None, SlaClass | None]] = {}
+        self._enc: Encoder | None = None
 
     def prepare(self) -> None:
         """Store the configured price cards not stored yet and load every version.
@@ -152,7 +154,8 @@ class LedgerSink:
         return found
 
     def write(self, events: Sequence[TokenEvent]) -> BatchOutcome:
-        """Record the ``finished`` events of ``events`` in one transaction.
+        """Record the ``finished`` events of ``events`` in one transaction
+        (:meth:`plan`, then :meth:`commit`).
 
         Returns:
             What was recorded, what was a replay, and which events were rejected (no
@@ -162,6 +165,12 @@ class LedgerSink:
             LedgerUnavailable: the database cannot be reached or stays locked; nothing
                 was written, retry the same batch.
         """
+        return self.commit(self.plan(events))
+
+    def plan(self, events: Sequence[TokenEvent]) -> Plan:
+        """Price and measure the ``finished`` events of ``events`` and build their rows:
+        all of a batch's work but the database's (no I/O, except reloading the price
+        cards when an event has none)."""
         outcome = BatchOutcome()
         planned: list[tuple[int, Recorded]] = []
         reloaded = False
@@ -170,7 +179,7 @@ class LedgerSink:
                 outcome.skipped += 1
                 continue
             assert ev.finished_at is not None  # decode.parse guarantees it
-            at = utc(ev.finished_at)
+            at = datetime.fromtimestamp(ev.finished_at, UTC)
             card = self.card_for(ev.model, at)
             if card is None and not reloaded:
                 self._load_cards()  # another process may have stored a newer card
@@ -190,17 +199,38 @@ class LedgerSink:
                 continue
             rec = Recorded(ev, at, tier, sla_class, targets, m, amount, card.currency, card.id)
             planned.append((i, rec))
+        rows: Rows | LedgerError | None = None
+        if planned:
+            try:
+                rows = build_rows(self._encoder(), [r for _, r in planned])
+            except LedgerError as exc:  # e.g. an amount out of range: commit finds which
+                rows = exc
+        return Plan(outcome.skipped, outcome.rejected, planned, rows)
+
+    def commit(self, plan: Plan) -> BatchOutcome:
+        """Write a :meth:`plan` in one transaction (blocking; safe on another thread than
+        the one that planned, one plan at a time).
+
+        Raises:
+            LedgerUnavailable: the database cannot be reached or stays locked; nothing
+                was written, retry the same plan.
+        """
+        outcome = BatchOutcome(rejected=list(plan.rejected), skipped=plan.skipped)
+        planned = plan.planned
         if not planned:
             return outcome
         try:
-            new = self._transact([r for _, r in planned])
+            if isinstance(plan.rows, LedgerError):
+                raise plan.rows
+            assert plan.rows is not None
+            new = self._transact(plan.rows)
         except LedgerUnavailable:
             raise
         except LedgerError:
             new, kept = set(), []
             for i, rec in planned:  # find the culprits: one transaction per event
                 try:
-                    new |= self._transact([rec])
+                    new |= self._transact(build_rows(self._encoder(), [rec]))
                     kept.append((i, rec))
                 except LedgerUnavailable:
                     raise
@@ -217,17 +247,13 @@ class LedgerSink:
         outcome.rejected.sort()
         return outcome
 
-    def _transact(self, recs: Sequence[Recorded]) -> set[str]:
-        """One transaction for ``recs``; the request ids whose usage was new."""
-
-        def work(session: Session) -> set[str]:
-            new = record_usage_new(session, (_usage(r) for r in recs))
-            record_charges_new(session, (_charge(r) for r in recs))
-            record_sla_new(session, (_sla(r) for r in recs if r.tier is not None))
-            return new
-
+    def _transact(self, rows: Rows) -> set[str]:
+        """One transaction writing ``rows``; the request ids whose usage was new."""
         try:
-            return run_transaction(self.sessions, work)
+            enc = self._encoder()
+            return run_transaction(  # recorded_at: when written (retries included)
+                self.sessions, lambda s: write_rows(s.connection(), rows, enc.time(utcnow()))
+            )
         except LedgerConflict as exc:
             raise LedgerUnavailable(f"ledger stays locked: {exc}") from exc
         except LedgerError as exc:
@@ -236,21 +262,95 @@ class LedgerSink:
                 raise LedgerUnavailable(f"ledger unavailable: {exc}") from exc
             raise
 
-
-def _usage(r: Recorded) -> UsageItem:
-    ev = r.event
-    return UsageItem(ev.request_id, ev.tenant, ev.model, ev.priority, ev.prompt_tokens,
-                     ev.completion_tokens, r.at)  # fmt: skip
-
-
-def _charge(r: Recorded) -> ChargeItem:
-    ev = r.event
-    return ChargeItem(ev.request_id, ev.tenant, ev.model, r.cost, r.card_id, r.currency,
-                      ev.prompt_tokens, ev.completion_tokens, r.at)  # fmt: skip
+    def _encoder(self) -> Encoder:
+        if self._enc is None:
+            bind = self.sessions.kw["bind"]  # the engine: its dialect, without connecting
+            self._enc = Encoder(bind.dialect)
+        return self._enc
 
 
-def _sla(r: Recorded) -> SlaItem:
-    ev, m = r.event, r.measurement
-    assert r.tier is not None and r.sla_class is not None
-    return SlaItem(ev.request_id, ev.tenant, r.tier, ev.model, r.sla_class, m.queue_ms,
-                   m.ttft_ms, m.tpot_ms, m.e2e_ms, m.met, r.at)  # fmt: skip
+USAGE_COLS = ("request_id", "tenant", "model", "priority", "minute", "prompt_tokens",
+              "completion_tokens", "recorded_at")  # fmt: skip
+CHARGE_COLS = ("request_id", "kind", "tenant", "model", "amount", "currency",
+               "price_card_version_id", "prompt_tokens", "completion_tokens", "created_at")  # fmt: skip
+SLA_COLS = ("request_id", "tenant", "tier", "model", "sla_class", "queue_ms", "ttft_ms",
+            "tpot_ms", "e2e_ms", "met", "finished_at")  # fmt: skip
+_CHARGE = EntryKind.charge.value
+
+
+@dataclass
+class Rows:
+    """A batch's rows, driver-ready, in request-id order (see :mod:`...bulk`); usage
+    rows without ``recorded_at``, stamped when written."""
+
+    usage: list[tuple[Any, ...]]
+    charges: list[tuple[Any, ...]]
+    slas: list[tuple[Any, ...]]
+
+
+@dataclass
+class Plan:
+    """A batch priced, measured and turned into rows (:meth:`LedgerSink.plan`)."""
+
+    #: events of other kinds
+    skipped: int
+    #: (index into the input, reason) of events that cannot be priced or measured
+    rejected: list[tuple[int, str]]
+    #: (index into the input, record) of the events to write, in input order
+    planned: list[tuple[int, Recorded]]
+    #: their rows; a LedgerError if some value cannot be stored (found one by one)
+    rows: Rows | LedgerError | None
+
+
+def build_rows(enc: Encoder, recs: Sequence[Recorded]) -> Rows:
+    """The usage, charge and SLA rows of ``recs`` as driver-ready tuples, built in one
+    pass, in request-id order; the first of repeated request ids wins.
+
+    Raises:
+        LedgerError: an amount that cannot be stored exactly.
+    """
+    unique: dict[str, Recorded] = {}
+    for r in recs:
+        unique.setdefault(r.event.request_id, r)
+    rows = Rows([], [], [])
+    usage, charges, slas = rows.usage, rows.charges, rows.slas
+    for rid in sorted(unique):
+        r = unique[rid]
+        ev = r.event
+        tenant, model, pt, ct = ev.tenant, ev.model, ev.prompt_tokens, ev.completion_tokens
+        at = enc.time(r.at)
+        usage.append((rid, tenant, model, ev.priority.value, enc.minute(at, r.at), pt, ct))
+        charges.append((rid, _CHARGE, tenant, model, enc.money(r.cost), r.currency, r.card_id,
+                        pt, ct, at))  # fmt: skip
+        if r.tier is not None:
+            m = r.measurement
+            slas.append((rid, tenant, r.tier, model, r.sla_class, m.queue_ms, m.ttft_ms,
+                         m.tpot_ms, m.e2e_ms, not m.missed, at))  # fmt: skip
+    return rows
+
+
+@translated
+def write_rows(conn: Connection, rows: Rows, recorded_at: Any) -> set[str]:
+    """Insert ``rows`` (replays are no-ops; usage records stamped with the driver-ready
+    ``recorded_at``) and add the usage records new to the ledger to the per-minute
+    roll-up: a few multi-row statements per table.
+
+    Returns:
+        The request ids whose usage was new.
+    """
+    usage = [(*row, recorded_at) for row in rows.usage]
+    new: set[str] = insert_new(conn, UsageRecord, USAGE_COLS, usage, "request_id")
+    sums: dict[tuple[str, str, Any], list[int]] = {}
+    if new:
+        for rid, tenant, model, _prio, minute, pt, ct in rows.usage:
+            if rid in new:
+                s = sums.get((tenant, model, minute))
+                if s is None:
+                    s = sums[(tenant, model, minute)] = [0, 0, 0]
+                s[0] += 1
+                s[1] += pt
+                s[2] += ct
+    add_to_minutes(conn, sums)
+    insert_rows(conn, LedgerEntry, CHARGE_COLS, rows.charges, conflict=("request_id", "kind"))
+    insert_rows(conn, SlaRecord, SLA_COLS, rows.slas, conflict=("request_id",))
+    return new

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
@@ -11,7 +11,7 @@ from tokenmill.ledger import get_batch, list_batches, transaction, upsert_batch
 from tokenmill.errors import LedgerError, NotFound
 from tokenmill.wire import Batch, BatchStatus, Endpoint, RequestCounts
 
-T0 = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc).timestamp()
+T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC).timestamp()
 
 
 def _batch(batch_id: str = "batch_1", tenant: str = "alpha", **kw: object) -> Batch:

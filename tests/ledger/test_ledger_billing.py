@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import uuid
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta, timezone
 from decimal import Decimal
 
 import pytest
@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 from tokenmill.config import PriceCard
-from tokenmill.pricing import cost
 from tokenmill.config.models import BudgetPeriod
 from tokenmill.ledger import (
     EntryKind,
@@ -31,10 +30,11 @@ from tokenmill.ledger import (
 )
 
 from tokenmill.errors import LedgerError, NotFound
+from tokenmill.pricing import cost
 from tokenmill.wire import Priority
 
-JAN = datetime(2026, 1, 1, tzinfo=timezone.utc)
-MAR = datetime(2026, 3, 1, tzinfo=timezone.utc)
+JAN = datetime(2026, 1, 1, tzinfo=UTC)
+MAR = datetime(2026, 3, 1, tzinfo=UTC)
 CARDS = [
     PriceCard(model="sim", effective_from=JAN, input_per_million=Decimal("0.10"),
               output_per_million=Decimal("0.40"), batch_discount=Decimal("0.5")),
@@ -95,7 +95,7 @@ def test_priced_costs_are_stored_exactly() -> None:
 def test_minor_unit_rounding() -> None:
     assert to_minor_unit(Decimal("0.125")) == Decimal("0.12")
     assert to_minor_unit(Decimal("0.135")) == Decimal("0.14")
-    assert to_minor_unit(Decimal("12.5"), "JPY") == Decimal("12")
+    assert to_minor_unit(Decimal("12.5"), "JPY") == Decimal(12)
 
 
 def test_charge_replays_are_no_ops(
@@ -127,9 +127,9 @@ def test_charge_replays_are_no_ops(
     [
         (0.1, EntryKind.charge, True, "Decimal"),
         (Decimal("0.00000000001"), EntryKind.charge, True, "decimal places"),
-        (Decimal("-1"), EntryKind.charge, True, "wrong sign"),
-        (Decimal("1"), EntryKind.refund, True, "wrong sign"),
-        (Decimal("1"), EntryKind.charge, False, "price card"),
+        (Decimal(-1), EntryKind.charge, True, "wrong sign"),
+        (Decimal(1), EntryKind.refund, True, "wrong sign"),
+        (Decimal(1), EntryKind.charge, False, "price card"),
         (Decimal("NaN"), EntryKind.adjustment, True, "range"),
     ],
 )
@@ -148,7 +148,7 @@ def test_bad_amounts_are_refused(
 
 def test_unknown_price_card_version(sessions: sessionmaker[Session]) -> None:
     with pytest.raises(NotFound), transaction(sessions) as s:
-        record_charge(s, "req_1", "alpha", "sim", Decimal("1"), 12345)
+        record_charge(s, "req_1", "alpha", "sim", Decimal(1), 12345)
 
 
 def test_concurrent_charge_replays_insert_once(
@@ -182,7 +182,7 @@ def test_concurrent_charge_replays_insert_once(
 
 # Amounts anywhere from 1e-10 to a million, at full ledger precision.
 AMOUNTS = st.decimals(
-    min_value=Decimal("0"), max_value=Decimal("1000000"), places=10,
+    min_value=Decimal(0), max_value=Decimal(1000000), places=10,
     allow_nan=False, allow_infinity=False,
 )  # fmt: skip
 ENTRIES = st.lists(
@@ -213,7 +213,7 @@ def test_invoice_total_is_the_exact_sum_of_entries(
             expected[model] = expected.get(model, Decimal(0)) + signed
         # Just outside the period on both sides: never counted.
         for j, at in enumerate((MAR - timedelta(microseconds=1), period.end)):
-            record_charge(s, f"{tenant}_out{j}", tenant, "sim", Decimal("7"), versions["sim@mar"],
+            record_charge(s, f"{tenant}_out{j}", tenant, "sim", Decimal(7), versions["sim@mar"],
                           at=at)  # fmt: skip
     with transaction(sessions) as s:
         inv = invoice(s, tenant, period)
@@ -252,8 +252,8 @@ def test_empty_invoice_and_mixed_currencies(
     with transaction(sessions) as s:
         inv = invoice(s, "alpha", Period.month(2026, 3))
         assert (inv.lines, inv.total, inv.total_rounded, inv.currency) == ((), 0, 0, "USD")
-        record_charge(s, "a", "alpha", "sim", Decimal("1"), versions["sim@mar"], at=MAR)
-        record_charge(s, "a", "alpha", "sim", Decimal("1"), None, kind=EntryKind.adjustment,
+        record_charge(s, "a", "alpha", "sim", Decimal(1), versions["sim@mar"], at=MAR)
+        record_charge(s, "a", "alpha", "sim", Decimal(1), None, kind=EntryKind.adjustment,
                       currency="EUR", at=MAR)  # fmt: skip
     with pytest.raises(LedgerError, match="currencies"), transaction(sessions) as s:
         invoice(s, "alpha", Period.month(2026, 3))
@@ -262,10 +262,10 @@ def test_empty_invoice_and_mixed_currencies(
 def test_periods() -> None:
     dec = Period.month(2026, 12)
     assert (dec.start, dec.end) == (
-        datetime(2026, 12, 1, tzinfo=timezone.utc),
-        datetime(2027, 1, 1, tzinfo=timezone.utc),
+        datetime(2026, 12, 1, tzinfo=UTC),
+        datetime(2027, 1, 1, tzinfo=UTC),
     )
-    assert Period.month(2028, 2).end == datetime(2028, 3, 1, tzinfo=timezone.utc)
+    assert Period.month(2028, 2).end == datetime(2028, 3, 1, tzinfo=UTC)
     at = datetime(2026, 3, 31, 23, 30, tzinfo=timezone(timedelta(hours=-2)))  # April in UTC
     assert Period.containing(at, BudgetPeriod.month) == Period.month(2026, 4)
     assert Period.containing(at, BudgetPeriod.day) == Period.day(date(2026, 4, 1))

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
-import tokenmill.ledger as ledger
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from tokenmill.config import EXAMPLE_CONFIG, Settings
@@ -22,16 +21,18 @@ from tokenmill.ledger import (
     transaction,
 )
 
+from tokenmill import ledger
 from tokenmill.errors import LedgerError, NotFound
 
-T0 = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
 
 def test_sla_replays_are_no_ops(sessions: sessionmaker[Session]) -> None:
-    kw = dict(
-        request_id="req_1", tenant="alpha", tier="gold", model="sim", sla_class="gold",
-        queue_ms=12.5, ttft_ms=80.0, tpot_ms=9.5, e2e_ms=900.0, met=True, finished_at=T0,
-    )  # fmt: skip
+    kw = {
+        "request_id": "req_1", "tenant": "alpha", "tier": "gold", "model": "sim",
+        "sla_class": "gold", "queue_ms": 12.5, "ttft_ms": 80.0, "tpot_ms": 9.5,
+        "e2e_ms": 900.0, "met": True, "finished_at": T0,
+    }  # fmt: skip
     with transaction(sessions) as s:
         assert record_sla(s, **kw) is True
         assert record_sla(s, **{**kw, "met": False}) is False
@@ -41,10 +42,10 @@ def test_sla_replays_are_no_ops(sessions: sessionmaker[Session]) -> None:
 
 
 def test_webhook_delivery_lifecycle(sessions: sessionmaker[Session]) -> None:
-    hook = dict(
-        webhook_id="msg_1", tenant="alpha", url="https://hooks.example/x",
-        event_type="batch.completed", payload={"id": "batch_1", "n": [1, 2]}, at=T0,
-    )  # fmt: skip
+    hook = {
+        "webhook_id": "msg_1", "tenant": "alpha", "url": "https://hooks.example/x",
+        "event_type": "batch.completed", "payload": {"id": "batch_1", "n": [1, 2]}, "at": T0,
+    }  # fmt: skip
     with transaction(sessions) as s:
         assert enqueue_webhook(s, **hook) is True
         assert enqueue_webhook(s, **hook) is False

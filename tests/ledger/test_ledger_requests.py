@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -25,7 +25,7 @@ from tokenmill.errors import LedgerError, NotFound
 from tokenmill.wire import InferenceRequest, Priority, RequestState
 
 S = RequestState
-T0 = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
 LEGAL = {
     (S.QUEUED, S.DISPATCHED), (S.QUEUED, S.FAILED), (S.QUEUED, S.CANCELLED),

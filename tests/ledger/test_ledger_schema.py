@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 
@@ -29,7 +29,7 @@ from tokenmill.ledger import (
 from tokenmill.errors import LedgerError
 from tokenmill.wire import Priority, RequestState
 
-T0 = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
 
 def test_migrations_apply_match_models_and_round_trip(empty_url: str) -> None:
@@ -153,7 +153,7 @@ def test_money_and_time_round_trip_exactly(sessions: sessionmaker[Session]) -> N
         rows = s.scalars(select(LedgerEntry).order_by(LedgerEntry.id)).all()
         assert [r.amount for r in rows] == [big, Decimal("-0.0000000001")]
         assert rows[0].created_at == at
-        assert rows[0].created_at.tzinfo == timezone.utc
+        assert rows[0].created_at.tzinfo == UTC
         s.add(RequestRow(id="x", tenant="a", model="m", priority=Priority.batch,
                          state=RequestState.QUEUED, submitted_at=at))  # fmt: skip
     with transaction(sessions) as s:
@@ -168,7 +168,7 @@ def test_out_of_range_money_is_a_ledger_error(
     with transaction(sessions) as s:
         vid = _price_version(s)
     # Beyond SQLite's int64 of 1e-10 units; beyond NUMERIC(20,10) on PostgreSQL.
-    too_big = Decimal("922337204") if backend == "sqlite" else Decimal("1E10")
+    too_big = Decimal(922337204) if backend == "sqlite" else Decimal("1E10")
     with pytest.raises(LedgerError), transaction(sessions) as s:
         record_charge(s, "r1", "a", "m", too_big, vid)
     with transaction(sessions) as s:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import func, select
@@ -23,7 +23,7 @@ from tokenmill.ledger import (
 
 from tokenmill.wire import Priority
 
-T0 = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
 
 def _usage(s: Session, i: int, *, tenant: str = "alpha", model: str = "sim") -> bool:
@@ -125,7 +125,7 @@ def test_concurrent_replays_count_once(
         try:
             barrier.wait()
             inserted.append(run_transaction(sessions, work, attempts=1 if api == "many" else 20))
-        except BaseException as exc:  # surfaced below, in the test's thread
+        except BaseException as exc:  # noqa: BLE001  (surfaced below, in the test's thread)
             errors.append(exc)
 
     threads = [threading.Thread(target=consumer, args=(k,)) for k in range(n_threads)]

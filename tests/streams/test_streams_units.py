@@ -294,7 +294,7 @@ async def test_processor_dead_letters_publishes_violations_and_counts_new_record
 
 async def test_processor_retries_an_unreachable_database(sink: LedgerSink) -> None:
     calls = []
-    real = sink.write
+    real = sink.commit
 
     def flaky(events: Any) -> Any:
         calls.append(1)
@@ -302,7 +302,7 @@ async def test_processor_retries_an_unreachable_database(sink: LedgerSink) -> No
             raise LedgerUnavailable("down")
         return real(events)
 
-    sink.write = flaky  # type: ignore[method-assign]
+    sink.commit = flaky  # type: ignore[method-assign]
     proc = BatchProcessor(sink, StreamsConfig(), FakePublisher(), backoff_s=0.01)
     report = await proc.process(records(st.encode(st.finished_event("r"))))
     assert len(calls) == 3 and report.recorded == 1
