@@ -486,7 +486,7 @@ class EngineHost:
             finished_at=now,
             reason=None if error is None else f"{error.code}: {error.message}",
         )
-        result = Result.model_construct(  # from validated parts, as the events
+        result = Result(
             request_id=req.id, tenant=req.tenant, model=req.model, status=status, body=body,
             error=error, usage=usage, worker=self.config.worker, batch_id=req.batch_id,
             custom_id=req.custom_id, finished_at=now,

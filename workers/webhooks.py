@@ -335,7 +335,9 @@ class WebhookService:
         client = aredis.Redis.from_url(self.redis_url)
         assert self.kafka_bootstrap is not None
         await kafka.ensure_topics(self.kafka_bootstrap)
-        consumer = kafka.consumer(self.kafka_bootstrap, *wire.REQUEST_TOPICS, group_id=WATCH_GROUP)
+        # Only notes which requests have webhooks: a long poll spares the broker's CPU.
+        consumer = kafka.consumer(self.kafka_bootstrap, *wire.REQUEST_TOPICS, group_id=WATCH_GROUP,
+                                  fetch_max_wait_ms=250)  # fmt: skip
         await kafka.start(consumer, "webhook watcher")
         try:
             while not stop.is_set():

@@ -67,7 +67,8 @@ FINISH_ON_STOP_S = 30.0
 #: fetched batches waiting for the processor (each up to ``broker_max_poll_records``)
 QUEUED_FETCHES = 4
 #: longest a fetch waits at the broker for records (as in tokenmill.kafka.CONSUMER_DEFAULTS)
-FETCH_MAX_WAIT_MS = 50
+#: lag target is 2 s; each fetch costs the broker CPU even when empty, so not shorter
+FETCH_MAX_WAIT_MS = 200
 
 
 class BatchRouter:
