@@ -34,7 +34,7 @@ from celery import Celery
 from .. import kafka, wire
 from ..config import Settings
 from ..config.models import BudgetPeriod
-from ..errors import SchemaError, TokenmillError
+from ..errors import ConfigError, SchemaError, TokenmillError
 from ..logs import get_logger
 from ..pricing import cost as price
 from ..stack import Endpoints
@@ -76,14 +76,27 @@ def dispatched_key(request_id: str) -> str:
     return worker_keys.PREFIX + "dispatched:" + request_id
 
 
-def build_policy(settings: Settings) -> Scheduler:
+@dataclass
+class PricingClock:
+    """The instant the policy prices at: a settling request's ``finished_at`` — the
+    instant the ledger prices it at, so a price-card change between the two cannot
+    make them differ — and now otherwise (reservations)."""
+
+    at: float | None = None
+
+    def now(self) -> datetime:
+        return datetime.fromtimestamp(time.time() if self.at is None else self.at, UTC)
+
+
+def build_policy(settings: Settings, clock: PricingClock | None = None) -> Scheduler:
     """The policy configured from settings, pricing budgets with the price cards."""
     s = settings.scheduler
+    clock = clock or PricingClock()
 
     def cost(
         tenant: str, model: str, input_tokens: int, output_tokens: int, prio: Priority
     ) -> Decimal:
-        card = settings.price_card(model, datetime.now(UTC))
+        card = settings.price_card(model, clock.now())
         return price(card, input_tokens, output_tokens, wire.Priority(prio.value))
 
     config = SchedulerConfig(
@@ -160,7 +173,8 @@ class SchedulerService:
     ) -> None:
         self.settings = settings
         self.endpoints = endpoints
-        self.policy = build_policy(settings)
+        self.clock = PricingClock()
+        self.policy = build_policy(settings, self.clock)
         self.app = celery_app or create_app(endpoints.redis_url)
         self.max_slice = max_slice or settings.scheduler.max_slice
         self.max_slice_delay_s = (
@@ -472,13 +486,7 @@ class SchedulerService:
             return False  # the stream processors dead-letter bad events
         if not ev.kind.is_terminal:
             return False
-        now = time.time()
-        if ev.kind is wire.EventKind.finished:
-            self.policy.complete(ev.request_id, ev.prompt_tokens, ev.completion_tokens, now)
-        else:
-            # Failed and cancelled requests are not billed (see the ledger), so they
-            # release their reservation at no cost.
-            self.policy.complete(ev.request_id, 0, 0, now)
+        settle(self.policy, self.clock, ev, time.time())
         pool = self._pool_of_request.pop(ev.request_id, None)
         if pool is None:
             return False
@@ -523,6 +531,24 @@ class SchedulerService:
         if points:
             await self.requests.commit(points)
             self.offsets.committed(points)
+
+
+def settle(policy: Scheduler, clock: PricingClock, ev: wire.TokenEvent, now: float) -> None:
+    """Apply a terminal event to the policy, priced as the ledger prices it."""
+    if ev.kind is wire.EventKind.finished:
+        clock.at = ev.finished_at if ev.finished_at is not None else ev.ts
+        try:
+            policy.complete(ev.request_id, ev.prompt_tokens, ev.completion_tokens, now)
+        except ConfigError as exc:  # no card in force then: price now (nothing changed yet)
+            log.error("request priced at settle time", request_id=ev.request_id, error=str(exc))
+            clock.at = None
+            policy.complete(ev.request_id, ev.prompt_tokens, ev.completion_tokens, now)
+        finally:
+            clock.at = None
+    else:
+        # Failed and cancelled requests are not billed (see the ledger), so they
+        # release their reservation at no cost.
+        policy.complete(ev.request_id, 0, 0, now)
 
 
 def _held(q: QueuedRequest) -> Held:

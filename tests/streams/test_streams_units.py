@@ -355,3 +355,32 @@ def test_scheduler_budget_settles_at_the_ledger_charge(
         ).scalar_one()
     assert charged == settled.cost
     assert policy.budget("alpha", now).spent == charged  # type: ignore[union-attr]
+
+
+def test_scheduler_prices_a_settle_at_finished_at_as_the_ledger_does(
+    sessions: sessionmaker[Session], settings: Settings
+) -> None:
+    """A price card that starts between a request's finish and its settle must not make
+    the scheduler's budget and the ledger disagree."""
+    from tokenmill.scheduler import Pool, Priority, QueuedRequest
+    from tokenmill.scheduler.service import PricingClock, build_policy, settle
+
+    now = time.time()
+    dearer = PriceCard(model="sim", effective_from=datetime.fromtimestamp(now - 60, UTC),
+                       input_per_million="0.30", output_per_million="1.20", batch_discount="0.5")
+    settings = Settings(home=settings.home, price_cards=[*settings.price_cards, dearer])
+    clock = PricingClock()
+    policy = build_policy(settings, clock)
+    policy.enqueue(QueuedRequest("card-1", "alpha", "sim", Priority("standard"), 1000, 800, now), now)
+    policy.dispatch(Pool("p", frozenset({"sim"}), 4), now)
+    finished = ev("card-1", prompt_tokens=1000, completion_tokens=500, finished_at=now - 120)
+    settle(policy, clock, finished, now)
+    sink = LedgerSink(sessions, settings)
+    sink.prepare()
+    sink.write([finished])
+    with transaction(sessions) as s:
+        charged = s.execute(
+            select(LedgerEntry.amount).where(LedgerEntry.request_id == "card-1")
+        ).scalar_one()
+    assert charged == Decimal("0.0003")  # the card in force at finish, not the dearer one
+    assert policy.budget("alpha", now).spent == charged  # type: ignore[union-attr]
