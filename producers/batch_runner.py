@@ -50,6 +50,7 @@ from ..stack import Endpoints
 from ..wire import Batch, BatchStatus, RequestCounts, RequestState, Result
 from ..workers import keys
 from ..workers.cancel import CANCEL_TTL_S
+from ..workers.results import stored_results_async
 from .batch_files import (
     CANCELLED,
     EXPIRED,
@@ -321,16 +322,10 @@ class BatchRunner:
     async def _collect(self, t: Tracker, batch_id: str, ending: tuple[str, str] | None) -> bool:
         pending = t.pending()
         outcomes: list[tuple[str, str, dict[str, Any], Result | None]] = []
-        for start in range(0, len(pending), CHUNK):
-            chunk = pending[start : start + CHUNK]
-            raws = await self.redis.mget([keys.result(r) for r in chunk])
-            for rid, raw in zip(chunk, raws):
-                if raw is None:
-                    continue
-                result = wire.decode(Result, raw)
-                line = t.lines[rid]
-                status, entry = outcome_entry(batch_id, line.line, line.custom_id, result, ended_as=ending)
-                outcomes.append((rid, status, entry, result))
+        async for rid, result in stored_results_async(self.redis, pending, chunk=CHUNK):
+            line = t.lines[rid]
+            status, entry = outcome_entry(batch_id, line.line, line.custom_id, result, ended_as=ending)
+            outcomes.append((rid, status, entry, result))
         if outcomes:
             self._record(t, outcomes)
         return bool(outcomes)

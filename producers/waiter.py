@@ -29,14 +29,14 @@ import redis.asyncio as aredis
 from redis.exceptions import RedisError
 
 from ..logs import get_logger
-from ..wire import Result, decode
+from ..wire import Result
 from ..workers import keys
+from ..workers.results import stored_results_async
 
 __all__ = ["ResultWaiter"]
 
 log = get_logger(__name__)
 
-CHUNK = 1000
 #: the longest a blocking read waits before the task looks at its sweep clock
 BLOCK_MS = 200
 SWEEP_S = 2.0
@@ -123,17 +123,10 @@ class ResultWaiter:
         return newest[0][0] if newest else "0-0"
 
     async def _fetch(self, request_ids: Iterable[str]) -> None:
-        ids = list(request_ids)
-        for start in range(0, len(ids), CHUNK):
-            chunk = ids[start : start + CHUNK]
-            raws = await self._redis.mget([keys.result(r) for r in chunk])
-            for rid, raw in zip(chunk, raws):
-                if raw is None:
-                    continue
-                result = decode(Result, raw)
-                for fut in self._pending.pop(rid, []):
-                    if not fut.done():
-                        fut.set_result(result)
+        async for rid, result in stored_results_async(self._redis, list(request_ids)):
+            for fut in self._pending.pop(rid, []):
+                if not fut.done():
+                    fut.set_result(result)
 
     def _fail(self, request_ids: Iterable[str], exc: BaseException) -> None:
         for rid in request_ids:

@@ -32,6 +32,7 @@ __all__ = [
     "StreamItem",
     "get_result",
     "get_result_async",
+    "stored_results_async",
     "stream_events",
     "stream_events_async",
     "wait_result",
@@ -171,6 +172,19 @@ def get_result(client: redis.Redis, request_id: str) -> Result | None:
 async def get_result_async(client: aredis.Redis, request_id: str) -> Result | None:
     raw = await client.get(keys.result(request_id))
     return decode(Result, raw) if raw else None
+
+
+async def stored_results_async(
+    client: aredis.Redis, request_ids: Sequence[str], *, chunk: int = 1000
+) -> AsyncIterator[tuple[str, Result]]:
+    """``(id, result)`` for those of ``request_ids`` that have a result, in their
+    order, one ``MGET`` per ``chunk`` ids (results are decoded chunk by chunk)."""
+    for start in range(0, len(request_ids), chunk):
+        ids = request_ids[start : start + chunk]
+        raws = await client.mget([keys.result(r) for r in ids])
+        for rid, raw in zip(ids, raws):
+            if raw is not None:
+                yield rid, decode(Result, raw)
 
 
 def stream_events(
