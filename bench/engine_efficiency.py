@@ -29,17 +29,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-VLLM_ENV = {
-    # vLLM's intended serving setting (see tokenmill.workers.worker); both sides alike
-    "OMP_NUM_THREADS": "1",
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-    "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-    "VLLM_NO_USAGE_STATS": "1",
-    "DO_NOT_TRACK": "1",
-}
+from tokenmill.workers.tiny_model import OFFLINE_CPU_ENV
+
+VLLM_ENV = OFFLINE_CPU_ENV  # both sides alike
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "while", "queues", "of", "requests", "wait", "for", "tokens"]
 
 

@@ -106,8 +106,7 @@ class ResultWaiter:
                 for _, entries in got or ():
                     for entry_id, fields in entries:
                         position = entry_id
-                        rid = fields.get(b"id", fields.get("id"))
-                        rid = rid.decode() if isinstance(rid, bytes) else rid
+                        rid = fields[b"id"].decode()  # our own client: bytes replies
                         if rid in self._pending:
                             announced.append(rid)
                 if announced:

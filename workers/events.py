@@ -21,7 +21,6 @@ import asyncio
 from collections.abc import Awaitable, Sequence
 from typing import Any, Protocol
 
-from ..errors import StackError
 from ..logs import get_logger
 from ..wire import TOKEN_EVENTS_TOPIC, TokenEvent
 
@@ -33,11 +32,9 @@ log = get_logger(__name__)
 class EventSink(Protocol):
     async def start(self) -> None: ...
 
-    async def send(self, event: TokenEvent) -> Awaitable[Any]:
-        """Queue ``event``; the returned awaitable completes once it is delivered."""
-
     async def send_many(self, events: Sequence[TokenEvent]) -> list[Awaitable[Any]]:
-        """:meth:`send` for several events, in order; one awaitable per event."""
+        """Queue ``events`` in order; one awaitable per event, completing once it is
+        delivered."""
 
     async def close(self) -> None:
         """Deliver what is queued, then release the connection."""
@@ -59,18 +56,6 @@ class KafkaSink:
         opts = {"linger_ms": 5, **self._overrides}
         self._producer = kafka.producer(self.bootstrap, **opts)
         await kafka.start(self._producer, "token-event producer")
-
-    async def send(self, event: TokenEvent) -> Awaitable[Any]:
-        from aiokafka.errors import KafkaError
-
-        try:
-            fut = await self._producer.send(
-                self.topic, event.to_bytes(), key=event.tenant.encode()
-            )
-        except KafkaError as exc:
-            raise StackError(f"Kafka: cannot send token event: {exc!r}") from exc
-        fut.add_done_callback(_log_failure)
-        return fut
 
     async def send_many(self, events: Sequence[TokenEvent]) -> list[Awaitable[Any]]:
         """One record batch per partition (:func:`tokenmill.kafka.send_batched`)."""
@@ -105,14 +90,11 @@ class MemorySink:
     async def start(self) -> None:
         return None
 
-    async def send(self, event: TokenEvent) -> Awaitable[Any]:
-        self.events.append(event)
+    async def send_many(self, events: Sequence[TokenEvent]) -> list[Awaitable[Any]]:
+        self.events.extend(events)
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         done.set_result(None)
-        return done
-
-    async def send_many(self, events: Sequence[TokenEvent]) -> list[Awaitable[Any]]:
-        return [await self.send(e) for e in events]
+        return [done] * len(events)
 
     async def close(self) -> None:
         return None

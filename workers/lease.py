@@ -124,32 +124,17 @@ class Leases:
             for row in rows
         ]
 
-    async def settle(self, request_id: str, *, reported_ttl_s: int = 7 * 24 * 3600) -> None:
-        """Mark the outcome's terminal event as delivered and release the lease (one trip)."""
-        await self.settle_many([request_id], reported_ttl_s=reported_ttl_s)
-
     async def settle_many(
         self, request_ids: Sequence[str], *, reported_ttl_s: int = 7 * 24 * 3600
     ) -> list[None]:
-        """:meth:`settle` for several requests in one script call."""
+        """Mark each outcome's terminal event as delivered and release our lease, for
+        all of ``request_ids`` in one script call."""
         if request_ids:
             ks: list[str] = []
             for rid in request_ids:
                 ks += [keys.reported(rid), keys.lease(rid)]
             await self._settle(keys=ks, args=[self.holder, reported_ttl_s])
         return [None] * len(request_ids)
-
-    async def acquire(self, request_id: str) -> bool:
-        """Take the lease, or confirm it is already ours."""
-        key = keys.lease(request_id)
-        if await self.client.set(key, self.holder, nx=True, px=self.ttl_ms):
-            return True
-        current = await self.client.get(key)
-        return current is not None and _s(current) == self.holder
-
-    async def holder_of(self, request_id: str) -> str | None:
-        current = await self.client.get(keys.lease(request_id))
-        return _s(current) if current is not None else None
 
     async def renew(self, request_ids: Iterable[str]) -> int:
         """Extend our leases on ``request_ids``; returns how many were still ours."""
@@ -161,14 +146,6 @@ class Leases:
     async def release(self, request_id: str) -> None:
         await self._release(keys=[keys.lease(request_id)], args=[self.holder])
 
-    async def next_attempt(self, request_id: str, *, ttl_s: int = 7 * 24 * 3600) -> int:
-        """Count one more run of ``request_id``; returns its number (1 for the first)."""
-        pipe = self.client.pipeline(transaction=True)
-        pipe.incr(keys.attempts(request_id))
-        pipe.expire(keys.attempts(request_id), ttl_s)
-        n, _ = await pipe.execute()
-        return int(n)
-
 
 async def renew_visibility(
     client: aredis.Redis, delivery_tags: Iterable[str], *, index_key: str, now: float
@@ -178,7 +155,3 @@ async def renew_visibility(
     mapping = {tag: now for tag in delivery_tags}
     if mapping:
         await client.zadd(index_key, mapping, xx=True)
-
-
-def _s(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

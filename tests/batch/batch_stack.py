@@ -29,12 +29,12 @@ effective_from = 2026-01-01T00:00:00Z
 input_per_million = "1.00"
 output_per_million = "2.00"
 batch_discount = "0.5"
-
-[batch]
-max_line_bytes = 4096
 """
 
 WEBHOOKS = """
+[batch]
+max_line_bytes = 4096
+
 [webhooks]
 allow_private_targets = true
 max_attempts = {max_attempts}

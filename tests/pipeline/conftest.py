@@ -19,20 +19,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from tokenmill import wire
 from tokenmill.config import EXAMPLE_CONFIG
 
-# 4 sequences at a time, 20 ms a token: a request of N tokens takes about N*20 ms.
-SLOW_MODEL = """
-[models.slowsim]
-engine = "sim"
-max_in_flight = 4
-engine_args = { decode_ms_per_step = 20.0 }
-
-[[price_cards]]
-model = "slowsim"
-effective_from = 2026-01-01T00:00:00Z
-input_per_million = "1.00"
-output_per_million = "2.00"
-batch_discount = "0.5"
-"""
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "batch"))
+from batch_stack import SLOW_MODEL  # noqa: E402  (the slow model the batch tests use too)
 
 
 @dataclass

@@ -16,6 +16,7 @@ from typing import Any
 
 import redis
 from tokenmill.workers.heartbeat import live_workers
+from tokenmill.workers.tiny_model import OFFLINE_CPU_ENV
 
 from tokenmill.stack import processes
 from tokenmill.wire import (
@@ -28,16 +29,7 @@ from tokenmill.wire import (
     decode,
 )
 
-VLLM_ENV = {
-    "OMP_NUM_THREADS": "1",
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-    "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-    "VLLM_NO_USAGE_STATS": "1",
-    "DO_NOT_TRACK": "1",
-}
+VLLM_ENV = OFFLINE_CPU_ENV
 
 
 def _toml_value(v: Any) -> str:
