@@ -28,6 +28,7 @@ from collections.abc import Iterable
 import redis.asyncio as aredis
 from redis.exceptions import RedisError
 
+from ..errors import StackError
 from ..logs import get_logger
 from ..wire import Result
 from ..workers import keys
@@ -58,7 +59,7 @@ class ResultWaiter:
         """The request's result, or None after ``timeout`` seconds.
 
         Raises:
-            redis.exceptions.RedisError: Redis failed while checking the request.
+            StackError: Redis failed while checking the request.
         """
         fut: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         self._pending.setdefault(request_id, []).append(fut)
@@ -88,7 +89,7 @@ class ResultWaiter:
             try:
                 await self._fetch(fresh)
             except RedisError as exc:
-                self._fail(fresh, exc)
+                self._fail(fresh, StackError(f"Redis: cannot read results: {exc!r}"))
 
     async def _follow(self) -> None:
         position: bytes | str | None = None

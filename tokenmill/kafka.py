@@ -130,7 +130,8 @@ async def send_batched(
                     delivered[id(batch)] = await producer.send_batch(batch, tp[0], partition=tp[1])
                 batch = open_batches[tp] = producer.create_batch()
                 if batch.append(key=key, value=value, timestamp=None) is None:
-                    raise StackError(f"Kafka: a {len(value)}-byte record does not fit in a batch")
+                    raise StackError(f"Kafka: a {len(value)}-byte record for {topic} does not fit "
+                                     f"in a batch (max_batch_size)")
             batch_of.append(batch)
         for (topic, part), batch in open_batches.items():
             delivered[id(batch)] = await producer.send_batch(batch, topic, partition=part)

@@ -35,9 +35,12 @@ log = get_logger(__name__)
 REQUEUE_PAUSE_S = 1.0
 
 
-def _read_slice(dispatches: str | list[Any], host: Any, report: dict[str, str]) -> list[Dispatch]:
+def _read_slice(
+    dispatches: str | list[Any], host: Any, report: dict[str, str], task_id: str | None
+) -> list[Dispatch]:
     """The valid dispatches of a slice; each invalid one that names a request is
-    failed through ``host`` (and put in ``report``), the others only logged."""
+    failed through ``host`` (and put in ``report``), the others only logged with the
+    Celery task id of the message they came in."""
     if isinstance(dispatches, str):
         try:
             return SLICE.validate_json(dispatches)  # the common case: one pydantic call
@@ -45,10 +48,11 @@ def _read_slice(dispatches: str | list[Any], host: Any, report: dict[str, str]) 
             try:
                 dispatches = json.loads(dispatches)
             except ValueError as exc:
-                log.error("unreadable slice", reason=str(exc))
+                log.error("unreadable slice", task_id=task_id, reason=f"not JSON: {exc}")
                 return []
     if not isinstance(dispatches, list):
-        log.error("unreadable slice", reason=f"a {type(dispatches).__name__}, not a list")
+        log.error("unreadable slice", task_id=task_id,
+                  reason=f"a JSON {type(dispatches).__name__}, not a list of dispatches")  # fmt: skip
         return []
     valid: list[Dispatch] = []
     for raw in dispatches:
@@ -57,7 +61,7 @@ def _read_slice(dispatches: str | list[Any], host: Any, report: dict[str, str]) 
         except pydantic.ValidationError as exc:
             reason = describe_validation_error(exc)
             rid = host.report_invalid(raw, reason)
-            log.error("invalid dispatch", request_id=rid, reason=reason)
+            log.error("invalid dispatch", task_id=task_id, request_id=rid, reason=reason)
             if rid:
                 report[rid] = "failed"
     return valid
@@ -71,7 +75,7 @@ def register_tasks(app: Celery) -> None:
             # Not a tokenmill worker process (a misconfigured consumer): put it back.
             raise Reject("no engine host in this worker", requeue=True)
         report: dict[str, str] = {}
-        valid = _read_slice(dispatches, host, report)
+        valid = _read_slice(dispatches, host, report, self.request.id)
         tag = (self.request.properties or {}).get("delivery_tag")
         try:
             outcomes = host.run_slice(valid, delivery_tag=tag)

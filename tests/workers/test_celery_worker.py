@@ -181,3 +181,24 @@ def test_flower_lists_the_running_worker(stack: dict, sim_worker: WorkerProcess)
         assert task["worker"] == name and task["name"] == "tokenmill.run_slice"
     finally:
         processes.stop_pid(flower.pid)
+
+
+def test_a_malformed_dispatch_fails_alone_and_the_rest_of_its_slice_runs(
+    stack: dict, sim_worker: WorkerProcess, app, rclient: redis.Redis
+) -> None:
+    import json
+
+    from tokenmill.workers.celery_app import send_slice_json
+
+    good = chat_request("sim", "fine", max_tokens=4)
+    bad = chat_request("sim", "broken", max_tokens=4)
+    raw_bad = json.loads(dispatches([bad])[0].to_bytes())
+    raw_bad["request"]["max_tokens"] = -3  # fails validation, still names its request
+    payload = json.dumps([json.loads(dispatches([good])[0].to_bytes()), raw_bad]).encode()
+    send_slice_json(app, "sim", payload, priority=0)
+    ok = wait_result(rclient, good.id, timeout_s=20)
+    assert ok is not None and ok.status is ResultStatus.succeeded
+    failed = wait_result(rclient, bad.id, timeout_s=20)
+    assert failed is not None and failed.status is ResultStatus.failed
+    assert failed.error is not None and failed.error.code == "invalid_dispatch"
+    assert "max_tokens" in failed.error.message  # says which field was wrong
