@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .. import runtime
 from ..wire import Batch, BatchStatus
 from .batches import batch_data
 
@@ -228,6 +229,7 @@ def batch_runner_command() -> None:
 
     settings = load_settings()
     configure(settings.log_level)
+    runtime.tune_gc()
     asyncio.run(serve(settings, endpoints(settings)))
 
 
@@ -241,6 +243,7 @@ def webhook_worker_command(
 
     settings = load_settings()
     configure(settings.log_level)
+    runtime.tune_gc()
     raise typer.Exit(run_webhook_worker(settings, concurrency=concurrency))
 
 

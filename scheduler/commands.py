@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import typer
 
-from .. import loops
+from .. import loops, runtime
 from ..config import Settings, load_settings
 from ..stack import ServiceSpec, endpoints, register_factory
 
@@ -19,6 +19,7 @@ def scheduler_command() -> None:
 
     settings = load_settings()
     configure(settings.log_level)
+    runtime.tune_gc()
     loops.run(serve(settings, endpoints(settings)))
 
 

@@ -17,6 +17,7 @@ import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from .. import runtime
 from ..config.models import EngineKind
 from ..errors import ConfigError
 from ..logs import get_logger
@@ -117,6 +118,7 @@ def run_worker(settings: Settings, opts: WorkerOptions) -> int:
     )
     log.info("starting engine", worker=name, engine=engine.name, model=opts.model)
     host.start()
+    runtime.tune_gc()  # after the engine loaded: its heap is frozen with the rest
     app = create_app(redis_url, visibility_timeout_s=opts.visibility_timeout_s)
     app.tokenmill_host = host  # type: ignore[attr-defined]
     concurrency = opts.concurrency or min(cfg.max_in_flight, 64)
