@@ -219,8 +219,7 @@ class EngineHost:
         )
         self.leases = Leases(self.redis, self.config.worker, ttl_s=self.config.lease_ttl_s)
         self.outbox = Outbox(self.sink, self.store, self.redis)
-        self._commit = Coalescer(self.store.commit_many)
-        self._settle = Coalescer(self.leases.settle_many)
+        self._finish = Coalescer(self._finish_many)
         tasks: list[asyncio.Task[None]] = []
         try:
             await self.redis.ping()
@@ -380,18 +379,24 @@ class EngineHost:
     async def _attempt(self, run: Attempt) -> Outcome:
         rid = run.request.id
         self.outbox.emit(run.event(EventKind.dispatched))
-        run.gen_task = asyncio.create_task(self._generate(run), name=f"generate-{rid}")
+        # Generation runs as a task of its own so that a cancel can stop it without
+        # cancelling this one; awaiting it directly (not asyncio.wait) keeps that cheap.
+        run.gen_task = asyncio.create_task(self._generate(run))
+        exc: BaseException | None = None
         try:
-            await asyncio.wait({run.gen_task})
-        finally:
-            if not run.gen_task.done():  # we were cancelled (shutdown)
-                run.gen_task.cancel()
+            await run.gen_task
+        except asyncio.CancelledError:
+            me = asyncio.current_task()
+            if me is not None and me.cancelling():  # we were cancelled (shutdown)
                 await self.engine.abort(rid)
+                raise
+            # else the generation was cancelled by _cancel: concluded below
+        except BaseException as failed:  # noqa: BLE001 - concluded below as a failure
+            exc = failed
         if run.finish_reason is not None:
             return await self._conclude(run, ResultStatus.succeeded)
         if run.cancel_requested:
             return await self._conclude(run, ResultStatus.cancelled)
-        exc = None if run.gen_task.cancelled() else run.gen_task.exception()
         if isinstance(exc, ValidationError):
             return await self._conclude(run, ResultStatus.failed, "invalid_request", str(exc))
         if isinstance(exc, EngineDeadError):
@@ -493,13 +498,22 @@ class EngineHost:
         )
         if run.streaming:
             await self.outbox.barrier()  # stream deltas land before the stream's end entry
-        if not await self._commit((result, event)):
+        if not await self._finish((result, event)):
             settled = await self._settled(req.id)  # someone settled it first: theirs stands
             assert settled is not None
             return settled
-        await self.outbox.deliver(event)
-        await self._settle(req.id)  # reported, and the lease released
         return Outcome(req.id, status.value, ran=True, attempt=run.attempt)
+
+    async def _finish_many(self, outcomes: Sequence[tuple[Result, TokenEvent]]) -> list[bool]:
+        """Commit outcomes, deliver the terminal events of those committed, then mark them
+        reported and release their leases: three round trips for a whole batch of
+        requests (coalesced by ``self._finish``) instead of three per request."""
+        committed = await self.store.commit_many(outcomes)
+        events = [event for (_, event), ok in zip(outcomes, committed) if ok]
+        if events:
+            await self.outbox.deliver_many(events)
+            await self.leases.settle_many([event.request_id for event in events])
+        return committed
 
     async def _report_invalid(self, rid: str, tenant: str, model: str, reason: str) -> None:
         now = time.time()

@@ -10,6 +10,7 @@ deltas in one Redis pipeline, and all queued events as one record batch per part
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 from typing import Any
 
 import redis.asyncio as aredis
@@ -49,8 +50,12 @@ class Outbox:
         Raises:
             StackError: Kafka did not take it.
         """
+        await self.deliver_many([event])
+
+    async def deliver_many(self, events: list[TokenEvent]) -> None:
+        """:meth:`deliver` for several events, with one wait for all of their acks."""
         done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.append(("event", event, done))
+        self._queue.extend(("event", event, done) for event in events)
         self._kick.set()
         await done
 
@@ -107,20 +112,31 @@ class Outbox:
                 if waiter is not None and not waiter.done():
                     waiter.set_exception(exc)
             return
+        # A sink hands the same future to every event of one record batch, and a waiter
+        # may wait for many events: one callback per waiter, on its distinct batches.
+        batches: dict[int, tuple[asyncio.Future[Any], dict[int, Awaitable[Any]]]] = {}
         for (_, waiter), delivered in zip(events, deliveries):
             if waiter is not None:
-                _chain(asyncio.ensure_future(delivered), waiter)
+                batches.setdefault(id(waiter), (waiter, {}))[1][id(delivered)] = delivered
+        for waiter, delivered_by in batches.values():
+            _resolve_when_delivered(waiter, list(delivered_by.values()))
 
 
-def _chain(src: asyncio.Future[Any], dst: asyncio.Future[Any]) -> None:
+def _resolve_when_delivered(waiter: asyncio.Future[Any], deliveries: list[Awaitable[Any]]) -> None:
+    src = (
+        asyncio.ensure_future(deliveries[0])
+        if len(deliveries) == 1
+        else asyncio.gather(*deliveries)
+    )
+
     def copy(f: asyncio.Future[Any]) -> None:
-        if dst.done():
+        if waiter.done():
             return
         if f.cancelled():
-            dst.set_exception(StackError("token event delivery was cancelled"))
+            waiter.set_exception(StackError("token event delivery was cancelled"))
         elif f.exception() is not None:
-            dst.set_exception(StackError(f"Kafka: token event not delivered: {f.exception()!r}"))
+            waiter.set_exception(StackError(f"Kafka: token event not delivered: {f.exception()!r}"))
         else:
-            dst.set_result(None)
+            waiter.set_result(None)
 
     src.add_done_callback(copy)
