@@ -88,6 +88,12 @@ class PricingClock:
         return datetime.fromtimestamp(time.time() if self.at is None else self.at, UTC)
 
 
+# The policy's and the wire's priority enums, mapped by value once (an Enum lookup by
+# value per request showed up in the scheduler's profile).
+_POLICY_PRIORITY: dict[wire.Priority, Priority] = {p: Priority(p.value) for p in wire.Priority}
+_WIRE_PRIORITY: dict[Priority, wire.Priority] = {v: k for k, v in _POLICY_PRIORITY.items()}
+
+
 def build_policy(settings: Settings, clock: PricingClock | None = None) -> Scheduler:
     """The policy configured from settings, pricing budgets with the price cards."""
     s = settings.scheduler
@@ -97,7 +103,7 @@ def build_policy(settings: Settings, clock: PricingClock | None = None) -> Sched
         tenant: str, model: str, input_tokens: int, output_tokens: int, prio: Priority
     ) -> Decimal:
         card = settings.price_card(model, clock.now())
-        return price(card, input_tokens, output_tokens, wire.Priority(prio.value))
+        return price(card, input_tokens, output_tokens, _WIRE_PRIORITY[prio])
 
     config = SchedulerConfig(
         w_in=s.w_in,
@@ -129,7 +135,7 @@ def to_queued(req: wire.InferenceRequest, payload: object) -> QueuedRequest:
         request_id=req.id,
         tenant=req.tenant,
         model=req.model,
-        priority=Priority(req.priority.value),
+        priority=_POLICY_PRIORITY[req.priority],
         input_tokens=req.prompt_tokens_estimate,
         max_output_tokens=req.max_tokens,
         enqueued_at=req.submitted_at,

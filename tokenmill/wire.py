@@ -9,6 +9,7 @@ queues, ledger rows) is built *from* these messages, never stored in them.
 
 from __future__ import annotations
 
+import functools
 import time
 import uuid
 from enum import IntEnum, StrEnum
@@ -225,6 +226,15 @@ class TokenEvent(WireModel):
     batch_id: str | None = None
     custom_id: str | None = None
     simulated: bool = False
+
+    @functools.cached_property
+    def wire_bytes(self) -> bytes:
+        """:meth:`to_bytes`, computed once: a terminal event is stored beside its result
+        and sent to Kafka (every field is an immutable scalar, so it cannot go stale)."""
+        return super().to_bytes()
+
+    def to_bytes(self) -> bytes:
+        return self.wire_bytes
 
     @property
     def event_id(self) -> str:

@@ -36,13 +36,13 @@ class Attempt:
     cancel_requested: bool = False
     gen_task: asyncio.Task[None] | None = None
 
-    @property
-    def request(self) -> InferenceRequest:
-        return self.dispatch.request
+    #: the dispatch's request, and whether it streams (read on every engine step)
+    request: InferenceRequest = field(init=False)
+    streaming: bool = field(init=False)
 
-    @property
-    def streaming(self) -> bool:
-        return bool(self.request.body.get("stream"))
+    def __post_init__(self) -> None:
+        self.request = self.dispatch.request
+        self.streaming = bool(self.request.body.get("stream"))
 
     def event(self, kind: EventKind, **extra: Any) -> TokenEvent:
         req = self.request
