@@ -40,11 +40,13 @@ for i = 1, #KEYS, 6 do
     out[#out + 1] = {0, false, false, 0, 0, 0}
   else
     local result = redis.call('GET', KEYS[i + 1])
-    local final = redis.call('GET', KEYS[i + 2])
-    local reported = redis.call('EXISTS', KEYS[i + 3])
+    local final, reported = false, 0
     local cancel = redis.call('EXISTS', KEYS[i + 4])
     local attempt = 0
-    if not result then
+    if result then  -- only a settled request's event and its delivery matter
+      final = redis.call('GET', KEYS[i + 2])
+      reported = redis.call('EXISTS', KEYS[i + 3])
+    else
       attempt = redis.call('INCR', KEYS[i + 5])
       redis.call('EXPIRE', KEYS[i + 5], ARGV[3])
     end
