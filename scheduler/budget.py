@@ -10,10 +10,18 @@ flight. Money is ``Decimal`` throughout.
 from __future__ import annotations
 
 import math
+from datetime import UTC, datetime
 from decimal import Decimal
 from enum import IntEnum
 
 ZERO = Decimal(0)
+
+
+def month_index(now: float) -> int:
+    """Calendar months (UTC) since January 1970: the index of the month ``now`` is in,
+    the same months the ledger's invoices cover."""
+    at = datetime.fromtimestamp(now, UTC)
+    return (at.year - 1970) * 12 + at.month - 1
 
 
 class BudgetCheck(IntEnum):
@@ -28,27 +36,34 @@ class BudgetCheck(IntEnum):
 
 
 class Budget:
-    """Spending of one tenant: a limit per fixed period (aligned to the epoch) or for ever.
+    """Spending of one tenant: a limit per calendar month (UTC), per fixed period of
+    ``period_s`` seconds (aligned to the epoch), or for ever.
 
     Reservations made in one period and settled in the next are carried over: the new
     period starts with ``spent = 0`` and the old reservations still held, so the invariant
     holds in every period.
     """
 
-    __slots__ = ("limit", "period", "period_s", "reserved", "spent")
+    __slots__ = ("calendar_month", "limit", "period", "period_s", "reserved", "spent")
 
-    def __init__(self, limit: Decimal, period_s: float | None) -> None:
+    def __init__(
+        self, limit: Decimal, period_s: float | None, *, calendar_month: bool = False
+    ) -> None:
         self.limit = limit
         self.period_s = period_s
+        self.calendar_month = calendar_month
         self.period: int | None = None
         self.spent = ZERO
         self.reserved = ZERO
 
     def roll(self, now: float) -> None:
         """Start a new period if ``now`` lies past the current one (time never goes back)."""
-        if self.period_s is None:
+        if self.calendar_month:
+            index = month_index(now)
+        elif self.period_s is None:
             return
-        index = math.floor(now / self.period_s)
+        else:
+            index = math.floor(now / self.period_s)
         if self.period is None:
             self.period = index
         elif index > self.period:

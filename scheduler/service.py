@@ -69,7 +69,8 @@ return #KEYS
 _NOT_TERMINAL = tuple(
     b'"kind":"%s"' % k.value.encode() for k in wire.EventKind if not k.is_terminal
 )
-_PERIOD_S = {BudgetPeriod.day: 86_400.0, BudgetPeriod.month: 30 * 86_400.0}
+# Budgets run per UTC calendar day or month: the periods the ledger's invoices cover.
+_PERIOD_S = {BudgetPeriod.day: 86_400.0}
 
 
 def dispatched_key(request_id: str) -> str:
@@ -122,7 +123,9 @@ def build_policy(settings: Settings, clock: PricingClock | None = None) -> Sched
                 name=name,
                 weight=settings.tenant_weight(name),
                 budget=t.budget.amount if t.budget else None,
-                budget_period_s=_PERIOD_S[t.budget.period] if t.budget else None,
+                budget_period_s=_PERIOD_S.get(t.budget.period) if t.budget else None,
+                budget_calendar_month=t.budget is not None
+                and t.budget.period is BudgetPeriod.month,
                 requests_per_min=rl.requests_per_min if rl else None,
                 tokens_per_min=rl.tokens_per_min if rl else None,
             )

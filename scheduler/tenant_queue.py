@@ -274,11 +274,15 @@ class TenantState:
     def adopt(self, policy: TenantPolicy) -> None:
         """Take a new policy, carrying over spending, reservations and bucket levels."""
         budget = (
-            Budget(policy.budget, policy.budget_period_s) if policy.budget is not None else None
+            Budget(
+                policy.budget, policy.budget_period_s, calendar_month=policy.budget_calendar_month
+            )
+            if policy.budget is not None
+            else None
         )
         old = self.budget
         if budget is not None and old is not None:
-            if old.period_s == budget.period_s:
+            if (old.period_s, old.calendar_month) == (budget.period_s, budget.calendar_month):
                 budget.period = old.period
             budget.spent, budget.reserved = old.spent, old.reserved
         limiter = RateLimiter(policy.requests_per_min, policy.tokens_per_min)

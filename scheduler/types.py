@@ -54,8 +54,9 @@ class TenantPolicy:
     """What the scheduler knows about a tenant.
 
     ``weight`` scales its fair share (2.0 gets twice the tokens of 1.0 under contention).
-    ``budget`` caps spending per ``budget_period_s`` (fixed windows aligned to the epoch;
-    ``None`` means one period for all time). ``requests_per_min`` and ``tokens_per_min``
+    ``budget`` caps spending per calendar month (UTC) if ``budget_calendar_month``, else
+    per ``budget_period_s`` (fixed windows aligned to the epoch; ``None`` means one
+    period for all time). ``requests_per_min`` and ``tokens_per_min``
     are token-bucket rate limits; ``None`` means unlimited.
 
     Raises:
@@ -67,6 +68,7 @@ class TenantPolicy:
     weight: float = 1.0
     budget: Decimal | None = None
     budget_period_s: float | None = None
+    budget_calendar_month: bool = False
     requests_per_min: int | None = None
     tokens_per_min: int | None = None
 
@@ -84,6 +86,10 @@ class TenantPolicy:
             not _is_finite(self.budget_period_s) or self.budget_period_s <= 0
         ):
             raise InvalidPolicy(f"tenant {self.name!r}: budget_period_s must be > 0")
+        if self.budget_calendar_month and self.budget_period_s is not None:
+            raise InvalidPolicy(
+                f"tenant {self.name!r}: budget_period_s and budget_calendar_month exclude each other"
+            )
         for what in ("requests_per_min", "tokens_per_min"):
             limit = getattr(self, what)
             if limit is not None and (type(limit) is not int or limit <= 0):

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from datetime import UTC, datetime
 from decimal import Decimal
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from scheduler_helpers import ids, pool, price, req, scheduler
+from tokenmill.ledger.billing import Period
+from tokenmill.scheduler.budget import month_index
 from tokenmill.scheduler import (
     BudgetExceeded,
     DuplicateRequest,
@@ -316,6 +321,39 @@ def test_budget_period_rolls_over() -> None:
         s.enqueue(req("a", rid="2"), 30.0)
     s.enqueue(req("a", rid="2"), 60.0)  # a new period
     assert ids(s.dispatch(pool(1), 61.0)) == ["2"]
+
+
+def _utc(*ymd_hms: int) -> float:
+    return datetime(*ymd_hms, tzinfo=UTC).timestamp()
+
+
+def test_monthly_budget_follows_the_calendar_month_of_invoices() -> None:
+    # 2026-03-08 00:00 UTC is where a 30-day window aligned to the epoch would restart.
+    window_edge = _utc(2026, 3, 8)
+    assert window_edge % (30 * 86_400) == 0
+    s = scheduler(TenantPolicy("a", budget=Decimal("0.03"), budget_calendar_month=True))
+    s.enqueue(req("a", rid="1"), window_edge - 1)
+    s.complete(ids(s.dispatch(pool(1), window_edge - 1))[0], 10, 10, window_edge - 1)
+    with pytest.raises(BudgetExceeded):  # still March: spent
+        s.enqueue(req("a", rid="2"), window_edge + 1)
+    with pytest.raises(BudgetExceeded):
+        s.enqueue(req("a", rid="2"), _utc(2026, 3, 31, 23, 59, 59))
+    s.enqueue(req("a", rid="2"), _utc(2026, 4, 1))  # April: a new period
+    assert ids(s.dispatch(pool(1), _utc(2026, 4, 1, 0, 0, 1))) == ["2"]
+
+
+@given(st.floats(min_value=0, max_value=_utc(2200, 1, 1), allow_nan=False))
+def test_month_index_is_the_invoice_month(now: float) -> None:
+    at = datetime.fromtimestamp(now, UTC)
+    period = Period.month(at.year, at.month)  # the ledger's invoice period
+    assert period.start.timestamp() <= now < period.end.timestamp()
+    assert month_index(now) == month_index(period.start.timestamp())
+    assert month_index(period.end.timestamp()) == month_index(now) + 1
+
+
+def test_budget_period_and_calendar_month_exclude_each_other() -> None:
+    with pytest.raises(InvalidPolicy, match="exclude each other"):
+        TenantPolicy("a", budget=Decimal(1), budget_period_s=60.0, budget_calendar_month=True)
 
 
 # -- rate limits --------------------------------------------------------------------------

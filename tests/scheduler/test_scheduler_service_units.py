@@ -50,3 +50,19 @@ def test_price_card_is_the_latest_started(offsets: list[int], probe: int) -> Non
             return
         raise AssertionError("a card before any started")
     assert settings.price_card("m", at) == max(in_force, key=lambda c: c.effective_from)
+
+
+def test_configured_budgets_run_per_calendar_day_or_month() -> None:
+    from tokenmill.config.models import Budget, BudgetPeriod
+    from tokenmill.config.settings import load_settings
+    from tokenmill.scheduler.service import build_policy
+
+    settings = load_settings()
+    alpha = settings.tenants["alpha"]
+    daily = alpha.model_copy(update={"budget": Budget(amount=Decimal(5), period=BudgetPeriod.day)})
+    policies = build_policy(settings).tenants
+    assert alpha.budget is not None and alpha.budget.period is BudgetPeriod.month
+    assert (policies["alpha"].budget_calendar_month, policies["alpha"].budget_period_s) == (True, None)
+    settings = settings.model_copy(update={"tenants": {**settings.tenants, "alpha": daily}})
+    policies = build_policy(settings).tenants
+    assert (policies["alpha"].budget_calendar_month, policies["alpha"].budget_period_s) == (False, 86_400.0)
