@@ -66,9 +66,14 @@ def restore(
             tc.counter, tc.last_served = per_class.get(tc.cq.priority.value, (0.0, 0))
         if tenant.budget is not None and name in snapshot.budgets:
             period, spent = snapshot.budgets[name]
-            tenant.budget.period = period
-            tenant.budget.spent = Decimal(spent)
-            tenant.budget.reserved = ZERO
+            budget = tenant.budget
+            budget.roll(now)  # the period current now
+            # Spending of an earlier period is over; anything else is kept, including a
+            # snapshot "ahead" of now (another period kind, or a clock that went back):
+            # keeping it can only hold a tenant back, never let it overspend.
+            over = period is not None and budget.period is not None and period < budget.period
+            budget.spent = ZERO if over else Decimal(spent)
+            budget.reserved = ZERO
         if tenant.limiter is not None and name in snapshot.rate_limits:
             rl, rs, kl, ks = snapshot.rate_limits[name]
             r, k = tenant.limiter.requests, tenant.limiter.tokens

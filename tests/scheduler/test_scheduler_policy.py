@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import Counter
 from datetime import UTC, datetime
@@ -456,6 +457,30 @@ def test_snapshot_round_trips_through_json_and_settles_in_flight_work() -> None:
     assert ids(fresh.dispatch(pool(4), 3.0)) == ids(s.dispatch(pool(4), 3.0))
     done = fresh.complete("a0", 10, 10, 4.0)
     assert done is not None and done.cost == price("a", "m", 10, 10, S)
+
+
+def test_restore_keeps_this_periods_spending_and_drops_a_past_ones() -> None:
+    policy = TenantPolicy("a", budget=Decimal("0.03"), budget_calendar_month=True)
+    s = scheduler(policy)
+    march = _utc(2026, 3, 20)
+    s.enqueue(req("a", rid="1"), march)
+    s.complete(ids(s.dispatch(pool(1), march))[0], 10, 10, march)
+    spent = price("a", "m", 10, 10, S)
+    for now, expected in ((march + 3600, spent), (_utc(2026, 4, 2), Decimal(0))):
+        fresh = scheduler(policy)
+        fresh.restore(s.snapshot(), [], now)
+        view = fresh.budget("a", now)
+        assert view is not None and view.spent == expected
+    # A snapshot whose period is ahead of now (another period kind, a clock that went
+    # back) keeps its spending: it can only hold the tenant back.
+    ahead = s.snapshot()
+    ahead = dataclasses.replace(ahead, budgets={"a": (month_index(march) + 5, str(spent))})
+    fresh = scheduler(policy)
+    fresh.restore(ahead, [], march)
+    view = fresh.budget("a", march)
+    assert view is not None and view.spent == spent
+    view = fresh.budget("a", _utc(2026, 4, 1))  # ... until the next month, not five later
+    assert view is not None and view.spent == 0
 
 
 def test_restore_keeps_counters_exactly_and_decides_the_same() -> None:
