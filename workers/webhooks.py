@@ -22,6 +22,9 @@ The flow, and why:
 
 Targets must be http(s); private, loopback and link-local addresses are refused
 unless ``webhooks.allow_private_targets`` (the local stack's default config allows them).
+The host name is looked up once per attempt and the POST goes to the address checked
+(:func:`pin_target`), with the name as ``Host`` and TLS server name: a name answering
+differently on a second lookup (DNS rebinding) cannot reach a private address.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import redis
@@ -61,7 +64,9 @@ __all__ = [
     "QUEUE",
     "TASK_NAME",
     "TargetRefused",
+    "PinnedTarget",
     "check_target",
+    "pin_target",
     "enqueue_event",
     "register_webhook_tasks",
     "run_webhook_worker",
@@ -109,6 +114,9 @@ def _refused(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     return not ip.is_global or ip.is_multicast
 
 
+Resolver = Callable[..., list[tuple[Any, ...]]]  # socket.getaddrinfo's signature
+
+
 def check_target(url: str, *, allow_private: bool, resolve: bool = True) -> None:
     """Refuse URLs that are not http(s), and (unless ``allow_private``) hosts that are
     or resolve to private, loopback, link-local or otherwise non-global addresses.
@@ -134,11 +142,61 @@ def check_target(url: str, *, allow_private: bool, resolve: bool = True) -> None
         elif not resolve:
             return
         else:
-            try:
-                infos = socket.getaddrinfo(host, parts.port or 443, proto=socket.IPPROTO_TCP)
-            except OSError as exc:
-                raise TargetRefused(f"webhook: cannot resolve {host!r}: {exc}", field="webhook") from None
-            addresses = [ipaddress.ip_address(info[4][0].split("%", 1)[0]) for info in infos]
+            addresses = _resolve(host, parts, socket.getaddrinfo)
+    _refuse_private(host, addresses)
+
+
+@dataclass(frozen=True)
+class PinnedTarget:
+    """Where one POST goes: ``url`` with its host name replaced by an address that was
+    checked, so the connection goes where the check looked (a name that resolves
+    elsewhere on the second lookup — DNS rebinding — cannot reach a private address)."""
+
+    url: str
+    #: the ``Host`` header and TLS server name: the name the URL had
+    headers: dict[str, str]
+    extensions: dict[str, Any]
+
+
+def pin_target(url: str, *, allow_private: bool, resolve: Resolver = socket.getaddrinfo) -> PinnedTarget:
+    """Check ``url`` (:func:`check_target`) on one lookup of its host, and pin it.
+
+    Raises:
+        TargetRefused: naming the reason.
+    """
+    check_target(url, allow_private=True)  # scheme and host; addresses below
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:  # a literal address: nothing to resolve
+        check_target(url, allow_private=allow_private)
+        return PinnedTarget(url, {}, {})
+    addresses = _resolve(host, parts, resolve)
+    if not allow_private:
+        _refuse_private(host, addresses)
+    ip = addresses[0]
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    netloc = (f"[{ip}]" if ip.version == 6 else str(ip)) + (f":{parts.port}" if parts.port else "")
+    pinned = urlunsplit(parts._replace(netloc=(userinfo + "@" if userinfo else "") + netloc))
+    extensions: dict[str, Any] = {"sni_hostname": host} if parts.scheme == "https" else {}
+    return PinnedTarget(pinned, {"host": hostport}, extensions)
+
+
+def _resolve(host: str, parts: Any, resolve: Resolver) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    try:
+        infos = resolve(host, parts.port or (443 if parts.scheme == "https" else 80),
+                        proto=socket.IPPROTO_TCP)
+    except OSError as exc:
+        raise TargetRefused(f"webhook: cannot resolve {host!r}: {exc}", field="webhook") from None
+    if not infos:
+        raise TargetRefused(f"webhook: {host!r} resolves to no address", field="webhook")
+    return [ipaddress.ip_address(info[4][0].split("%", 1)[0]) for info in infos]
+
+
+def _refuse_private(host: str, addresses: list[ipaddress.IPv4Address | ipaddress.IPv6Address]) -> None:
     for ip in addresses:
         if _refused(ip):
             raise TargetRefused(
@@ -165,6 +223,8 @@ class Deliverer:
     factory: sessionmaker[Session]
     redis: redis.Redis
     http: httpx.Client
+    #: the host name lookup (``socket.getaddrinfo``; tests give names their answers)
+    resolve: Resolver = socket.getaddrinfo
 
     @classmethod
     def create(cls, settings: Settings, redis_url: str) -> Deliverer:
@@ -221,14 +281,18 @@ class Deliverer:
         """``(status code, error, permanent?, milliseconds)`` of one POST."""
         started = time.monotonic()
         try:
-            check_target(url, allow_private=self.settings.webhooks.allow_private_targets)
+            target = pin_target(
+                url, allow_private=self.settings.webhooks.allow_private_targets, resolve=self.resolve
+            )
             t = self.settings.tenants.get(tenant)
             if t is None or t.webhook_secret is None:
                 raise TargetRefused(f"tenant {tenant!r} has no webhook_secret configured")
             body = json.dumps(payload, separators=(",", ":")).encode()
             headers = signed_headers(t.webhook_secret.get_secret_value(), webhook_id, body)
             headers.update({"content-type": "application/json", "user-agent": USER_AGENT})
-            resp = self.http.post(url, content=body, headers=headers)
+            headers.update(target.headers)
+            resp = self.http.post(target.url, content=body, headers=headers,
+                                  extensions=target.extensions)
         except ValidationError as exc:
             return None, str(exc), True, (time.monotonic() - started) * 1000
         except httpx.HTTPError as exc:

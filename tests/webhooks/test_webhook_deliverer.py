@@ -3,6 +3,7 @@ targets are dead at once, copies of a task never post twice, attempts are record
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -24,7 +25,7 @@ from tokenmill.ledger import (
 )
 from tokenmill.workers import keys
 from tokenmill.workers.webhook_signing import verify
-from tokenmill.workers.webhooks import Deliverer, enqueue_event, webhook_id_for
+from tokenmill.workers.webhooks import Deliverer, PinnedTarget, enqueue_event, pin_target, webhook_id_for
 
 
 @pytest.fixture
@@ -104,3 +105,50 @@ def test_retries_then_dead_after_max_attempts(tmp_path, redis_url, monkeypatch) 
     with transaction(d.factory) as s:
         row = get_webhook(s, wid)
         assert row.attempts == 3 and row.next_attempt_at is None and "ConnectError" in row.last_error
+
+
+def answers(table: dict[str, list[str]], calls: list[str] | None = None):
+    """A host name lookup with fixed answers, in ``socket.getaddrinfo``'s shape."""
+
+    def resolve(host: str, port: int, **_: object) -> list[tuple[object, ...]]:
+        if calls is not None:
+            calls.append(host)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port)) for ip in table[host]]
+
+    return resolve
+
+
+def test_posts_to_the_checked_address_with_the_name_as_host(tmp_path, redis_url, monkeypatch, hits) -> None:
+    url, got = hits
+    port = url.split(":")[2].split("/")[0]
+    d = deliverer(tmp_path, redis_url, monkeypatch, allow=True)
+    d.resolve = answers({"hooks.test": ["127.0.0.1"]})
+    wid = enqueue(d, f"http://hooks.test:{port}/hook", "k4")
+    assert d.deliver(wid, 1) == "delivered"
+    assert [{k.lower(): v for k, v in h.items()}["host"] for h in got] == [f"hooks.test:{port}"]
+
+
+def test_a_name_resolving_to_a_private_address_is_refused(tmp_path, redis_url, monkeypatch, hits) -> None:
+    url, got = hits
+    port = url.split(":")[2].split("/")[0]
+    d = deliverer(tmp_path, redis_url, monkeypatch, allow=False)
+    d.resolve = answers({"hooks.test": ["93.184.216.34", "127.0.0.1"]})
+    wid = enqueue(d, f"http://hooks.test:{port}/hook", "k5")
+    assert d.deliver(wid, 1) == "dead" and got == []
+    with transaction(d.factory) as s:
+        assert "127.0.0.1" in (get_webhook(s, wid).last_error or "")
+
+
+def test_the_connection_goes_to_the_address_that_was_checked() -> None:
+    # A rebinding name: public on the first lookup, loopback on every later one.
+    calls: list[str] = []
+    first = answers({"hooks.test": ["93.184.216.34"]}, calls)
+    later = answers({"hooks.test": ["127.0.0.1"]})
+    resolve = lambda host, port, **kw: (first if not calls else later)(host, port, **kw)  # noqa: E731
+    target = pin_target("https://user@hooks.test:8443/x?y=1", allow_private=False, resolve=resolve)
+    assert calls == ["hooks.test"]  # one lookup: the checked answer is the one used
+    assert target.url == "https://user@93.184.216.34:8443/x?y=1"
+    assert target.headers == {"host": "hooks.test:8443"}
+    assert target.extensions == {"sni_hostname": "hooks.test"}  # TLS checks the name
+    literal = pin_target("http://93.184.216.34/x", allow_private=False, resolve=later)
+    assert literal == PinnedTarget("http://93.184.216.34/x", {}, {})
