@@ -37,7 +37,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-import redis.asyncio as aredis
 from aiokafka.errors import KafkaError
 from redis.exceptions import RedisError
 
@@ -45,6 +44,7 @@ from .. import kafka, wire
 from ..config import Settings
 from ..errors import NotFound, TokenmillError
 from ..logs import get_logger
+from ..redis_client import async_redis
 from ..scheduler.service import dispatched_key
 from ..stack import Endpoints
 from ..wire import Batch, BatchStatus, RequestCounts, RequestState, Result
@@ -177,7 +177,7 @@ class BatchRunner:
         self.factory = shared_factory(self.settings.ledger_url)
         bootstrap = self.endpoints.kafka_bootstrap
         await kafka.ensure_topics(bootstrap)
-        self.redis = aredis.Redis.from_url(self.endpoints.redis_url)
+        self.redis = async_redis(self.endpoints.redis_url)
         self.producer = kafka.producer(bootstrap)
         await kafka.start(self.producer, "batch runner producer")
         log.info("batch runner started")

@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import redis.asyncio as aredis
 from aiokafka.errors import KafkaError
 
 from .. import kafka, loops, wire
 from ..config import Settings, load_settings
 from ..errors import StackError, TokenmillError, ValidationError
+from ..redis_client import async_redis
 from ..stack import endpoints
 from ..workers.cancel import request_cancel_async
 from ..workers.results import get_result_async, stream_events_async
@@ -97,7 +97,7 @@ class AsyncClient:
             redis_url = redis_url or ep.redis_url
         self._bootstrap = kafka_bootstrap
         self._producer = kafka.producer(kafka_bootstrap)
-        self._redis = aredis.Redis.from_url(redis_url)
+        self._redis = async_redis(redis_url)
         self._waiter = ResultWaiter(self._redis, self.tenant)
         self._started = False
 

@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 
-import redis.asyncio as aredis
 from aiokafka import ConsumerRecord, TopicPartition
 from celery import Celery
 
@@ -37,6 +36,7 @@ from ..config.models import BudgetPeriod
 from ..errors import ConfigError, SchemaError, TokenmillError
 from ..logs import get_logger
 from ..pricing import cost as price
+from ..redis_client import async_redis
 from ..stack import Endpoints
 from ..workers import keys as worker_keys
 from ..workers.celery_app import celery_priority, create_app, send_slice_json
@@ -210,7 +210,7 @@ class SchedulerService:
     async def run(self, stop: asyncio.Event) -> None:
         bootstrap = self.endpoints.kafka_bootstrap
         await kafka.ensure_topics(bootstrap)
-        self.redis = aredis.Redis.from_url(self.endpoints.redis_url)
+        self.redis = async_redis(self.endpoints.redis_url)
         self._mark_dispatched = self.redis.register_script(_MARK_DISPATCHED)
         self.store = ResultStore(self.redis)
         await self._restore()

@@ -35,11 +35,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio as aredis
-
 from .. import loops
 from ..errors import EngineDeadError, EngineError, ValidationError
 from ..logs import get_logger
+from ..redis_client import async_redis
 from ..wire import (
     Dispatch,
     ErrorInfo,
@@ -210,10 +209,9 @@ class EngineHost:
 
     async def _main(self, ready: concurrent.futures.Future[None]) -> None:
         self._stopping = asyncio.Event()
-        pool = aredis.BlockingConnectionPool.from_url(
-            self.redis_url, max_connections=64, timeout=30, health_check_interval=30
+        self.redis = async_redis(
+            self.redis_url, blocking=True, max_connections=64, timeout=30, health_check_interval=30
         )
-        self.redis = aredis.Redis(connection_pool=pool)
         self.store = ResultStore(
             self.redis, result_ttl_s=self.config.result_ttl_s, stream_ttl_s=self.config.stream_ttl_s
         )

@@ -51,6 +51,7 @@ import redis
 from .. import loops
 from ..errors import ValidationError
 from ..logs import get_logger
+from ..redis_client import async_redis
 from . import keys
 from .webhook_signing import signed_headers
 
@@ -392,11 +393,9 @@ class WebhookService:
     async def _watch_once(self, stop: asyncio.Event) -> None:
         """Requests submitted with ``webhook=``: note them as they are published, and
         record their webhook once their result is stored."""
-        import redis.asyncio as aredis
-
         from .. import kafka, wire
 
-        client = aredis.Redis.from_url(self.redis_url)
+        client = async_redis(self.redis_url)
         assert self.kafka_bootstrap is not None
         await kafka.ensure_topics(self.kafka_bootstrap)
         # Only notes which requests have webhooks: a long poll spares the broker's CPU.
