@@ -55,7 +55,7 @@ from ..db import transaction
 from ..sla import sla_attainment
 from .config import StreamsConfig
 from .metrics import StreamMetrics
-from .processor import BatchProcessor, Prepared
+from .processor import BatchProcessor, BatchReport
 from .sink import LedgerSink
 
 log = get_logger(__name__)
@@ -339,15 +339,16 @@ def create_app(
                     _die("batch failed", exc)
                 if writing is not None and await asyncio.shield(writing):
                     raise asyncio.CancelledError
-                writing = asyncio.ensure_future(_write(prepared, fetches))
+                # started here, not in the task: the next prepare may not yield first
+                writing = asyncio.ensure_future(_write(processor.start(prepared), fetches))
         finally:
             if writing is not None and not writing.done():
                 # Shutdown: let the batch in flight finish and be acknowledged (_finish
                 # ends the process if it cannot).
                 await asyncio.wait([writing], timeout=FINISH_ON_STOP_S + 5)
 
-    async def _write(prepared: Prepared, fetches: list[Fetched]) -> bool:
-        stopping = await _finish(processor.finish(prepared))
+    async def _write(work: Awaitable[BatchReport], fetches: list[Fetched]) -> bool:
+        stopping = await _finish(work)
         consumer: BatchConsumer = app.consumer  # type: ignore[assignment]
         for fetched in fetches:
             consumer.ack_fetched(fetched)

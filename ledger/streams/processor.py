@@ -11,8 +11,9 @@ alone. The order is what makes the stream exact under at-least-once delivery:
 
 Decoding, pricing and building the rows (:meth:`BatchProcessor.prepare`) touch no
 state that the ledger's writes depend on, so the caller may prepare the next batch
-while the previous one is written; batches are still written, and acknowledged, one at
-a time in fetch order.
+while the previous one is written (:meth:`BatchProcessor.start` hands the transaction to
+its thread at once, so that it runs meanwhile); batches are still written, and
+acknowledged, one at a time in fetch order.
 
 A crash anywhere before 3 replays the batch. While the database is unreachable the
 batch is retried with backoff, holding the stream (nothing is acknowledged).
@@ -21,6 +22,7 @@ batch is retried with backoff, holding the stream (nothing is acknowledged).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
@@ -32,7 +34,7 @@ from tokenmill.wire import TokenEvent
 from .config import StreamsConfig
 from .decode import Rejected, parse
 from .metrics import StreamMetrics
-from .sink import LedgerSink, LedgerUnavailable, Plan
+from .sink import BatchOutcome, LedgerSink, LedgerUnavailable, Plan
 from .violations import violation_of
 
 log = get_logger(__name__)
@@ -149,21 +151,40 @@ class BatchProcessor:
 
     async def finish(self, prepared: Prepared) -> BatchReport:
         """Write a prepared batch, then publish its dead letters and violations; returns
-        once everything it implies is durable.
+        once everything it implies is durable (:meth:`start`, awaited).
 
         Raises:
             Exception: anything but an unreachable database (which is retried): the
                 caller must not acknowledge the batch.
         """
+        return await self.start(prepared)
+
+    def start(self, prepared: Prepared) -> Awaitable[BatchReport]:
+        """Hand a prepared batch's transaction to its thread now; the returned awaitable
+        does the rest of :meth:`finish`.
+
+        The transaction runs on a thread of its own, so that the database's work (the
+        bulk of it in SQLite's C code, without the GIL) overlaps the decoding and
+        planning of the next batch on the loop's thread. Submitted here rather than when
+        a task first runs: a caller that goes on to prepare the next batch without
+        yielding to the loop would otherwise delay the transaction until it is done.
+        """
+        return self._complete(prepared, self._submit(prepared), time.monotonic())
+
+    def _submit(self, prepared: Prepared) -> asyncio.Future[BatchOutcome]:
+        call = contextvars.copy_context().run  # as asyncio.to_thread does
+        return asyncio.get_running_loop().run_in_executor(
+            None, call, self.sink.commit, prepared.plan
+        )
+
+    async def _complete(
+        self, prepared: Prepared, writing: asyncio.Future[BatchOutcome], write_started: float
+    ) -> BatchReport:
         records, started = prepared.records, prepared.started
         delay = self.backoff_s
-        write_started = time.monotonic()
         while True:
             try:
-                # The transaction runs on a thread of its own: the database's work (the
-                # bulk of it in SQLite's C code, without the GIL) overlaps the decoding
-                # and planning of the next batch on the loop's thread.
-                outcome = await asyncio.to_thread(self.sink.commit, prepared.plan)
+                outcome = await writing
                 break
             except LedgerUnavailable as exc:
                 log.warning(
@@ -171,6 +192,7 @@ class BatchProcessor:
                 )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.max_backoff_s)
+                writing = self._submit(prepared)
         rejects = prepared.rejects + [(prepared.where[j], why) for j, why in outcome.rejected]
         rejects.sort()
         committed_at = time.time()

@@ -26,7 +26,7 @@ from tokenmill.config import Settings, SlaClass
 
 from tokenmill import pricing
 from tokenmill.errors import LedgerError
-from tokenmill.wire import EventKind, TokenEvent
+from tokenmill.wire import EventKind, Priority, TokenEvent
 
 from ..billing import sync_price_cards
 from ..bulk import Encoder, insert_new, insert_rows
@@ -36,6 +36,7 @@ from ..models import EntryKind, LedgerEntry, PriceCardVersion, SlaRecord, UsageR
 from ..types import utcnow
 from ..usage import add_to_minutes
 from .measure import Measurement, measure
+from .rates import Rates, precision_limit, rates_for, units_to_decimal
 
 
 class LedgerUnavailable(LedgerError):
@@ -69,6 +70,8 @@ class Recorded:
     cost: Decimal
     currency: str
     card_id: int
+    #: ``cost`` in ledger units (10⁻¹⁰), where priced with whole-unit rates (see .rates)
+    units: int | None = None
     #: whether this batch inserted its usage (False: a replay or a duplicate)
     new: bool = False
 
@@ -108,6 +111,8 @@ class LedgerSink:
         self.settings = settings
         self._cards: dict[str, list[Card]] = {}
         self._tiers: dict[str, tuple[str | None, str | None, SlaClass | None]] = {}
+        #: (card id, batch priority) → its exact rates, None if it has none
+        self._rates: dict[tuple[int, bool], Rates | None] = {}
         self._enc: Encoder | None = None
 
     def prepare(self) -> None:
@@ -153,6 +158,18 @@ class LedgerSink:
             self._tiers[tenant] = found
         return found
 
+    def _units(self, card: Card, ev: TokenEvent, limit: int) -> int | None:
+        """``ev``'s charge in ledger units with integer arithmetic, or None where
+        :func:`tokenmill.pricing.cost` must price it (see :mod:`.rates`)."""
+        key = (card.id, ev.priority is Priority.batch)
+        try:
+            rates = self._rates[key]
+        except KeyError:
+            rates = self._rates[key] = rates_for(card, ev.priority)
+        if rates is None:
+            return None
+        return rates.units(ev.prompt_tokens, ev.completion_tokens, limit)
+
     def write(self, events: Sequence[TokenEvent]) -> BatchOutcome:
         """Record the ``finished`` events of ``events`` in one transaction
         (:meth:`plan`, then :meth:`commit`).
@@ -174,6 +191,7 @@ class LedgerSink:
         outcome = BatchOutcome()
         planned: list[tuple[int, Recorded]] = []
         reloaded = False
+        limit = precision_limit()
         for i, ev in enumerate(events):
             if ev.kind is not EventKind.finished:
                 outcome.skipped += 1
@@ -192,12 +210,15 @@ class LedgerSink:
                 continue
             tier, sla_class, targets = self._tier_of(ev.tenant)
             try:
-                amount = pricing.cost(card, ev.prompt_tokens, ev.completion_tokens, ev.priority)
+                units = self._units(card, ev, limit)
+                amount = (pricing.cost(card, ev.prompt_tokens, ev.completion_tokens, ev.priority)
+                          if units is None else units_to_decimal(units))  # fmt: skip
                 m = measure(ev, targets)
             except ValueError as exc:
                 outcome.rejected.append((i, f"ValueError: {exc}"))
                 continue
-            rec = Recorded(ev, at, tier, sla_class, targets, m, amount, card.currency, card.id)
+            rec = Recorded(ev, at, tier, sla_class, targets, m, amount, card.currency, card.id,
+                           units)  # fmt: skip
             planned.append((i, rec))
         rows: Rows | LedgerError | None = None
         if planned:
@@ -314,14 +335,15 @@ def build_rows(enc: Encoder, recs: Sequence[Recorded]) -> Rows:
         unique.setdefault(r.event.request_id, r)
     rows = Rows([], [], [])
     usage, charges, slas = rows.usage, rows.charges, rows.slas
+    stamp, money, money_units = enc.time_and_minute, enc.money, enc.money_units
     for rid in sorted(unique):
         r = unique[rid]
         ev = r.event
         tenant, model, pt, ct = ev.tenant, ev.model, ev.prompt_tokens, ev.completion_tokens
-        at = enc.time(r.at)
-        usage.append((rid, tenant, model, ev.priority.value, enc.minute(at, r.at), pt, ct))
-        charges.append((rid, _CHARGE, tenant, model, enc.money(r.cost), r.currency, r.card_id,
-                        pt, ct, at))  # fmt: skip
+        at, minute = stamp(r.at)
+        amount = money(r.cost) if r.units is None else money_units(r.units, r.cost)
+        usage.append((rid, tenant, model, ev.priority.value, minute, pt, ct))
+        charges.append((rid, _CHARGE, tenant, model, amount, r.currency, r.card_id, pt, ct, at))
         if r.tier is not None:
             m = r.measurement
             slas.append((rid, tenant, r.tier, model, r.sla_class, m.queue_ms, m.ttft_ms,

@@ -111,3 +111,29 @@ def test_bulk_rows_read_back_as_the_orm_wrote_them(engine: Engine,
             "SELECT request_id, amount, created_at FROM ledger_entries ORDER BY request_id"
         ).all()
     assert raw[0][1:] == raw[1][1:] and [r[0] for r in raw] == ["bulk", "orm"]
+
+
+@given(at=hs.datetimes(min_value=datetime(1970, 1, 1), max_value=datetime(9999, 12, 31),
+                       timezones=hs.just(UTC)),  # fmt: skip
+       nudge=hs.sampled_from([0, 999_999, 500_000, 1]))
+def test_encoder_time_and_minute_agree_with_time_and_minute(at: datetime, nudge: int) -> None:
+    at = at.replace(microsecond=nudge) if nudge else at
+    for dialect in DIALECTS:
+        enc = Encoder(dialect)
+        text = enc.time(at)
+        assert enc.time_and_minute(at) == (text, enc.minute(text, at))
+        assert enc.time_and_minute(at) == (text, enc.minute(text, at))  # cached
+
+
+@given(units=hs.one_of(hs.integers(0, 10**20), hs.integers(2**63 - 5, 2**63 + 5)))
+def test_encoder_money_units_agree_with_money(units: int) -> None:
+    amount = Decimal(units).scaleb(-10)
+    for dialect in DIALECTS:
+        enc = Encoder(dialect)
+        try:
+            expected = enc.money(amount)
+        except LedgerError:
+            with pytest.raises(LedgerError):
+                enc.money_units(units, amount)
+            continue
+        assert enc.money_units(units, amount) == expected
