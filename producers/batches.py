@@ -59,7 +59,7 @@ def batch_webhook_check(settings: Settings, tenant: str, url: str) -> str:
     """Validate a webhook URL at submission (the delivery checks the address again)."""
     from ..workers.webhooks import check_target
 
-    check_target(url, allow_private=settings.webhooks.allow_private_targets, resolve=False)
+    check_target(url, allow_private=settings.webhooks.allow_private_targets)
     t = settings.tenants[tenant]
     if t.webhook_secret is None:
         raise ValidationError(f"webhook: tenant {tenant!r} has no webhook_secret to sign with", field="webhook")

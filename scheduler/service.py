@@ -69,8 +69,9 @@ return #KEYS
 _NOT_TERMINAL = tuple(
     b'"kind":"%s"' % k.value.encode() for k in wire.EventKind if not k.is_terminal
 )
-# Budgets run per UTC calendar day or month: the periods the ledger's invoices cover.
-_PERIOD_S = {BudgetPeriod.day: 86_400.0}
+#: a daily budget's period: UTC days (monthly ones run per UTC calendar month, the
+#: months the ledger's invoices cover)
+_DAY_S = 86_400.0
 
 
 def dispatched_key(request_id: str) -> str:
@@ -118,14 +119,14 @@ def build_policy(settings: Settings, clock: PricingClock | None = None) -> Sched
     tenants = []
     for name, t in settings.tenants.items():
         rl = t.rate_limit
+        period = t.budget.period if t.budget else None
         tenants.append(
             TenantPolicy(
                 name=name,
                 weight=settings.tenant_weight(name),
                 budget=t.budget.amount if t.budget else None,
-                budget_period_s=_PERIOD_S.get(t.budget.period) if t.budget else None,
-                budget_calendar_month=t.budget is not None
-                and t.budget.period is BudgetPeriod.month,
+                budget_period_s=_DAY_S if period is BudgetPeriod.day else None,
+                budget_calendar_month=period is BudgetPeriod.month,
                 requests_per_min=rl.requests_per_min if rl else None,
                 tokens_per_min=rl.tokens_per_min if rl else None,
             )

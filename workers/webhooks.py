@@ -118,13 +118,11 @@ def _refused(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
 Resolver = Callable[..., list[tuple[Any, ...]]]  # socket.getaddrinfo's signature
 
 
-def check_target(url: str, *, allow_private: bool, resolve: bool = True) -> None:
-    """Refuse URLs that are not http(s), and (unless ``allow_private``) hosts that are
-    or resolve to private, loopback, link-local or otherwise non-global addresses.
-
-    Parameters:
-        resolve: look the host name up (at delivery); without it only literal
-            addresses and ``localhost`` are checked (at submission).
+def check_target(url: str, *, allow_private: bool) -> None:
+    """Refuse URLs that are not http(s), and (unless ``allow_private``) literal private,
+    loopback, link-local or otherwise non-global addresses and ``localhost``: what can
+    be told at submission. Host names are looked up and checked at each attempt
+    (:func:`pin_target`).
 
     Raises:
         TargetRefused: naming the reason.
@@ -132,19 +130,21 @@ def check_target(url: str, *, allow_private: bool, resolve: bool = True) -> None
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise TargetRefused(f"webhook: must be an http(s) URL, got {url!r}", field="webhook")
-    if allow_private:
-        return
     host = parts.hostname
+    if host == "localhost" or host.endswith(".localhost"):
+        addresses = [ipaddress.ip_address("127.0.0.1")]
+    else:
+        literal = _literal(host)
+        addresses = [] if literal is None else [literal]
+    if not allow_private:
+        _refuse_private(host, addresses)
+
+
+def _literal(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
-        addresses = [ipaddress.ip_address(host)]
+        return ipaddress.ip_address(host)
     except ValueError:
-        if host == "localhost" or host.endswith(".localhost"):
-            addresses = [ipaddress.ip_address("127.0.0.1")]
-        elif not resolve:
-            return
-        else:
-            addresses = _resolve(host, parts, socket.getaddrinfo)
-    _refuse_private(host, addresses)
+        return None
 
 
 @dataclass(frozen=True)
@@ -165,15 +165,10 @@ def pin_target(url: str, *, allow_private: bool, resolve: Resolver = socket.geta
     Raises:
         TargetRefused: naming the reason.
     """
-    check_target(url, allow_private=True)  # scheme and host; addresses below
+    check_target(url, allow_private=allow_private)
     parts = urlsplit(url)
     host = parts.hostname or ""
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        pass
-    else:  # a literal address: nothing to resolve
-        check_target(url, allow_private=allow_private)
+    if _literal(host) is not None:  # checked above: nothing to resolve
         return PinnedTarget(url, {}, {})
     addresses = _resolve(host, parts, resolve)
     if not allow_private:

@@ -60,7 +60,7 @@ def test_only_http_urls(url: str) -> None:
 
 def test_public_literal_addresses_pass_and_names_are_checked_at_delivery() -> None:
     check_target("https://93.184.216.34/hook", allow_private=False)
-    check_target("https://hooks.example.com/x", allow_private=False, resolve=False)
+    check_target("https://hooks.example.com/x", allow_private=False)  # no lookup here
 
 
 def test_backoff_is_exponential_with_full_jitter_and_capped() -> None:
