@@ -49,7 +49,7 @@ from ..scheduler.service import dispatched_key
 from ..stack import Endpoints
 from ..wire import Batch, BatchStatus, RequestCounts, RequestState, Result
 from ..workers import keys
-from ..workers.cancel import CANCEL_TTL_S
+from ..workers.cancel import request_cancel_many_async
 from ..workers.results import stored_results_async
 from .batch_files import (
     CANCELLED,
@@ -352,10 +352,7 @@ class BatchRunner:
         key = t.tenant.encode()
         for start in range(0, len(rids), CHUNK):
             chunk = rids[start : start + CHUNK]
-            pipe = self.redis.pipeline(transaction=False)
-            for r in chunk:
-                pipe.set(keys.cancel(r), b"1", ex=CANCEL_TTL_S)
-            await pipe.execute()
+            await request_cancel_many_async(self.redis, chunk)
             futures = [
                 await self.producer.send(
                     wire.CONTROL_TOPIC,

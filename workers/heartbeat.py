@@ -28,9 +28,14 @@ __all__ = ["live_workers", "live_workers_async", "publish", "remove"]
 async def publish(client: aredis.Redis, beat: WorkerHeartbeat, *, ttl_s: float = 10.0) -> None:
     """Write one heartbeat."""
     pipe = client.pipeline(transaction=False)
+    stage(pipe, beat, ttl_s=ttl_s)
+    await pipe.execute()
+
+
+def stage(pipe: aredis.client.Pipeline, beat: WorkerHeartbeat, *, ttl_s: float = 10.0) -> None:
+    """Queue the writes of one heartbeat on ``pipe`` (sent with the caller's other writes)."""
     pipe.set(keys.worker(beat.worker), beat.to_bytes(), px=int(ttl_s * 1000))
     pipe.zadd(keys.pool_workers(beat.pool), {beat.worker: beat.ts})
-    await pipe.execute()
 
 
 async def remove(client: aredis.Redis, pool: str, worker: str) -> None:

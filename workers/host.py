@@ -53,7 +53,7 @@ from ..wire import (
 from . import heartbeat
 from .attempt import Attempt
 from .batching import Coalescer
-from .cancel import cancelled_among
+from .cancel import CancelWatch
 from .engines.base import Engine, EngineStep
 from .events import EventSink
 from .lease import Admission, Leases, renew_visibility
@@ -130,6 +130,7 @@ class EngineHost:
         self._runs: dict[str, Attempt] = {}
         self._waiters: dict[str, asyncio.Future[Outcome]] = {}
         self._tags: Counter[str] = Counter()
+        self._cancels = CancelWatch()
         self._background: set[asyncio.Task[None]] = set()
 
     # -- thread-side API --------------------------------------------------------
@@ -332,6 +333,7 @@ class EngineHost:
                 attempt = max(dispatch.attempt, admission.attempt)
                 run = Attempt(dispatch, attempt, self.config.worker, self.engine.simulated)
                 self._runs[rid] = run
+                self._cancels.started(rid)
                 try:
                     deadline = dispatch.request.deadline
                     if admission.cancel_requested:
@@ -554,10 +556,9 @@ class EngineHost:
         while True:
             await asyncio.sleep(cfg.cancel_poll_s)
             try:
-                rids = [r for r, run in self._runs.items() if not run.cancel_requested]
-                for rid in await cancelled_among(self.redis, rids):
+                for rid in await self._cancels.poll(self.redis, self._runs.keys()):
                     run = self._runs.get(rid)
-                    if run is not None:
+                    if run is not None and not run.cancel_requested:
                         task = asyncio.create_task(self._cancel(run))
                         self._background.add(task)  # keep a reference until it is done
                         task.add_done_callback(self._background.discard)
@@ -573,11 +574,11 @@ class EngineHost:
             worker=cfg.worker, pool=cfg.pool, models=(cfg.model,), engine=self.engine.name,
             simulated=self.engine.simulated, capacity=self.capacity, in_flight=self.in_flight,
         )
-        await heartbeat.publish(self.redis, beat, ttl_s=cfg.heartbeat_ttl_s)
-        held = list(self._waiters)
-        if held:
-            await self.leases.renew(held)
+        # One round trip: each one wakes this thread, and each wake-up stalls the engine
+        # thread (one GIL) for longer than the work itself.
+        pipe = self.redis.pipeline(transaction=False)
+        heartbeat.stage(pipe, beat, ttl_s=cfg.heartbeat_ttl_s)
+        await self.leases.renew(pipe, list(self._waiters))
         if self._tags and cfg.visibility_index_key:
-            await renew_visibility(
-                self.redis, list(self._tags), index_key=cfg.visibility_index_key, now=time.time()
-            )
+            renew_visibility(pipe, list(self._tags), index_key=cfg.visibility_index_key, now=time.time())
+        await pipe.execute()

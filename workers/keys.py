@@ -44,6 +44,10 @@ def cancel(request_id: str) -> str:
     return f"{PREFIX}cancel:{request_id}"
 
 
+#: bumped by every cancel request, so workers poll one key until some cancel is asked
+CANCEL_EPOCH = f"{PREFIX}cancel-epoch"
+
+
 def lease(request_id: str) -> str:
     return f"{PREFIX}lease:{request_id}"
 

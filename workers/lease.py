@@ -138,22 +138,23 @@ class Leases:
             await self._settle(keys=ks, args=[self.holder, reported_ttl_s])
         return [None] * len(request_ids)
 
-    async def renew(self, request_ids: Iterable[str]) -> int:
-        """Extend our leases on ``request_ids``; returns how many were still ours."""
+    async def renew(self, pipe: aredis.client.Pipeline, request_ids: Iterable[str]) -> None:
+        """Queue, on ``pipe``, the extension of our leases on ``request_ids`` (its reply:
+        how many were still ours)."""
         ks = [keys.lease(r) for r in request_ids]
-        if not ks:
-            return 0
-        return int(await self._renew(keys=ks, args=[self.holder, self.ttl_ms]))
+        if ks:
+            await self._renew(keys=ks, args=[self.holder, self.ttl_ms], client=pipe)
 
     async def release(self, request_id: str) -> None:
         await self._release(keys=[keys.lease(request_id)], args=[self.holder])
 
 
-async def renew_visibility(
-    client: aredis.Redis, delivery_tags: Iterable[str], *, index_key: str, now: float
+def renew_visibility(
+    pipe: aredis.client.Pipeline, delivery_tags: Iterable[str], *, index_key: str, now: float
 ) -> None:
-    """Mark our unacked messages as delivered ``now`` (``ZADD XX``: never re-adds an
-    acked one), so the transport's sweep does not hand them to another worker."""
+    """Queue, on ``pipe``: mark our unacked messages as delivered ``now`` (``ZADD XX``:
+    never re-adds an acked one), so the transport's sweep does not hand them to another
+    worker."""
     mapping = {tag: now for tag in delivery_tags}
     if mapping:
-        await client.zadd(index_key, mapping, xx=True)
+        pipe.zadd(index_key, mapping, xx=True)
