@@ -16,12 +16,13 @@ the worker's ``max_in_flight`` is the engine's ``max_num_seqs``):
 
 Throughput is output tokens (the engine's usage counts) / wall seconds. Both sides are
 warmed up first (every prompt, 8 tokens), then run one after the other, never at once,
-``repeat`` times interleaved (a, b, a, b, ...). Reported: the medians of each side and
+``repeat`` times interleaved (a, b, a, b, ...; 9 by default: single runs on this VM
+vary by up to ±10 % with the machine, on both sides alike). Reported: the medians of each side and
 ``vllm_pipeline_efficiency`` = median(b) / median(a). The per-run breakdown of (b)
 (scheduler dispatch, worker start, last engine finish, client pickup; from the token
 events, read after all runs) and the CPU seconds of every service come with it.
 
-    python bench/pipeline_vllm.py [--requests 256] [--max-tokens 256] [--repeat 5]
+    python bench/pipeline_vllm.py [--requests 256] [--max-tokens 256] [--repeat 9]
 
 Ends with one JSON line of the figures. Call :func:`measure` outside any other running
 stack (the machine's cores are what is measured). Only loopback addresses are used.
@@ -258,7 +259,7 @@ def breakdown(run: dict[str, Any], events: list[Any]) -> dict[str, float]:
 # -- measure -------------------------------------------------------------------------------
 
 
-def measure(*, requests: int = 256, max_tokens: int = 256, repeat: int = 5,
+def measure(*, requests: int = 256, max_tokens: int = 256, repeat: int = 9,
             max_num_seqs: int | None = None, verbose: bool = False) -> dict[str, float]:
     """Direct ``LLM.generate`` vs the whole pipeline on the same prompts (see the module
     docstring); ``max_num_seqs`` defaults to ``requests`` (all run at once on both sides).
@@ -357,7 +358,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=256)
     ap.add_argument("--max-tokens", type=int, default=256)
-    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--repeat", type=int, default=9)
     ap.add_argument("--max-num-seqs", type=int, default=None, help="engine batch size (default: --requests)")
     args = ap.parse_args()
     t0 = time.perf_counter()

@@ -3,6 +3,8 @@ random-weight Llama: concurrent requests, token counts, cancel."""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -144,3 +146,77 @@ def test_cancel_aborts_a_running_generation(
     send_slice(app, "tiny", dispatches([after]))
     done = wait_result(rclient, after.id, timeout_s=60)
     assert done is not None and done.status is ResultStatus.succeeded
+
+
+
+def test_requests_vllm_refuses_fail_alone(vllm_worker: tuple[WorkerProcess, dict], rclient: redis.Redis) -> None:
+    """Values our validation lets through but vLLM refuses (in the engine's process) fail
+    their own request with vLLM's reason; the rest of the slice runs."""
+    _, env = vllm_worker
+    app = create_app(env["redis_url"])
+    bad_params = completion_request("tiny", "hello", max_tokens=8, top_p=0.0)
+    too_long = completion_request("tiny", "word " * (MAX_MODEL_LEN + 50), max_tokens=8)
+    good = completion_request("tiny", "hello", max_tokens=8, temperature=0)
+    send_slice(app, "tiny", dispatches([bad_params, too_long, good]))
+    results = {r.id: wait_result(rclient, r.id, timeout_s=60) for r in (bad_params, too_long, good)}
+    assert results[good.id] is not None and results[good.id].status is ResultStatus.succeeded
+    for req, reason in ((bad_params, "sampling parameters: "), (too_long, "vLLM refused the request: ")):
+        result = results[req.id]
+        assert result is not None and result.status is ResultStatus.failed
+        assert result.error is not None and result.error.code == "invalid_request"
+        assert result.error.message.startswith(reason), result.error.message
+
+def _engine_process(worker_pid: int) -> int:
+    """The pid of the worker's vLLM engine process (the ``process`` front end's child)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == worker_pid and b"spawn_main" in cmdline:  # not the resource tracker
+            return int(entry.name)
+    raise AssertionError(f"no engine process under worker {worker_pid}")
+
+
+def test_engine_process_death_fails_running_requests_and_stops_the_worker(
+    tmp_path: Path, tiny_model: Path, vllm_state: Path, redis_url: str, kafka_bootstrap: str,
+    rclient: redis.Redis,
+) -> None:
+    """The engine runs in a child process of the worker; when it dies mid-generation the
+    running request ends ``failed`` (engine_dead) at once, not at a timeout, and the
+    worker leaves (warm shutdown, exit code 3) for its supervisor to restart it.
+    The engine ignores SIGTERM (``tokenmill down`` signals the worker's whole process
+    group): the worker stops it once its slices are done."""
+    models = {"tiny": {"engine": "vllm", "max_in_flight": 4, "engine_args": {
+        "model": str(tiny_model), "dtype": "float32", "enforce_eager": True,
+        "distributed_executor_backend": "uni", "max_model_len": MAX_MODEL_LEN, "seed": 0}}}
+    config = write_config(tmp_path / "tokenmill.toml", tmp_path / "home", models)
+    worker = WorkerProcess(
+        "tiny", config=config, redis_url=redis_url, kafka=kafka_bootstrap, log_dir=tmp_path,
+        env={"TMPDIR": str(vllm_state), "VLLM_CACHE_ROOT": str(vllm_state / "cache")},
+    )
+    try:
+        worker.wait_ready(240)
+        worker.wait_consuming(30)
+        engine_pid = _engine_process(worker.proc.pid)
+        app = create_app(redis_url)
+        os.kill(engine_pid, signal.SIGTERM)
+        short = completion_request("tiny", "still there?", max_tokens=8, temperature=0)
+        send_slice(app, "tiny", dispatches([short]))
+        done = wait_result(rclient, short.id, timeout_s=60)
+        assert done is not None and done.status is ResultStatus.succeeded, worker.log()
+        assert _engine_process(worker.proc.pid) == engine_pid
+        long = completion_request("tiny", "once upon a time", max_tokens=MAX_MODEL_LEN - 64,
+                                  temperature=0, ignore_eos=True, stream=True)  # fmt: skip
+        send_slice(app, "tiny", dispatches([long]))
+        wait_for(lambda: rclient.xlen(keys.stream(long.id)) > 0, 60, "first streamed tokens")
+        os.kill(engine_pid, signal.SIGKILL)
+        result = wait_result(rclient, long.id, timeout_s=30)
+        assert result is not None and result.status is ResultStatus.failed, worker.log()
+        assert result.error is not None and result.error.code == "engine_dead"
+        assert worker.proc.wait(60) == 3
+    finally:
+        worker.stop(60)
