@@ -209,6 +209,7 @@ def main() -> None:
             / max(args.events - first_count, 1)
             * 1e6
         )
+        drained = [b for w in workers for b in w.batches()]
         totals = t.ledger_totals(url)
         assert totals.usage_records == totals.charges == args.events, totals
         print(f"stream processor: {rate:,.0f} events/s into the ledger "
@@ -234,6 +235,7 @@ def main() -> None:
             "workers": args.workers,
             "lag_rate_per_s": args.lag_rate,
             "mean_batch": round(sum(b["records"] for b in batches) / max(len(batches), 1)),
+            "drain_mean_batch": round(sum(b["records"] for b in drained) / max(len(drained), 1)),
             "database": url.split(":", 1)[0],
             "cpus": os.cpu_count(),
             "loadavg_1m_at_start": round(load, 2),

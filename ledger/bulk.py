@@ -14,6 +14,7 @@ PostgreSQL.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -105,19 +106,38 @@ class Encoder:
             return encoded_time[:17] + "00.000000"
         return self._time(utc(at).replace(second=0, microsecond=0))
 
-    def money_units(self, units: int, amount: Decimal) -> Any:
-        """:meth:`money` of ``amount``, which is ``units`` × 10⁻¹⁰ exactly (a charge
-        priced in whole units, see ``ledger.streams.rates``): on SQLite, the units are
-        the stored value, once checked against the same range.
+    def money_units(self, units: int) -> Any:
+        """:meth:`money` of ``units`` × 10⁻¹⁰ (a charge priced in whole units, see
+        ``ledger.streams.rates``): on SQLite, the units are the stored value, once
+        checked against the same range, without making the Decimal.
 
         Raises:
             LedgerError: out of range.
         """
-        if not self.sqlite:
-            return self.money(amount)
-        if not -_INT64 <= units < _INT64 or abs(units) >= _MAX_UNITS:  # as money() checks
-            raise LedgerError(f"{amount} does not fit the ledger's amounts")
+        if not self.sqlite or not (-_INT64 <= units < _INT64 and abs(units) < _MAX_UNITS):
+            return self.money(Decimal(units).scaleb(-SCALE))  # as money() checks, and says
         return units
+
+    def finish_stamp(self, timestamp: float) -> tuple[Any, Any]:
+        """:meth:`time_and_minute` of ``datetime.fromtimestamp(timestamp, UTC)``; on
+        SQLite, once that second's text is cached, without making the datetime: the
+        microseconds rounded as ``fromtimestamp`` rounds them (the fraction times 10⁶,
+        half to even, a carry into the next second; property-tested equal).
+
+        Raises:
+            OverflowError, ValueError, OSError: not a time (as ``fromtimestamp``).
+        """
+        if self.sqlite and 0 <= timestamp < _EXACT_SECONDS:
+            fraction, whole = math.modf(timestamp)
+            us = round(fraction * 1e6)
+            second = int(whole)
+            if us >= 1_000_000:
+                second += 1
+                us -= 1_000_000
+            parts = self._seconds.get(second)
+            if parts is not None:
+                return f"{parts[0]}.{us:06d}", parts[1]
+        return self.time_and_minute(datetime.fromtimestamp(timestamp, UTC))
 
     def money(self, amount: Decimal) -> Any:
         """An amount for an ``ExactDecimal`` column.

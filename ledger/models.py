@@ -174,12 +174,15 @@ class BatchRow(Base):
 
 
 class UsageRecord(Base):
-    """The metered usage of one finished request (at most one row per request)."""
+    """The metered usage of one finished request (at most one row per request).
+
+    Only its primary key is indexed: every query of usage by tenant or time reads the
+    roll-up (:class:`UsageMinute`), and an index entry here costs every finished
+    event's insert (migration 0002 dropped ``(tenant, minute)``)."""
 
     __tablename__ = "usage_records"
     __table_args__ = (
         CheckConstraint("prompt_tokens >= 0 AND completion_tokens >= 0", name="tokens"),
-        Index(None, "tenant", "minute"),
     )
 
     request_id: Mapped[str] = mapped_column(REQUEST_ID, primary_key=True)

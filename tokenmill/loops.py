@@ -11,7 +11,7 @@ import asyncio
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-__all__ = ["new_event_loop", "run"]
+__all__ = ["new_event_loop", "run", "use_for_new_loops"]
 
 T = TypeVar("T")
 
@@ -32,3 +32,14 @@ def run(main: Coroutine[Any, Any, T]) -> T:
     """``asyncio.run`` on :func:`new_event_loop`."""
     with asyncio.Runner(loop_factory=_factory()) as runner:
         return runner.run(main)
+
+
+def use_for_new_loops() -> None:
+    """Make uvloop the loop of every ``asyncio.new_event_loop()`` in this process, for
+    code that makes its own loops (faust's consumer thread). Only for tokenmill's own
+    service processes."""
+    try:
+        import uvloop
+    except ImportError:  # optional: the stock loop is correct, only slower
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())

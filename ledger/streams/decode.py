@@ -34,7 +34,8 @@ def parse(raw: bytes | None) -> TokenEvent | Rejected:
         event = wire.decode(TokenEvent, raw)
     except SchemaError as exc:  # UnsupportedSchemaVersion included
         return Rejected(f"{type(exc).__name__}: {exc}")
-    if event.kind is EventKind.finished:
+    if event.kind is EventKind.finished and (event.submitted_at is None
+                                              or event.finished_at is None):  # fmt: skip
         missing = [f for f in ("submitted_at", "finished_at") if getattr(event, f) is None]
         if missing:
             return Rejected(f"SchemaError: finished event lacks {', '.join(missing)}")

@@ -58,7 +58,8 @@ def rates_for(card: Prices, priority: Priority) -> Rates | None:
     # The same operations as tokenmill.pricing.cost, in the current context.
     factor = Decimal(1) - card.batch_discount if priority is Priority.batch else Decimal(1)
     per_million = (card.input_per_million * factor, card.output_per_million * factor)
-    if not all(p.is_finite() and p >= 0 for p in per_million):
+    # -0 too is left to cost: its charges are -0E-10, whose sign whole units cannot carry
+    if not all(p.is_finite() and p >= 0 and not p.is_signed() for p in per_million):
         return None
     units = [p.scaleb(UNITS_EXPONENT - _MILLION_EXPONENT) for p in per_million]
     if any(u != u.to_integral_value() for u in units):

@@ -38,6 +38,10 @@ from ..usage import add_to_minutes
 from .measure import Measurement, measure
 from .rates import Rates, precision_limit, rates_for, units_to_decimal
 
+#: finishes from here on (the year 2242; inf) take the datetime path, which refuses what
+#: is not a time
+_FAR_FUTURE = 2.0**33
+
 
 class LedgerUnavailable(LedgerError):
     """The database cannot be reached (or stays locked): retry the same batch later."""
@@ -61,19 +65,32 @@ class Recorded:
     """A finished request as the sink saw it."""
 
     event: TokenEvent
-    #: its finish (UTC), which picks the price card, the minute and the billing period
-    at: datetime
     tier: str | None
     sla_class: str | None
     targets: SlaClass | None
     measurement: Measurement
-    cost: Decimal
     currency: str
     card_id: int
-    #: ``cost`` in ledger units (10⁻¹⁰), where priced with whole-unit rates (see .rates)
-    units: int | None = None
+    #: the charge in ledger units (10⁻¹⁰), where priced with whole-unit rates (see .rates)
+    units: int | None
+    #: the charge as :func:`tokenmill.pricing.cost` computed it, where ``units`` is None
+    priced: Decimal | None = None
     #: whether this batch inserted its usage (False: a replay or a duplicate)
     new: bool = False
+
+    @property
+    def cost(self) -> Decimal:
+        """The charge (a Decimal made only when asked for: most events never need one)."""
+        if self.units is None:
+            assert self.priced is not None
+            return self.priced
+        return units_to_decimal(self.units)
+
+    @property
+    def at(self) -> datetime:
+        """Its finish (UTC), which picks the price card, the minute and the billing period."""
+        assert self.event.finished_at is not None
+        return datetime.fromtimestamp(self.event.finished_at, UTC)
 
 
 @dataclass
@@ -110,9 +127,11 @@ class LedgerSink:
         self.sessions = sessions
         self.settings = settings
         self._cards: dict[str, list[Card]] = {}
+        #: model → its latest card and that card's start as a timestamp
+        self._latest: dict[str, tuple[Card, float]] = {}
         self._tiers: dict[str, tuple[str | None, str | None, SlaClass | None]] = {}
-        #: (card id, batch priority) → its exact rates, None if it has none
-        self._rates: dict[tuple[int, bool], Rates | None] = {}
+        #: (card id, priority) → its exact rates, None if it has none
+        self._rates: dict[tuple[int, Priority], Rates | None] = {}
         self._enc: Encoder | None = None
 
     def prepare(self) -> None:
@@ -137,6 +156,17 @@ class LedgerSink:
                          r.output_per_million, r.batch_discount)
                 )  # fmt: skip
         self._cards = cards
+        self._latest = {m: (cs[-1], cs[-1].effective_from.timestamp()) for m, cs in cards.items()}
+
+    def _card_at(self, model: str, finished_at: float) -> Card | None:
+        """:meth:`card_for` the finish ``datetime.fromtimestamp(finished_at, UTC)``,
+        without making the datetime where the model's latest card clearly applies."""
+        latest = self._latest.get(model)
+        # A finish a whole 10 µs past the latest card's start is past it also once
+        # rounded to the microsecond (a timestamp's ulp is ~0.2 µs); closer: decide exactly.
+        if latest is not None and latest[1] + 1e-5 <= finished_at < _FAR_FUTURE:
+            return latest[0]
+        return self.card_for(model, datetime.fromtimestamp(finished_at, UTC))
 
     def card_for(self, model: str, at: datetime) -> Card | None:
         """The version in force for ``model`` at ``at``: the latest that started by then."""
@@ -157,18 +187,6 @@ class LedgerSink:
                 found = (t.tier, name, self.settings.sla[name])
             self._tiers[tenant] = found
         return found
-
-    def _units(self, card: Card, ev: TokenEvent, limit: int) -> int | None:
-        """``ev``'s charge in ledger units with integer arithmetic, or None where
-        :func:`tokenmill.pricing.cost` must price it (see :mod:`.rates`)."""
-        key = (card.id, ev.priority is Priority.batch)
-        try:
-            rates = self._rates[key]
-        except KeyError:
-            rates = self._rates[key] = rates_for(card, ev.priority)
-        if rates is None:
-            return None
-        return rates.units(ev.prompt_tokens, ev.completion_tokens, limit)
 
     def write(self, events: Sequence[TokenEvent]) -> BatchOutcome:
         """Record the ``finished`` events of ``events`` in one transaction
@@ -192,33 +210,51 @@ class LedgerSink:
         planned: list[tuple[int, Recorded]] = []
         reloaded = False
         limit = precision_limit()
+        finished = EventKind.finished
+        all_rates, tiers = self._rates, self._tiers
+        # Per event only lookups and integer arithmetic: no datetime, no Decimal where
+        # whole-unit rates apply (both made later only if asked for, see Recorded), and
+        # the usual case of _card_at and _tier_of inline.
         for i, ev in enumerate(events):
-            if ev.kind is not EventKind.finished:
+            if ev.kind is not finished:
                 outcome.skipped += 1
                 continue
-            assert ev.finished_at is not None  # decode.parse guarantees it
-            at = datetime.fromtimestamp(ev.finished_at, UTC)
-            card = self.card_for(ev.model, at)
-            if card is None and not reloaded:
-                self._load_cards()  # another process may have stored a newer card
-                reloaded = True
-                card = self.card_for(ev.model, at)
+            finished_at = ev.finished_at
+            assert finished_at is not None  # decode.parse guarantees it
+            latest = self._latest.get(ev.model)
+            if latest is not None and latest[1] + 1e-5 <= finished_at < _FAR_FUTURE:
+                card: Card | None = latest[0]
+            else:
+                try:
+                    card = self._card_at(ev.model, finished_at)
+                    if card is None and not reloaded:
+                        self._load_cards()  # another process may have stored a newer card
+                        reloaded = True
+                        card = self._card_at(ev.model, finished_at)
+                except (ValueError, OverflowError, OSError) as exc:  # inf, nan: not a time
+                    outcome.rejected.append((i, f"ValueError: finished_at {finished_at}: {exc}"))
+                    continue
             if card is None:
+                at = datetime.fromtimestamp(finished_at, UTC)
                 outcome.rejected.append(
                     (i, f"NotFound: no price card for model {ev.model!r} at {at.isoformat()}")
                 )
                 continue
-            tier, sla_class, targets = self._tier_of(ev.tenant)
+            tier, sla_class, targets = tiers.get(ev.tenant) or self._tier_of(ev.tenant)
+            key = (card.id, ev.priority)
             try:
-                units = self._units(card, ev, limit)
-                amount = (pricing.cost(card, ev.prompt_tokens, ev.completion_tokens, ev.priority)
-                          if units is None else units_to_decimal(units))  # fmt: skip
+                rates = all_rates[key]
+            except KeyError:
+                rates = all_rates[key] = rates_for(card, ev.priority)
+            pt, ct = ev.prompt_tokens, ev.completion_tokens
+            try:
+                units = None if rates is None else rates.units(pt, ct, limit)
+                priced = None if units is not None else pricing.cost(card, pt, ct, ev.priority)
                 m = measure(ev, targets)
             except ValueError as exc:
                 outcome.rejected.append((i, f"ValueError: {exc}"))
                 continue
-            rec = Recorded(ev, at, tier, sla_class, targets, m, amount, card.currency, card.id,
-                           units)  # fmt: skip
+            rec = Recorded(ev, tier, sla_class, targets, m, card.currency, card.id, units, priced)
             planned.append((i, rec))
         rows: Rows | LedgerError | None = None
         if planned:
@@ -259,6 +295,12 @@ class LedgerSink:
                     outcome.rejected.append((i, f"LedgerError: {exc}"))
             planned = kept
         # Keep the batch's order; the first delivery of a request id in it is the new one.
+        if len(new) == len(planned):  # the usual case: all new, so no id repeats
+            for _, rec in planned:
+                rec.new = True
+            outcome.recorded = [rec for _, rec in planned]
+            outcome.rejected.sort()
+            return outcome
         seen: set[str] = set()
         for _, rec in planned:
             rid = rec.event.request_id
@@ -297,6 +339,8 @@ CHARGE_COLS = ("request_id", "kind", "tenant", "model", "amount", "currency",
 SLA_COLS = ("request_id", "tenant", "tier", "model", "sla_class", "queue_ms", "ttft_ms",
             "tpot_ms", "e2e_ms", "met", "finished_at")  # fmt: skip
 _CHARGE = EntryKind.charge.value
+#: a dict lookup: an enum's ``.value`` is a Python-level property call
+_PRIORITY_TEXT = {p: p.value for p in Priority}
 
 
 @dataclass
@@ -307,6 +351,9 @@ class Rows:
     usage: list[tuple[Any, ...]]
     charges: list[tuple[Any, ...]]
     slas: list[tuple[Any, ...]]
+    #: the per-minute roll-up of all the usage rows (what to add when all are new), keyed
+    #: as :func:`~...usage.add_to_minutes` takes it; None: sum them when written
+    minutes: dict[tuple[str, str, Any], list[int]] | None = None
 
 
 @dataclass
@@ -333,16 +380,25 @@ def build_rows(enc: Encoder, recs: Sequence[Recorded]) -> Rows:
     unique: dict[str, Recorded] = {}
     for r in recs:
         unique.setdefault(r.event.request_id, r)
-    rows = Rows([], [], [])
-    usage, charges, slas = rows.usage, rows.charges, rows.slas
-    stamp, money, money_units = enc.time_and_minute, enc.money, enc.money_units
+    rows = Rows([], [], [], {})
+    usage, charges, slas, minutes = rows.usage, rows.charges, rows.slas, rows.minutes
+    assert minutes is not None
+    stamp, money, money_units = enc.finish_stamp, enc.money, enc.money_units
     for rid in sorted(unique):
         r = unique[rid]
         ev = r.event
         tenant, model, pt, ct = ev.tenant, ev.model, ev.prompt_tokens, ev.completion_tokens
-        at, minute = stamp(r.at)
-        amount = money(r.cost) if r.units is None else money_units(r.units, r.cost)
-        usage.append((rid, tenant, model, ev.priority.value, minute, pt, ct))
+        assert ev.finished_at is not None
+        at, minute = stamp(ev.finished_at)
+        units = r.units
+        amount = money(r.cost) if units is None else money_units(units)
+        usage.append((rid, tenant, model, _PRIORITY_TEXT[ev.priority], minute, pt, ct))
+        s = minutes.get((tenant, model, minute))
+        if s is None:
+            s = minutes[(tenant, model, minute)] = [0, 0, 0]
+        s[0] += 1
+        s[1] += pt
+        s[2] += ct
         charges.append((rid, _CHARGE, tenant, model, amount, r.currency, r.card_id, pt, ct, at))
         if r.tier is not None:
             m = r.measurement
@@ -363,7 +419,9 @@ def write_rows(conn: Connection, rows: Rows, recorded_at: Any) -> set[str]:
     usage = [(*row, recorded_at) for row in rows.usage]
     new: set[str] = insert_new(conn, UsageRecord, USAGE_COLS, usage, "request_id")
     sums: dict[tuple[str, str, Any], list[int]] = {}
-    if new:
+    if rows.minutes is not None and len(new) == len(rows.usage):
+        sums = rows.minutes  # every row new (the usual case): summed when planned
+    elif new:
         for rid, tenant, model, _prio, minute, pt, ct in rows.usage:
             if rid in new:
                 s = sums.get((tenant, model, minute))

@@ -7,7 +7,7 @@ import logging
 
 from tokenmill.config import Settings
 
-from tokenmill import kafka, runtime
+from tokenmill import kafka, loops, runtime
 from tokenmill.logs import configure, get_logger
 from tokenmill.stack import Endpoints
 
@@ -43,7 +43,10 @@ def run(settings: Settings, endpoints: Endpoints, config: StreamsConfig) -> None
         port = serve(config.metrics_host, config.metrics_port,
                      port_file=config.port_file_for(settings.home))  # fmt: skip
         log.info("metrics endpoint", url=f"http://{config.metrics_host}:{port}/metrics")
-    # faust runs on a loop of its own (asyncio.run above closed the previous one).
+    # faust runs on a loop of its own (asyncio.run above closed the previous one): uvloop,
+    # also for the consumer's thread, which makes its loop with asyncio.new_event_loop().
+    # The stock loop's polling and callbacks cost ~2-3 µs of CPU per event.
+    loops.use_for_new_loops()
     asyncio.set_event_loop(asyncio.new_event_loop())
     # Each batch allocates many short-lived, acyclic objects: fewer collections, and none
     # of them rescanning what start-up loaded, take ~15% off the CPU per event.
@@ -56,3 +59,4 @@ def run(settings: Settings, endpoints: Endpoints, config: StreamsConfig) -> None
     log.info("stream processor starting", app_id=config.app_id, topic=config.topic,
              ledger=endpoints.masked()["database_url"])  # fmt: skip
     worker.execute_from_commandline()
+

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as hs
 from sqlalchemy import Engine, select
 from sqlalchemy.dialects import postgresql, sqlite
@@ -134,6 +134,38 @@ def test_encoder_money_units_agree_with_money(units: int) -> None:
             expected = enc.money(amount)
         except LedgerError:
             with pytest.raises(LedgerError):
-                enc.money_units(units, amount)
+                enc.money_units(units)
             continue
-        assert enc.money_units(units, amount) == expected
+        assert enc.money_units(units) == expected
+
+
+#: finishes as floats: anywhere, and a hair either side of whole seconds and of half
+#: microseconds (where rounding to the microsecond could go either way)
+FINISHES = hs.one_of(
+    hs.floats(min_value=-1e10, max_value=2.0**34, allow_nan=False, allow_infinity=False),
+    hs.builds(lambda s, f: s + f, hs.integers(0, 2**33), hs.sampled_from(
+        [0.0, 1e-7, 4.999e-7, 5e-7, 5.001e-7, 0.5, 0.9999994, 0.9999995, 0.9999996, 0.99999999])),
+)  # fmt: skip
+
+
+@settings(max_examples=1000)
+@given(ts=FINISHES)
+def test_encoder_finish_stamp_agrees_with_fromtimestamp(ts: float) -> None:
+    for dialect in DIALECTS:
+        enc = Encoder(dialect)
+        try:
+            at = datetime.fromtimestamp(ts, UTC)
+        except (OverflowError, ValueError, OSError):
+            with pytest.raises((OverflowError, ValueError, OSError)):
+                enc.finish_stamp(ts)
+            continue
+        expected = enc.time_and_minute(at)  # fills the per-second cache: the fast path
+        assert enc.finish_stamp(ts) == expected
+        assert Encoder(dialect).finish_stamp(ts) == expected  # and the uncached path
+
+
+@pytest.mark.parametrize("ts", [float("inf"), float("-inf"), float("nan")])
+def test_encoder_finish_stamp_refuses_what_is_not_a_time(ts: float) -> None:
+    for dialect in DIALECTS:
+        with pytest.raises((OverflowError, ValueError)):
+            Encoder(dialect).finish_stamp(ts)

@@ -27,12 +27,13 @@ class Card:
     batch_discount: Decimal
 
 
-def _decimals(places: int) -> hs.SearchStrategy[Decimal]:
+def _decimals(places: int, most: int = 20) -> hs.SearchStrategy[Decimal]:
     """Prices as the config and the ledger hold them: up to ``places`` decimal places,
-    sometimes with trailing zeros (as read back from a NUMERIC(…, 10) column)."""
+    sometimes with trailing zeros (as read back from a NUMERIC(…, 10) column), to at
+    most ``most`` places."""
     plain = hs.decimals(min_value=0, max_value=10**6, places=places, allow_nan=False)
     padded = hs.tuples(plain, hs.integers(0, 12)).map(lambda p: p[0].quantize(
-        Decimal(1).scaleb(-min(places + p[1], 20))))  # fmt: skip
+        Decimal(1).scaleb(-min(places + p[1], most))))  # fmt: skip
     return hs.one_of(plain, padded)
 
 
@@ -71,7 +72,10 @@ def test_integer_pricing_equals_cost_wherever_it_answers(
     assert got == expected and got.as_tuple() == expected.as_tuple()
 
 
-@given(inp=_decimals(4), out=_decimals(4),
+# At most 10 places: the sink prices with cards read back from the ledger (scale 10).
+# With more trailing zeros (e.g. 2291.4907000000000000) a product can exceed the
+# context's 28 digits, and the fast path rightly leaves such a charge to cost.
+@given(inp=_decimals(4, most=10), out=_decimals(4, most=10),
        discount=hs.sampled_from([Decimal(0), Decimal("0.5"), Decimal("0.25"), Decimal("0.2")]),
        pt=hs.integers(0, 10**9), ct=hs.integers(0, 10**9),
        priority=hs.sampled_from(list(Priority)))  # fmt: skip

@@ -34,6 +34,7 @@ from tokenmill.ledger.streams import (
     parse,
 )
 from tokenmill.ledger.streams import testing as st
+from tokenmill.ledger.streams.metrics import LATENCY_BUCKETS, _Histogram
 
 from tokenmill.wire import EventKind, TokenEvent
 
@@ -151,6 +152,30 @@ def test_sink_rejects_what_it_cannot_price_and_keeps_the_rest(
     ]
     # An unknown tenant is billed (money is never dropped) but has no SLA class.
     assert (_rows(sessions, UsageRecord), _rows(sessions, SlaRecord)) == (2, 1)
+
+
+def test_sink_picks_the_card_in_force_to_the_microsecond(
+    sink: LedgerSink, sessions: sessionmaker[Session]
+) -> None:
+    start = datetime(2026, 11, 3, 12, 0, 0, 123457, tzinfo=UTC)
+    with transaction(sessions) as s:
+        sync_price_cards(s, [PriceCard(model="sim", effective_from=start, input_per_million="0.20",
+                                       output_per_million="0.80", batch_discount="0.5")])  # fmt: skip
+    sink.prepare()
+    t = start.timestamp()
+    for delta in (-1e-3, -2e-5, -1e-5, -1e-6, -6e-7, -5e-7, -4e-7, -1e-7, 0.0, 1e-7, 4e-7, 5e-7,
+                  6e-7, 1e-6, 9.99e-6, 1e-5, 1.01e-5, 2e-5, 1e-3, 1e6):  # fmt: skip
+        ts = t + delta
+        expected = sink.card_for("sim", datetime.fromtimestamp(ts, UTC))
+        assert sink._card_at("sim", ts) == expected, delta
+
+
+def test_sink_dead_letters_a_finish_that_is_not_a_time(sink: LedgerSink) -> None:
+    out = sink.write([ev("a"), ev("inf", finished_at=float("inf")), ev("nan", finished_at=float("nan")),
+                      ev("far", finished_at=1e300), ev("b")])  # fmt: skip
+    assert [(i, r.split(":")[0]) for i, r in out.rejected] == [(1, "ValueError"), (2, "ValueError"),
+                                                              (3, "ValueError")]  # fmt: skip
+    assert [r.event.request_id for r in out.new] == ["a", "b"]
 
 
 def test_sink_reports_an_unreachable_database_as_retryable(
@@ -384,3 +409,39 @@ def test_scheduler_prices_a_settle_at_finished_at_as_the_ledger_does(
         ).scalar_one()
     assert charged == Decimal("0.0003")  # the card in force at finish, not the dearer one
     assert policy.budget("alpha", now).spent == charged  # type: ignore[union-attr]
+
+
+@given(values=hs.lists(hs.one_of(hs.floats(), hs.sampled_from(LATENCY_BUCKETS),
+                                 hs.integers(-10, 10**7)), max_size=60))  # fmt: skip
+def test_histogram_batches_bucket_as_one_by_one(values: list[float]) -> None:
+    one, many = (_Histogram("h", "doc", (), LATENCY_BUCKETS) for _ in range(2))
+    for v in values:
+        one.observe((), v)
+    many.observe_many((), values)
+    assert one.data.get((), [None])[0] == many.data.get((), [None])[0]
+
+
+#: a finished event's fields, each sometimes replaced by a value of another shape
+_FIELD_VALUES = hs.one_of(hs.none(), hs.booleans(), hs.integers(-2, 2**64), hs.floats(),
+                          hs.text(max_size=5),
+                          hs.sampled_from(["finished", "progress", "2.0", "1.9", "batch"]))  # fmt: skip
+
+
+@hsettings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(changes=hs.dictionaries(hs.sampled_from(sorted(st.finished_event("r"))), _FIELD_VALUES,
+                               max_size=4),
+       dropped=hs.sets(hs.sampled_from(sorted(st.finished_event("r"))), max_size=3),
+       raw_tail=hs.sampled_from([b"", b" ", b"x", b"}"]))  # fmt: skip
+def test_processor_decodes_exactly_as_parse(sink: LedgerSink, changes: dict[str, Any],
+                                            dropped: set[str], raw_tail: bytes) -> None:  # fmt: skip
+    fields = {k: v for k, v in {**st.finished_event("r"), **changes}.items() if k not in dropped}
+    raws = [json.dumps(fields).encode() + raw_tail, b"", None]
+    records = [Record("t", 0, i, None, raw) for i, raw in enumerate(raws)]
+    prepared = BatchProcessor(sink, StreamsConfig(), None, None).prepare(records)  # type: ignore[arg-type]
+    expected = [parse(raw) for raw in raws]
+    assert prepared.rejects == [(i, p.reason) for i, p in enumerate(expected) if isinstance(p, Rejected)]
+    assert prepared.where == [i for i, p in enumerate(expected) if not isinstance(p, Rejected)]
+    for j, rec in prepared.plan.planned:  # ts, when absent, defaults to the time of decoding
+        want = expected[prepared.where[j]]
+        assert isinstance(want, TokenEvent)
+        assert rec.event.model_dump(exclude={"ts"}) == want.model_dump(exclude={"ts"})
