@@ -129,10 +129,13 @@ class Direct:
 # -- (b) through a tokenmill worker ----------------------------------------------------
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds so far of process ``pid`` (all its threads) and of the
-    processes of the group it leads: the worker's vLLM engine runs in a child process."""
-    total = 0.0
+def group_cpu(pgids: dict[str, int]) -> dict[str, float]:
+    """User + system CPU seconds so far of every process in each process group, by name
+    (``tokenmill up`` starts each service as the leader of its own group; the worker's
+    vLLM engine runs in a child process, in the worker's group)."""
+    by_group = {pgid: name for name, pgid in pgids.items()}
+    out = dict.fromkeys(pgids, 0.0)
+    tick = os.sysconf("SC_CLK_TCK")
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -141,9 +144,10 @@ def cpu_seconds(pid: int) -> float:
                 fields = fh.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(entry) == pid or int(fields[2]) == pid:
-            total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK")
+        name = by_group.get(int(fields[2]))
+        if name is not None:
+            out[name] += (int(fields[11]) + int(fields[12])) / tick
+    return out
 
 
 class Worker:
@@ -210,7 +214,8 @@ class Worker:
             for p in prompts(self.args.prompts)
         ]
         size = self.args.slice
-        cpu0 = {pid: cpu_seconds(pid) for pid in self.children}
+        groups = {str(pid): pid for pid in self.children}  # each leads its group
+        cpu0 = group_cpu(groups)
         t0 = time.time()
         for i in range(0, len(reqs), size):
             send_slice(self.app, "tiny", [Dispatch(request=r) for r in reqs[i : i + size]])
@@ -225,11 +230,11 @@ class Worker:
             raise SystemExit("a request got no usage")
         end = max(r.finished_at for r in results)  # type: ignore[union-attr]
         tokens = sum(r.usage.completion_tokens for r in results)  # type: ignore[union-attr]
-        cpu = {pid: cpu_seconds(pid) - c for pid, c in cpu0.items()}
+        cpu = {pid: c - cpu0[pid] for pid, c in group_cpu(groups).items()}
         return {
             "tokens": tokens, "seconds": end - t0, "tokens_per_s": tokens / (end - t0),
-            "cpu_s": cpu[self.worker_pid],
-            "services_cpu_s": sum(c for pid, c in cpu.items() if pid != self.worker_pid),
+            "cpu_s": cpu[str(self.worker_pid)],
+            "services_cpu_s": sum(c for pid, c in cpu.items() if pid != str(self.worker_pid)),
         }
 
     def close(self) -> None:

@@ -49,7 +49,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:  # bench/ is no package; its scripts import each other
     sys.path.insert(0, str(HERE))
 
-from engine_efficiency import VLLM_ENV, Direct, model_toml, prompts
+from engine_efficiency import VLLM_ENV, Direct, group_cpu, model_toml, prompts
 
 if TYPE_CHECKING:
     from pipeline import LocalStack
@@ -59,35 +59,6 @@ T = TypeVar("T")
 MODEL = "tiny"
 WARM_TOKENS = 8
 RUN_TIMEOUT_S = 300.0  #: bound on one pipeline run (submit → last result)
-
-
-# -- CPU seconds per service -----------------------------------------------------------
-
-
-def group_cpu(pgids: dict[str, int]) -> dict[str, float]:
-    """User + system CPU seconds so far of every process in each process group, by name
-    (``tokenmill up`` starts each service as the leader of its own group)."""
-    by_group = {pgid: name for name, pgid in pgids.items()}
-    out = dict.fromkeys(pgids, 0.0)
-    tick = os.sysconf("SC_CLK_TCK")
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        name = by_group.get(int(fields[2]))
-        if name is not None:
-            out[name] += (int(fields[11]) + int(fields[12])) / tick
-    return out
-
-
-def pid_cpu(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # -- the stack ---------------------------------------------------------------------------

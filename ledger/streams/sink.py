@@ -393,18 +393,23 @@ def build_rows(enc: Encoder, recs: Sequence[Recorded]) -> Rows:
         units = r.units
         amount = money(r.cost) if units is None else money_units(units)
         usage.append((rid, tenant, model, _PRIORITY_TEXT[ev.priority], minute, pt, ct))
-        s = minutes.get((tenant, model, minute))
-        if s is None:
-            s = minutes[(tenant, model, minute)] = [0, 0, 0]
-        s[0] += 1
-        s[1] += pt
-        s[2] += ct
+        _count(minutes, (tenant, model, minute), pt, ct)
         charges.append((rid, _CHARGE, tenant, model, amount, r.currency, r.card_id, pt, ct, at))
         if r.tier is not None:
             m = r.measurement
             slas.append((rid, tenant, r.tier, model, r.sla_class, m.queue_ms, m.ttft_ms,
                          m.tpot_ms, m.e2e_ms, not m.missed, at))  # fmt: skip
     return rows
+
+
+def _count(sums: dict[tuple[str, str, Any], list[int]], key: tuple[str, str, Any], pt: int, ct: int) -> None:
+    """Add one request of ``pt`` prompt and ``ct`` completion tokens to ``sums[key]``."""
+    s = sums.get(key)
+    if s is None:
+        s = sums[key] = [0, 0, 0]
+    s[0] += 1
+    s[1] += pt
+    s[2] += ct
 
 
 @translated
@@ -424,12 +429,7 @@ def write_rows(conn: Connection, rows: Rows, recorded_at: Any) -> set[str]:
     elif new:
         for rid, tenant, model, _prio, minute, pt, ct in rows.usage:
             if rid in new:
-                s = sums.get((tenant, model, minute))
-                if s is None:
-                    s = sums[(tenant, model, minute)] = [0, 0, 0]
-                s[0] += 1
-                s[1] += pt
-                s[2] += ct
+                _count(sums, (tenant, model, minute), pt, ct)
     add_to_minutes(conn, sums)
     insert_rows(conn, LedgerEntry, CHARGE_COLS, rows.charges, conflict=("request_id", "kind"))
     insert_rows(conn, SlaRecord, SLA_COLS, rows.slas, conflict=("request_id",))

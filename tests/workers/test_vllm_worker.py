@@ -32,17 +32,13 @@ pytestmark = pytest.mark.vllm
 MAX_MODEL_LEN = 1024
 
 
-@pytest.fixture(scope="module")
-def vllm_worker(
-    tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, vllm_state: Path,
-    redis_url: str, kafka_bootstrap: str,
-) -> Iterator[tuple[WorkerProcess, dict]]:
-    pytest.importorskip("vllm")
-    root = tmp_path_factory.mktemp("vllm-worker")
+def start_worker(root: Path, tiny_model: Path, vllm_state: Path, redis_url: str, kafka: str, *,
+                 max_in_flight: int) -> WorkerProcess:
+    """A worker process serving the tiny model on vLLM (not yet waited for)."""
     models = {
         "tiny": {
             "engine": "vllm",
-            "max_in_flight": 16,
+            "max_in_flight": max_in_flight,
             "engine_args": {
                 "model": str(tiny_model), "dtype": "float32", "enforce_eager": True,
                 "distributed_executor_backend": "uni", "max_model_len": MAX_MODEL_LEN, "seed": 0,
@@ -50,10 +46,20 @@ def vllm_worker(
         }
     }
     config = write_config(root / "tokenmill.toml", root / "home", models)
-    worker = WorkerProcess(
-        "tiny", config=config, redis_url=redis_url, kafka=kafka_bootstrap, log_dir=root,
+    return WorkerProcess(
+        "tiny", config=config, redis_url=redis_url, kafka=kafka, log_dir=root,
         env={"TMPDIR": str(vllm_state), "VLLM_CACHE_ROOT": str(vllm_state / "cache")},
     )
+
+
+@pytest.fixture(scope="module")
+def vllm_worker(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, vllm_state: Path,
+    redis_url: str, kafka_bootstrap: str,
+) -> Iterator[tuple[WorkerProcess, dict]]:
+    pytest.importorskip("vllm")
+    root = tmp_path_factory.mktemp("vllm-worker")
+    worker = start_worker(root, tiny_model, vllm_state, redis_url, kafka_bootstrap, max_in_flight=16)
     try:
         worker.wait_ready(240)
         worker.wait_consuming(30)
@@ -149,7 +155,9 @@ def test_cancel_aborts_a_running_generation(
 
 
 
-def test_requests_vllm_refuses_fail_alone(vllm_worker: tuple[WorkerProcess, dict], rclient: redis.Redis) -> None:
+def test_requests_vllm_refuses_fail_alone(
+    vllm_worker: tuple[WorkerProcess, dict], rclient: redis.Redis
+) -> None:
     """Values our validation lets through but vLLM refuses (in the engine's process) fail
     their own request with vLLM's reason; the rest of the slice runs."""
     _, env = vllm_worker
@@ -190,14 +198,7 @@ def test_engine_process_death_fails_running_requests_and_stops_the_worker(
     worker leaves (warm shutdown, exit code 3) for its supervisor to restart it.
     The engine ignores SIGTERM (``tokenmill down`` signals the worker's whole process
     group): the worker stops it once its slices are done."""
-    models = {"tiny": {"engine": "vllm", "max_in_flight": 4, "engine_args": {
-        "model": str(tiny_model), "dtype": "float32", "enforce_eager": True,
-        "distributed_executor_backend": "uni", "max_model_len": MAX_MODEL_LEN, "seed": 0}}}
-    config = write_config(tmp_path / "tokenmill.toml", tmp_path / "home", models)
-    worker = WorkerProcess(
-        "tiny", config=config, redis_url=redis_url, kafka=kafka_bootstrap, log_dir=tmp_path,
-        env={"TMPDIR": str(vllm_state), "VLLM_CACHE_ROOT": str(vllm_state / "cache")},
-    )
+    worker = start_worker(tmp_path, tiny_model, vllm_state, redis_url, kafka_bootstrap, max_in_flight=4)
     try:
         worker.wait_ready(240)
         worker.wait_consuming(30)
