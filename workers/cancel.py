@@ -13,8 +13,8 @@ key, ``tokenmill:cancel:<request_id>``, with a TTL:
 Every cancel request also bumps one counter, ``tokenmill:cancel-epoch``. A worker
 reads only that key at each poll, and reads the flags of all its running requests
 (one MGET) only when the counter moved, plus those of requests started since its last
-poll. Polling every flag each time cost the engine's process ~10 % of its host
-thread with a few hundred requests in flight (the host shares the GIL with vLLM).
+poll. Polling every flag each time was ~10 % of the host thread's work with a few
+hundred requests in flight.
 
 A request that already has a result is not changed by a late cancel (first outcome wins).
 """
@@ -92,7 +92,7 @@ class CancelWatch:
     """
 
     def __init__(self) -> None:
-        self._epoch: bytes | None = None
+        self._epoch: bytes | str | None = None  # as GET returns it
         self._unchecked: set[str] = set()
 
     def started(self, request_id: str) -> None:

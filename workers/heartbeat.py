@@ -22,14 +22,7 @@ from ..errors import SchemaError
 from ..wire import WorkerHeartbeat, decode
 from . import keys
 
-__all__ = ["live_workers", "live_workers_async", "publish", "remove"]
-
-
-async def publish(client: aredis.Redis, beat: WorkerHeartbeat, *, ttl_s: float = 10.0) -> None:
-    """Write one heartbeat."""
-    pipe = client.pipeline(transaction=False)
-    stage(pipe, beat, ttl_s=ttl_s)
-    await pipe.execute()
+__all__ = ["live_workers", "live_workers_async", "remove", "stage"]
 
 
 def stage(pipe: aredis.client.Pipeline, beat: WorkerHeartbeat, *, ttl_s: float = 10.0) -> None:

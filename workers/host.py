@@ -574,8 +574,8 @@ class EngineHost:
             worker=cfg.worker, pool=cfg.pool, models=(cfg.model,), engine=self.engine.name,
             simulated=self.engine.simulated, capacity=self.capacity, in_flight=self.in_flight,
         )
-        # One round trip: each one wakes this thread, and each wake-up stalls the engine
-        # thread (one GIL) for longer than the work itself.
+        # One round trip: each one wakes this thread (with vLLM's ``inproc`` front end,
+        # each wake-up stalls the engine thread, one GIL, for longer than the work itself).
         pipe = self.redis.pipeline(transaction=False)
         heartbeat.stage(pipe, beat, ttl_s=cfg.heartbeat_ttl_s)
         await self.leases.renew(pipe, list(self._waiters))

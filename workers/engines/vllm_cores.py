@@ -136,8 +136,8 @@ def _warm_up(engine: Any) -> None:
 def step_loop(
     engine: Any,
     next_command: Callable[[bool], Command | None],
-    emit: Callable[[Outputs], None],
-    refuse: Callable[[str, str], None],
+    emit: Callable[[Outputs], object],
+    refuse: Callable[[str, str], object],
 ) -> None:
     """Step ``engine`` while it has requests, taking every waiting command before each
     step; block for a command (``next_command(True)``) when idle. Returns on ``stop``."""
@@ -228,9 +228,9 @@ class _Core:
                         finished = True
                         return
         finally:
-            if not finished and self._collectors.pop(rid, None) is not None:
+            # still ours (not aborted by abort()) and unfinished: the engine must drop it
+            if self._collectors.pop(rid, None) is not None and not finished:
                 self._send(("abort", rid))
-            self._collectors.pop(rid, None)
 
     def _deliver(self, outputs: Outputs) -> None:
         cols = self._collectors
@@ -367,8 +367,10 @@ class ProcessCore(_Core):
                 msg = conn.recv()
             except (EOFError, OSError):
                 if not self._stopping:
-                    code = self._proc.exitcode if self._proc is not None else None
-                    loop.call_soon_threadsafe(self._died, f"its process exited (code {code})")
+                    proc = self._proc
+                    proc.join(5)  # reaped, so that its exit code is known
+                    reason = f"its process (pid {proc.pid}) exited with code {proc.exitcode}"
+                    loop.call_soon_threadsafe(self._died, reason)
                 return
             if msg[0] == "out":
                 loop.call_soon_threadsafe(self._deliver, msg[1])

@@ -30,7 +30,6 @@ counts are vLLM's own (``prompt_token_ids``, output ``token_ids``).
 from __future__ import annotations
 
 import importlib.metadata
-import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -49,10 +48,10 @@ log = get_logger(__name__)
 #: tokens per output for streaming requests (the client sees text this often)
 DEFAULT_STREAM_INTERVAL = 8
 #: tokens per output for other requests: only the host's ``progress`` events need them
-#: (the first token comes at once). Each output is work for the host thread, which
-#: stalls the engine thread for as long (one GIL): at 64, 256 requests of 256 tokens
-#: cost the engine ~4 % of its time; at 256, ~2 %. On a GPU (~50–100 tokens/s per
-#: sequence) that is a progress event every few seconds.
+#: (the first token comes at once). Each output is work for the host thread (and, with
+#: the ``inproc`` front end, as long a stall of the engine thread, one GIL: at 64, 256
+#: requests of 256 tokens cost the engine ~4 % of its time; at 256, ~2 %). On a GPU
+#: (~50–100 tokens/s per sequence) that is a progress event every few seconds.
 DEFAULT_BATCH_INTERVAL = 256
 _OWN_ARGS = ("frontend", "stream_interval", "batch_interval")
 FRONTENDS = ("process", "inproc", "async")
@@ -125,7 +124,6 @@ class VllmEngine:
     async def start(self) -> None:
         _ensure_model_files(self.engine_args)
         if self.frontend in ("process", "inproc"):
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the core in the loop's process
             self._core = (ProcessCore if self.frontend == "process" else InprocCore)(self.engine_args)
             await self._core.start()
         else:
