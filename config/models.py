@@ -11,6 +11,7 @@ import hmac
 from datetime import datetime, timezone
 from decimal import Decimal
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
@@ -173,3 +174,27 @@ class WebhookSettings(Section):
     timeout_s: float = Field(default=10.0, gt=0)
     #: allow private and loopback targets (the local stack needs loopback)
     allow_private_targets: bool = False
+
+
+class GatewaySettings(Section):
+    """The HTTP API tenants use (``tokenmill gateway``)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    #: largest JSON request body; a bigger one is answered 413 before it is parsed
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
+    #: where uploaded files live (default ``<home>/files``)
+    files_dir: Path | None = None
+    #: the longest a non-streamed completion is waited for before 504
+    request_timeout_s: float = Field(default=600.0, gt=0)
+    #: SHA-256 digests of the keys that may read ``/metrics``; none: metrics are off
+    metrics_key_sha256: tuple[str, ...] = ()
+
+    @field_validator("metrics_key_sha256", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return (v,) if isinstance(v, str) else v
+
+    def metrics_key_matches(self, key: str) -> bool:
+        digest = hash_api_key(key)
+        return any(hmac.compare_digest(digest, d) for d in self.metrics_key_sha256)

@@ -8,6 +8,7 @@ the file, the key and the reason (:class:`~tokenmill.errors.ConfigError`).
 from __future__ import annotations
 
 import bisect
+import hmac
 import os
 import tomllib
 from datetime import datetime
@@ -26,6 +27,7 @@ from pydantic_settings import (
 from ..errors import ConfigError
 from .models import (
     BatchSettings,
+    GatewaySettings,
     ModelConfig,
     PriceCard,
     SchedulerSettings,
@@ -33,6 +35,7 @@ from .models import (
     Tenant,
     Tier,
     WebhookSettings,
+    hash_api_key,
 )
 
 EXAMPLE_CONFIG = Path(__file__).with_name("example.toml")
@@ -94,6 +97,7 @@ class Settings(BaseSettings):
     scheduler: SchedulerSettings = SchedulerSettings()
     batch: BatchSettings = BatchSettings()
     webhooks: WebhookSettings = WebhookSettings()
+    gateway: GatewaySettings = GatewaySettings()
 
     @classmethod
     def settings_customise_sources(
@@ -155,10 +159,23 @@ class Settings(BaseSettings):
         return out
 
     def tenant_for_key(self, api_key: str) -> str | None:
-        for name, tenant in self.tenants.items():
-            if tenant.key_matches(api_key):
-                return name
-        return None
+        """The tenant holding ``api_key``: its digest is compared with every stored one
+        in constant time, so the time taken says nothing about which (if any) matched."""
+        digest = hash_api_key(api_key)
+        found = None
+        for d, name in self._tenant_of_digest:
+            if hmac.compare_digest(digest, d):
+                found = name
+        return found
+
+    @cached_property
+    def _tenant_of_digest(self) -> tuple[tuple[str, str], ...]:
+        return tuple((d, name) for name, t in self.tenants.items() for d in t.api_key_sha256)
+
+    @property
+    def files_dir(self) -> Path:
+        """Where uploaded files live."""
+        return self.gateway.files_dir or self.home / "files"
 
     @cached_property
     def ledger_url(self) -> str:

@@ -6,6 +6,7 @@ bad request never reaches a topic.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime
@@ -17,16 +18,7 @@ import pydantic
 from ..config import Settings
 from ..errors import ValidationError
 from ..wire import Endpoint, InferenceRequest, Priority, describe_validation_error, new_request_id
-
-# OpenAI sampling parameters passed through to the engine as they are.
-SAMPLING_PARAMS = frozenset(
-    {
-        "temperature", "top_p", "top_k", "min_p", "n", "stop", "seed", "presence_penalty",
-        "frequency_penalty", "repetition_penalty", "logprobs", "top_logprobs", "stream_options",
-        "ignore_eos", "min_tokens", "response_format", "logit_bias", "user",
-    }
-)  # fmt: skip
-
+from .bodies import SAMPLING_PARAMS, validate_body
 
 def estimate_prompt_tokens(body: Mapping[str, Any]) -> int:
     """A cheap upper-ish estimate (≈4 characters a token, plus per-message overhead).
@@ -62,6 +54,11 @@ def deadline_of(deadline: float | datetime | None, now: float) -> float | None:
         return None
     if isinstance(deadline, datetime):
         return deadline.timestamp()
+    if isinstance(deadline, bool) or not isinstance(deadline, (int, float)) or not math.isfinite(deadline):
+        raise ValidationError(
+            f"deadline: must be seconds from now, epoch seconds or a datetime, got {deadline!r}",
+            field="deadline",
+        )
     if deadline <= 0:
         raise ValidationError("deadline: must be positive", field="deadline")
     return now + deadline if deadline < 1e9 else float(deadline)
@@ -83,6 +80,7 @@ def build_request(
     custom_id: str | None = None,
     body: Mapping[str, Any] | None = None,
     stream: bool = False,
+    endpoint: Endpoint | None = None,
     **sampling: Any,
 ) -> InferenceRequest:
     """Validate the arguments of ``submit`` and build the wire request.
@@ -112,7 +110,9 @@ def build_request(
             raise ValidationError("messages/prompt: give exactly one of them", field="messages")
         body = {"model": model, **sampling}
         if messages is not None:
-            body["messages"] = [dict(m) for m in messages]
+            # Copied as given: validate_body says what is wrong with a bad one.
+            body["messages"] = [dict(m) if isinstance(m, Mapping) else m for m in messages] \
+                if isinstance(messages, (list, tuple)) else messages
         else:
             body["prompt"] = prompt
         if max_tokens is not None:
@@ -120,7 +120,9 @@ def build_request(
         if stream:
             # Workers publish text deltas for streaming requests (Client.stream).
             body["stream"] = True
-    endpoint = Endpoint.chat_completions if "messages" in body else Endpoint.completions
+    if endpoint is None:
+        endpoint = Endpoint.chat_completions if "messages" in body else Endpoint.completions
+    validate_body(body, endpoint)
     now = time.time()
     try:
         return InferenceRequest(

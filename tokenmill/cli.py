@@ -44,6 +44,7 @@ _OPTIONAL_COMMAND_MODULES = (
     "tokenmill.producers.commands",
     "tokenmill.producers.batch_commands",
     "tokenmill.ledger.commands",
+    "tokenmill.gateway.commands",
 )
 
 

@@ -14,6 +14,8 @@ key                                    what
 ``tokenmill:attempts:<request_id>``    runs started so far (INCR)
 ``tokenmill:done:<tenant>``            Redis Stream: one ``id`` entry per stored
                                        outcome of the tenant (clients' waiters)
+``tokenmill:owner:<request_id>``       the tenant the gateway accepted it for (TTL):
+                                       streams and cancels are checked against it
 ``tokenmill:workers:<pool>``           ZSET worker name → last heartbeat (epoch s)
 ``tokenmill:worker:<name>``            :class:`~tokenmill.wire.WorkerHeartbeat` JSON (TTL)
 =====================================  ==========================================
@@ -54,6 +56,10 @@ def lease(request_id: str) -> str:
 
 def attempts(request_id: str) -> str:
     return f"{PREFIX}attempts:{request_id}"
+
+
+def owner(request_id: str) -> str:
+    return f"{PREFIX}owner:{request_id}"
 
 
 def done(tenant: str) -> str:

@@ -1,0 +1,200 @@
+"""The OpenAI request bodies tokenmill accepts, validated in one place.
+
+Every door uses :func:`validate_body`: the gateway's ``/v1/chat/completions`` and
+``/v1/completions``, batch lines and the trusted producer. A problem is a
+:class:`~tokenmill.errors.ValidationError` whose ``field`` is the OpenAI ``param``
+(``messages[0].role``), so the HTTP answer and a batch error row name the same place.
+
+The models are strict (``"0.7"`` is not a temperature) and refuse unknown fields, as
+OpenAI does: a parameter the engine would silently ignore is an error, not a surprise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
+
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ..errors import ValidationError
+from ..wire import Endpoint
+
+__all__ = ["MAX_DEPTH", "MAX_TOKENS", "SAMPLING_PARAMS", "check_json_value", "param_of", "validate_body"]
+
+#: the most tokens a request may ask for (the wire's bound)
+MAX_TOKENS = 1_000_000
+#: deepest nesting of objects and arrays in a body; real requests need a handful
+MAX_DEPTH = 32
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True, frozen=True)
+
+
+class ContentPart(_Open):
+    type: str
+    text: str | None = None
+
+
+class Message(_Open):
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _Common(_Strict):
+    model: str = Field(min_length=1, max_length=256)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=-1)
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    # One choice per request: the engines return one, so more would be silently dropped.
+    n: int | None = Field(default=None, ge=1, le=1)
+    stop: str | list[str] | None = Field(default=None, max_length=16)
+    seed: int | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(default=None, ge=0.01, le=10)
+    ignore_eos: bool | None = None
+    min_tokens: int | None = Field(default=None, ge=0, le=MAX_TOKENS)
+    logit_bias: dict[str, float] | None = None
+    user: str | None = Field(default=None, max_length=256)
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    service_tier: Literal["auto", "default", "flex", "priority"] | None = None
+    response_format: dict[str, Any] | None = None
+
+
+class ChatBody(_Common):
+    messages: list[Message] = Field(min_length=1)
+    # The engines return no log probabilities; asking for them is refused, not ignored.
+    logprobs: Literal[False] | None = None
+
+
+class CompletionBody(_Common):
+    # One prompt a request (a list holds exactly one string).
+    prompt: str | list[str] = Field(min_length=1)
+    logprobs: Literal[0] | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, list) and len(v) != 1:
+            raise ValueError("one prompt a request: a list must hold exactly one string")
+        return v
+
+
+_MODEL_OF = {Endpoint.chat_completions: ChatBody, Endpoint.completions: CompletionBody}
+
+#: the sampling parameters a body may carry besides model, messages/prompt and limits
+SAMPLING_PARAMS = frozenset(
+    (set(ChatBody.model_fields) | set(CompletionBody.model_fields))
+    - {"model", "messages", "prompt", "max_tokens", "max_completion_tokens", "stream", "service_tier"}
+)
+
+
+def param_of(loc: Iterable[int | str]) -> str:
+    """pydantic's ``("messages", 0, "role")`` → OpenAI's ``messages[0].role``."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif not out:
+            out = part
+        else:
+            out += f".{part}"
+    return out
+
+
+def check_json_value(value: Any, where: str = "") -> None:
+    """Refuse what no engine can take and what a serializer chokes on: nesting deeper
+    than :data:`MAX_DEPTH`, and strings that are not valid Unicode (lone surrogates,
+    which ``json.loads`` lets through from ``\\ud800`` escapes).
+
+    Raises:
+        ValidationError: naming the place.
+    """
+    stack: list[tuple[Any, str, int]] = [(value, where, 0)]
+    while stack:
+        item, at, depth = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValidationError(
+                    f"{at or 'body'}: not valid Unicode (a lone surrogate)", field=at or None
+                ) from None
+        elif isinstance(item, (dict, list)):
+            if depth >= MAX_DEPTH:
+                top = at.split(".", 1)[0].split("[", 1)[0]  # the field, not a 32-step path
+                raise ValidationError(
+                    f"{top or 'body'}: nested deeper than {MAX_DEPTH} levels", field=top or None
+                )
+            if isinstance(item, dict):
+                for k, v in item.items():
+                    if isinstance(k, str):
+                        stack.append((k, at, depth + 1))
+                    stack.append((v, f"{at}.{k}" if at else str(k), depth + 1))
+            else:
+                stack.extend((v, f"{at}[{i}]", depth + 1) for i, v in enumerate(item))
+
+
+def validate_body(body: Mapping[str, Any], endpoint: Endpoint) -> None:
+    """Check an OpenAI request body for ``endpoint``.
+
+    Raises:
+        ValidationError: with ``field`` the OpenAI ``param`` of the first problem.
+    """
+    check_json_value(body)
+    try:
+        _MODEL_OF[endpoint].model_validate(body)
+    except pydantic.ValidationError as exc:
+        loc, msg = _first_problem(exc.errors())
+        param = param_of(loc)
+        raise ValidationError(f"{param}: {msg}", field=param) from None
+
+
+def _first_problem(errors: list[Any]) -> tuple[tuple[int | str, ...], str]:
+    """The location and message of the first field's problem. A union
+    (``content: str | list``) reports one error per member, under locations that
+    end in the member's name: those are folded into one at the field."""
+    first = errors[0]
+    if first["type"] == "extra_forbidden":
+        return first["loc"], "unrecognized request argument"
+    same = [e for e in errors if e["loc"][: len(first["loc"]) - 1] == first["loc"][:-1]]
+    if len(same) > 1:
+        common = list(first["loc"])
+        for e in same[1:]:
+            n = 0
+            while n < min(len(common), len(e["loc"])) and common[n] == e["loc"][n]:
+                n += 1
+            common = common[:n]
+        if len(common) < len(first["loc"]):
+            kinds = " or ".join(dict.fromkeys(_expected(e) for e in same))
+            return tuple(common), f"must be {kinds}, got {_describe(first.get('input'))}"
+    msg = first["msg"]
+    if first["type"] != "missing" and "input" in first:
+        msg += f", got {_describe(first['input'])}"
+    return first["loc"], msg
+
+
+def _expected(err: Any) -> str:
+    return {"string_type": "a string", "list_type": "an array", "model_type": "an object",
+            "dict_type": "an object", "int_type": "an integer", "float_type": "a number",
+            "bool_type": "a boolean", "none_required": "null"}.get(err["type"], str(err["loc"][-1]))
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
