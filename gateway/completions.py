@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..errors import ValidationError
 from ..producers.requests import build_request
-from ..wire import Endpoint, InferenceRequest, Result, ResultStatus
+from ..wire import Endpoint, InferenceRequest, Priority, Result, ResultStatus
 from .auth import tenant_of
 from .backend import Backend
 from .errors import ApiError
@@ -29,6 +29,8 @@ __all__ = ["router", "result_error"]
 
 router = APIRouter()
 
+#: the ``service_tier`` an answer reports, as OpenAI names the class that served it
+SERVICE_TIER = {Priority.interactive: "priority", Priority.standard: "default", Priority.batch: "flex"}
 _CHUNK_OBJECT = {Endpoint.chat_completions: "chat.completion.chunk", Endpoint.completions: "text_completion"}
 
 
@@ -81,7 +83,8 @@ async def _complete(request: Request, tenant: str, endpoint: Endpoint) -> Respon
     result = await _wait_or_leave(request, backend, req)
     if result.status is not ResultStatus.succeeded:
         raise result_error(result)
-    return JSONResponse(result.body, headers={"X-Request-Id": req.id})
+    return JSONResponse({**(result.body or {}), "service_tier": SERVICE_TIER[req.priority]},
+                        headers={"X-Request-Id": req.id})
 
 
 async def _wait_or_leave(request: Request, backend: Backend, req: InferenceRequest) -> Result:
@@ -139,7 +142,8 @@ async def _sse(backend: Backend, req: InferenceRequest, include_usage: bool) -> 
     """SSE chunks as the engine produces text; a caller that leaves cancels the request."""
     chat = req.endpoint is Endpoint.chat_completions
     rid = ("chatcmpl-" if chat else "cmpl-") + req.id
-    head = {"id": rid, "object": _CHUNK_OBJECT[req.endpoint], "created": int(time.time()), "model": req.model}
+    head = {"id": rid, "object": _CHUNK_OBJECT[req.endpoint], "created": int(time.time()), "model": req.model,
+            "service_tier": SERVICE_TIER[req.priority], "system_fingerprint": None}
 
     def chunk(text: str | None, finish: str | None, first: bool = False) -> dict[str, Any]:
         if chat:

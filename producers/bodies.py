@@ -74,12 +74,20 @@ class _Common(_Strict):
     stream_options: StreamOptions | None = None
     service_tier: Literal["auto", "default", "flex", "priority"] | None = None
     response_format: dict[str, Any] | None = None
+    # vLLM's extra sampling parameters, so files written for `vllm run-batch` run unchanged.
+    skip_special_tokens: bool | None = None
+    spaces_between_special_tokens: bool | None = None
+    include_stop_str_in_output: bool | None = None
+    stop_token_ids: list[int] | None = None
 
 
 class ChatBody(_Common):
     messages: list[Message] = Field(min_length=1)
     # The engines return no log probabilities; asking for them is refused, not ignored.
     logprobs: Literal[False] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_generation_prompt: bool | None = None
+    continue_final_message: bool | None = None
 
 
 class CompletionBody(_Common):
@@ -172,7 +180,10 @@ def _first_problem(errors: list[Any]) -> tuple[tuple[int | str, ...], str]:
     first = errors[0]
     if first["type"] == "extra_forbidden":
         return first["loc"], "unrecognized request argument"
-    same = [e for e in errors if e["loc"][: len(first["loc"]) - 1] == first["loc"][:-1]]
+    k = len(first["loc"]) - 1
+    # Union members differ in a last, named step (``str``, ``list[ContentPart]``), not an index.
+    same = [e for e in errors if len(e["loc"]) > k and e["loc"][:k] == first["loc"][:k]
+            and isinstance(e["loc"][k], str) and isinstance(first["loc"][k], str)] if k > 0 else [first]
     if len(same) > 1:
         common = list(first["loc"])
         for e in same[1:]:
