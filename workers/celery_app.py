@@ -122,8 +122,10 @@ def send_slice_json(app: Celery, pool: str, payload: bytes, priority: int) -> st
     is one C-level escape, where a list of nested dicts is walked object by object on
     both ends, and the worker validates the whole string in one pydantic call.
     """
+    # argsrepr: task events (Flower, any event consumer) show a size, never the prompts.
     result = app.send_task(
-        TASK_NAME, args=[payload.decode()], queue=queue_name(pool), priority=priority
+        TASK_NAME, args=[payload.decode()], queue=queue_name(pool), priority=priority,
+        argsrepr=f"<slice: {len(payload)} bytes>", kwargsrepr="{}",
     )
     return str(result.id)
 

@@ -55,22 +55,37 @@ def worker_command(
 
 
 def flower_command(
-    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5555,
+    address: Annotated[
+        str, typer.Option(help="Address to listen on; keep the loopback default unless behind a proxy.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 5555,
     basic_auth: Annotated[
-        str | None, typer.Option(help="user:password for the UI and API (default: open API on loopback).")
+        str | None,
+        typer.Option(
+            envvar="TOKENMILL_FLOWER_BASIC_AUTH",
+            help="user:password for the UI and API (prefer the environment variable to the "
+            "option). Default: a password generated once into $TOKENMILL_HOME/flower/credentials.",
+        ),
     ] = None,
+    show_task_args: Annotated[
+        bool, typer.Option(help="Show task arguments (request bodies, prompts) in Flower.")
+    ] = False,
 ) -> None:
-    """Start Flower for tokenmill's Celery app, on loopback only."""
+    """Start Flower for tokenmill's Celery app: basic auth always, loopback by default."""
     from ..config.settings import load_settings
+    from . import flower_auth
     from .celery_app import create_app
     from .worker import resolve_urls
 
-    _, redis_url = resolve_urls(load_settings(), need_kafka=False)
-    args = ["flower", "--address=127.0.0.1", f"--port={port}"]
-    if basic_auth:
-        args.append(f"--basic-auth={basic_auth}")
-    else:
-        os.environ.setdefault("FLOWER_UNAUTHENTICATED_API", "true")  # loopback only
+    settings = load_settings()
+    _, redis_url = resolve_urls(settings, need_kafka=False)
+    credentials, source = flower_auth.resolve_credentials(basic_auth, settings.home)
+    if os.environ.pop("FLOWER_UNAUTHENTICATED_API", None) is not None:
+        print("flower: ignoring FLOWER_UNAUTHENTICATED_API (removed): the API always needs basic auth",
+              file=sys.stderr)  # fmt: skip
+    print(f"flower: {source}", file=sys.stderr, flush=True)
+    flower_auth.install(show_task_args=show_task_args)
+    args = ["flower", f"--address={address}", f"--port={port}", f"--basic-auth={credentials}"]
     create_app(redis_url).start(argv=args)
 
 

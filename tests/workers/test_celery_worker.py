@@ -148,7 +148,9 @@ def test_flower_lists_the_running_worker(stack: dict, sim_worker: WorkerProcess)
         "TOKENMILL_CONFIG": str(stack["config"]),
         "TOKENMILL_REDIS_URL": stack["redis_url"],
         "TOKENMILL_KAFKA_URL": stack["kafka"],
+        "TOKENMILL_FLOWER_BASIC_AUTH": "tester:flower-test-password",
     }
+    auth = ("tester", "flower-test-password")
     log = Path(stack["logs"]) / "flower.log"
     with log.open("wb") as out:
         flower = subprocess.Popen(
@@ -160,7 +162,8 @@ def test_flower_lists_the_running_worker(stack: dict, sim_worker: WorkerProcess)
 
         def listed() -> dict | None:
             try:
-                got = httpx.get(f"http://127.0.0.1:{port}/api/workers", params={"refresh": "1"}, timeout=5)
+                got = httpx.get(f"http://127.0.0.1:{port}/api/workers", params={"refresh": "1"},
+                                auth=auth, timeout=5)  # fmt: skip
             except httpx.HTTPError:
                 return None
             return got.json() if got.status_code == 200 and name in got.json() else None
@@ -174,11 +177,12 @@ def test_flower_lists_the_running_worker(stack: dict, sim_worker: WorkerProcess)
         task_id = send_slice(create_app(stack["redis_url"]), "sim", dispatches([chat_request("sim")]))
 
         def task_seen() -> dict | None:
-            got = httpx.get(f"http://127.0.0.1:{port}/api/task/info/{task_id}", timeout=5)
+            got = httpx.get(f"http://127.0.0.1:{port}/api/task/info/{task_id}", auth=auth, timeout=5)
             return got.json() if got.status_code == 200 and got.json().get("state") == "SUCCESS" else None
 
         task = wait_for(task_seen, 20, "flower sees the task succeed")
         assert task["worker"] == name and task["name"] == "tokenmill.run_slice"
+        assert httpx.get(f"http://127.0.0.1:{port}/api/workers", timeout=5).status_code == 401
     finally:
         processes.stop_pid(flower.pid)
 
