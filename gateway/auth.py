@@ -15,8 +15,9 @@ _NO_KEY = (
 )
 
 
-def tenant_of(request: Request) -> str:
-    """The tenant of the request's API key (a FastAPI dependency).
+async def tenant_of(request: Request) -> str:
+    """The tenant of the request's API key (a FastAPI dependency; async so that FastAPI
+    does not hand it to a thread pool on every call).
 
     Raises:
         ApiError: 401 with no key, a malformed header, or a key of no tenant.

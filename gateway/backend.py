@@ -28,10 +28,70 @@ from ..workers import keys
 from ..workers.cancel import request_cancel_async
 from ..workers.results import RESULT_TTL_S, StreamItem, get_result_async, stream_events_async
 
-__all__ = ["Backend"]
+__all__ = ["Backend", "RateLimited"]
 
-#: requests a tenant may start in one minute when its config sets none
+#: the window of ``requests_per_min``, shared by every gateway copy through Redis
 _WINDOW_S = 60
+#: Redis connections one gateway may hold; more callers wait for one
+_REDIS_CONNECTIONS = 64
+
+
+class RateLimited(Exception):
+    """Over the tenant's request rate; ``retry_after`` seconds until the window turns."""
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(f"rate limited for {retry_after:.0f}s")
+        self.retry_after = retry_after
+
+
+class _Coalescer:
+    """Redis commands of concurrent requests, sent as one pipeline per event-loop turn:
+    a round trip per HTTP request cost the gateway more than the rest of its work."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self._queue: list[tuple[list[tuple[Any, ...]], asyncio.Future[list[Any]]]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def run(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """The replies to ``commands`` (``("set", key, value, ttl)`` or ``(name, *args)``).
+
+        Raises:
+            StackError: Redis failed.
+        """
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[list[Any]] = loop.create_future()
+        if not self._queue:
+            loop.call_soon(self._flush)
+        self._queue.append((commands, fut))
+        return await fut
+
+    def _flush(self) -> None:
+        batch, self._queue = self._queue, []
+        task = asyncio.get_running_loop().create_task(self._send(batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, batch: list[tuple[list[tuple[Any, ...]], asyncio.Future[list[Any]]]]) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        for commands, _ in batch:
+            for name, *args in commands:
+                if name == "set":
+                    pipe.set(args[0], args[1], ex=args[2])
+                else:
+                    getattr(pipe, name)(*args)
+        try:
+            replies = await pipe.execute()
+        except RedisError as exc:
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(StackError(f"Redis: cannot record requests: {exc!r}"))
+            return
+        at = 0
+        for commands, fut in batch:
+            if not fut.done():
+                fut.set_result(replies[at : at + len(commands)])
+            at += len(commands)
 
 
 class Backend:
@@ -41,7 +101,8 @@ class Backend:
         self.settings = settings
         self.endpoints = ep
         self.producer = kafka.producer(ep.kafka_bootstrap)
-        self.redis = async_redis(ep.redis_url)
+        self.redis = async_redis(ep.redis_url, blocking=True, max_connections=_REDIS_CONNECTIONS)
+        self._writes = _Coalescer(self.redis)
         self._waiters: dict[str, ResultWaiter] = {}
         self._ledger: Any = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -70,18 +131,27 @@ class Backend:
     # -- requests ------------------------------------------------------------------
 
     async def submit(self, requests: Sequence[wire.InferenceRequest]) -> None:
-        """Record each request's owner, then publish; returns once Kafka has them all.
+        """Count the requests against their tenant's rate, record each one's owner, then
+        publish; returns once Kafka has them all. One Redis round trip for the first two.
 
         Raises:
+            RateLimited: over the tenant's ``requests_per_min``; nothing was published.
             StackError: Redis or Kafka did not take them (nothing is promised to the caller).
         """
-        try:
-            pipe = self.redis.pipeline(transaction=False)
-            for req in requests:
-                pipe.set(keys.owner(req.id), req.tenant, ex=RESULT_TTL_S)
-            await pipe.execute()
-        except RedisError as exc:
-            raise StackError(f"Redis: cannot record requests: {exc!r}") from exc
+        tenant = requests[0].tenant
+        limit = self.settings.tenants[tenant].rate_limit
+        per_min = limit.requests_per_min if limit is not None else None
+        now = time.time()
+        window = int(now // _WINDOW_S)
+        commands: list[tuple[Any, ...]] = []
+        if per_min is not None:
+            key = f"{keys.PREFIX}gateway-rate:{tenant}:{window}"
+            commands += [("incrby", key, len(requests)), ("expire", key, _WINDOW_S * 2)]
+        commands += [("set", keys.owner(req.id), req.tenant, RESULT_TTL_S) for req in requests]
+        replies = await self._writes.run(commands)
+        if per_min is not None and replies[0] > per_min:
+            # The owner keys of refused ids expire unused: the caller never learns them.
+            raise RateLimited(max(1.0, (window + 1) * _WINDOW_S - now))
         if len(requests) == 1:
             req = requests[0]
             try:
@@ -138,30 +208,6 @@ class Backend:
         task = asyncio.get_running_loop().create_task(self.cancel(tenant, request_id))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-    async def admit(self, tenant: str, count: int = 1) -> float | None:
-        """Count ``count`` requests against the tenant's ``requests_per_min`` (a
-        one-minute window shared by every gateway copy through Redis).
-
-        Returns:
-            None if admitted, else the seconds until the window turns.
-        """
-        limit = self.settings.tenants[tenant].rate_limit
-        if limit is None or limit.requests_per_min is None:
-            return None
-        now = time.time()
-        window = int(now // _WINDOW_S)
-        key = f"{keys.PREFIX}gateway-rate:{tenant}:{window}"
-        try:
-            pipe = self.redis.pipeline(transaction=True)
-            pipe.incrby(key, count)
-            pipe.expire(key, _WINDOW_S * 2)
-            used, _ = await pipe.execute()
-        except RedisError as exc:
-            raise StackError(f"Redis: cannot count requests: {exc!r}") from exc
-        if used > limit.requests_per_min:
-            return max(1.0, (window + 1) * _WINDOW_S - now)
-        return None
 
     # -- health ---------------------------------------------------------------------
 

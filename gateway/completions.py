@@ -69,10 +69,6 @@ async def _complete(request: Request, tenant: str, endpoint: Endpoint) -> Respon
     backend: Backend = request.app.state.backend
     body = await read_json(request, request.app.state.settings.gateway.max_body_bytes)
     req = accept(request, tenant, body, endpoint)
-    retry = await backend.admit(tenant)
-    if retry is not None:
-        raise ApiError(429, "Rate limit reached for requests per minute.", code="rate_limit_exceeded",
-                       headers={"Retry-After": str(int(retry))})
     await backend.submit([req])
     if body.get("stream"):
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))

@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..errors import NotFound, StackError, TokenmillError, ValidationError
 from ..logs import get_logger
 from ..producers.bodies import param_of
+from .backend import RateLimited
 
 __all__ = ["ApiError", "install"]
 
@@ -98,6 +99,11 @@ def install(app: FastAPI) -> None:
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = "Unknown request URL" if exc.status_code == 404 else str(exc.detail)
         return ApiError(exc.status_code, message, headers=exc.headers).response()
+
+    @app.exception_handler(RateLimited)
+    async def _limited(_: Request, exc: RateLimited) -> JSONResponse:
+        return ApiError(429, "Rate limit reached for requests per minute.", code="rate_limit_exceeded",
+                        headers={"Retry-After": str(int(exc.retry_after + 0.999))}).response()
 
     @app.exception_handler(StackError)
     async def _stack(request: Request, exc: StackError) -> JSONResponse:

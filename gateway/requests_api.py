@@ -86,10 +86,6 @@ async def submit(request: Request, tenant: str = Depends(tenant_of)) -> Response
         raise ApiError(400, f"requests: must be a list of 1 to {MAX_PER_CALL} requests",
                        param="requests", code="invalid_value")
     reqs = [_one(request, tenant, item, f"requests[{i}]." if many else "") for i, item in enumerate(items)]
-    retry = await backend.admit(tenant, len(reqs))
-    if retry is not None:
-        raise ApiError(429, "Rate limit reached for requests per minute.", code="rate_limit_exceeded",
-                       headers={"Retry-After": str(int(retry))})
     await backend.submit(reqs)
     out = [{"id": r.id, "object": "tokenmill.request", "model": r.model, "priority": r.priority.value,
             "status": "queued"} for r in reqs]
