@@ -11,6 +11,7 @@ COPY scheduler scheduler
 COPY workers workers
 COPY ledger ledger
 COPY config config
+COPY gateway gateway
 RUN pip install --no-cache-dir ".[${VLLM},postgres]" && pip install --no-cache-dir "click>=8.1,<8.4"
 ENV TOKENMILL_HOME=/data PYTHONUNBUFFERED=1
 VOLUME /data
