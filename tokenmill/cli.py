@@ -6,6 +6,7 @@ file stays a table of contents.
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 import typer
@@ -27,18 +28,14 @@ def _register() -> None:
     from .stack import commands as stack_commands
 
     stack_commands.register(app)
-    for module in _OPTIONAL_COMMAND_MODULES:
-        try:
-            mod = __import__(module, fromlist=["register"])
-        except ModuleNotFoundError as exc:
-            if not exc.name or not exc.name.startswith("tokenmill"):
-                raise
-            continue
-        mod.register(app)
+    # Every subsystem ships with the package: one that fails to import is a bug to show,
+    # not a command to leave out quietly.
+    for module in _COMMAND_MODULES:
+        importlib.import_module(module).register(app)
 
 
 # Subsystems that add commands; each module has ``register(app)``.
-_OPTIONAL_COMMAND_MODULES = (
+_COMMAND_MODULES = (
     "tokenmill.workers.commands",
     "tokenmill.scheduler.commands",
     "tokenmill.producers.commands",
