@@ -12,7 +12,7 @@ from .. import runtime
 
 if TYPE_CHECKING:
     from ..config.settings import Settings
-    from ..stack.spec import ServiceSpec
+    from ..stack.spec import Launch, ServiceSpec
 
 GATEWAY = "gateway"
 
@@ -41,19 +41,39 @@ def gateway_command(
 
 
 def gateway_services(settings: Settings, models: Sequence[str]) -> list[ServiceSpec]:
+    """For ``tokenmill up``: the gateway on loopback, on ``gateway.port`` (8080) when that
+    is free — the address the README's examples use — else on any free port."""
     from ..stack import ServiceSpec
+
+    preferred = settings.gateway.port if _free(settings.gateway.port) else None
+
+    def port(launch: Launch) -> int:
+        return preferred or launch.port
 
     return [
         ServiceSpec(
             name=GATEWAY,
             argv=lambda launch: [sys.executable, "-m", "tokenmill", "gateway", "--host", "127.0.0.1",
-                                 "--port", str(launch.port)],
-            address=lambda launch: f"http://127.0.0.1:{launch.port}",
+                                 "--port", str(port(launch))],
+            address=lambda launch: f"http://127.0.0.1:{port(launch)}",
             probe="http",
-            ready=lambda launch: _ready(launch.port),
+            ready=lambda launch: _ready(port(launch)),
             depends_on=("kafka", "redis"),
         )
     ]
+
+
+def _free(port: int) -> bool:
+    import socket
+
+    if port == 0:
+        return False
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def _ready(port: int) -> bool:
