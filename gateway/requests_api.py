@@ -72,8 +72,10 @@ def _one(request: Request, tenant: str, item: Any, where: str) -> InferenceReque
             webhook=item.get("webhook"),
         )
     except ValidationError as exc:
-        field = exc.field if exc.field in ("priority", "deadline", "webhook") else f"body.{exc.field}"
-        raise ApiError(400, f"{where}{exc}", param=f"{where}{field}", code="invalid_value") from None
+        top = exc.field in ("priority", "deadline", "webhook")
+        field = exc.field if top else ("body." + exc.field if exc.field else "body")
+        raise ApiError(400, f"{where}{'' if top else 'body.'}{exc}", param=f"{where}{field}",
+                       code="invalid_value") from None
 
 
 @router.post("", status_code=202)
