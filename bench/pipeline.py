@@ -1,4 +1,7 @@
-"""End-to-end pipeline benchmark: client → Kafka → scheduler → Celery worker → result.
+"""End-to-end pipeline benchmark: producer → Kafka → scheduler → Celery worker → result.
+
+Requests are published by the in-cluster trusted producer (``TrustedProducer``), so the
+figures are the pipeline behind the gateway (``bench/gateway.py`` measures the HTTP door).
 
 Measures on a fresh local stack (started in a temporary home, stopped at the end):
 
@@ -133,17 +136,17 @@ def celery_baseline(redis_url: str, n: int = 2000) -> float:
 
 
 async def e2e_throughput(n: int) -> float:
-    from tokenmill import AsyncClient
+    from tokenmill.producers.trusted import TrustedProducer
 
-    async with AsyncClient(tenant="alpha") as client:
-        warm = await client.submit_many([client.build("bench", prompt="warm", max_tokens=1)])
-        await client.result(warm[0], timeout=60)
-        reqs = [client.build("bench", prompt=f"p{i}", max_tokens=1) for i in range(n)]
+    async with TrustedProducer("alpha") as producer:
+        warm = await producer.submit_many([producer.build("bench", prompt="warm", max_tokens=1)])
+        await producer.result(warm[0], timeout=60)
+        reqs = [producer.build("bench", prompt=f"p{i}", max_tokens=1) for i in range(n)]
         t0 = time.perf_counter()
-        handles = []
+        ids = []
         for start in range(0, n, 1000):
-            handles += await client.submit_many(reqs[start : start + 1000])
-        results = await asyncio.gather(*(client.result(h, timeout=600) for h in handles))
+            ids += await producer.submit_many(reqs[start : start + 1000])
+        results = await asyncio.gather(*(producer.result(i, timeout=600) for i in ids))
         elapsed = time.perf_counter() - t0
     bad = [r for r in results if r.status is not wire.ResultStatus.succeeded]
     if bad:
@@ -153,7 +156,7 @@ async def e2e_throughput(n: int) -> float:
 
 async def added_latency(kafka_bootstrap: str, n: int = 200, rate: float = 20.0) -> list[float]:
     """Submit → the worker starting the request, at ``rate`` requests/s."""
-    from tokenmill import AsyncClient
+    from tokenmill.producers.trusted import TrustedProducer
 
     consumer = AIOKafkaConsumer(wire.TOKEN_EVENTS_TOPIC, bootstrap_servers=kafka_bootstrap,
                                 auto_offset_reset="latest", fetch_max_wait_ms=10, enable_auto_commit=False)
@@ -161,11 +164,11 @@ async def added_latency(kafka_bootstrap: str, n: int = 200, rate: float = 20.0) 
     await consumer.getmany(timeout_ms=500)  # join before submitting
     started: dict[str, float] = {}
     submitted: dict[str, float] = {}
-    async with AsyncClient(tenant="beta") as client:
+    async with TrustedProducer("beta") as producer:
         for i in range(n):
-            req = client.build("bench", prompt=f"l{i}", max_tokens=1, priority="interactive")
+            req = producer.build("bench", prompt=f"l{i}", max_tokens=1, priority="interactive")
             submitted[req.id] = req.submitted_at
-            await client.submit_many([req])
+            await producer.submit_many([req])
             await asyncio.sleep(1 / rate)
         async with asyncio.timeout(60):
             while len(started) < n:

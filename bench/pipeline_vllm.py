@@ -9,10 +9,10 @@ the worker's ``max_in_flight`` is the engine's ``max_num_seqs``):
     (``engine_efficiency.Direct``), timed around the ``generate`` call;
 (b) pipeline: a local stack (``tokenmill up --model tiny`` in a temporary home through
     ``pipeline.LocalStack``: Kafka, Redis, scheduler, stream processors, the example
-    config's simulated worker, and a Celery worker running vLLM). ``AsyncClient``
-    ``submit_many`` → priority topic → scheduler → Celery slice → worker → result in
-    Redis → ``AsyncClient.result``, timed from just before the first submit (requests
-    already built) until the client holds the last result.
+    config's simulated worker, and a Celery worker running vLLM). The in-cluster
+    ``TrustedProducer``'s ``submit_many`` → priority topic → scheduler → Celery slice →
+    worker → result in Redis → ``TrustedProducer.result``, timed from just before the
+    first submit (requests already built) until the producer holds the last result.
 
 Throughput is output tokens (the engine's usage counts) / wall seconds. Both sides are
 warmed up first (every prompt, 8 tokens), then run one after the other, never at once,
@@ -53,7 +53,7 @@ from engine_efficiency import VLLM_ENV, Direct, group_cpu, model_toml, prompts
 
 if TYPE_CHECKING:
     from pipeline import LocalStack
-    from tokenmill.producers.client import AsyncClient
+    from tokenmill.producers.trusted import TrustedProducer
 
 T = TypeVar("T")
 MODEL = "tiny"
@@ -147,21 +147,21 @@ async def guarded(coro: Awaitable[T], services: dict[str, int], logs: Path) -> T
 # -- (b) through the pipeline -------------------------------------------------------------
 
 
-async def pipeline_run(client: AsyncClient, ps: list[str], max_tokens: int,
+async def pipeline_run(producer: TrustedProducer, ps: list[str], max_tokens: int,
                        services: dict[str, int], logs: Path) -> dict[str, Any]:
     """Submit every prompt, wait for every result; tokens/s from the first submit to the
-    last result in the client's hands."""
+    last result in the producer's hands."""
     from tokenmill import wire
 
-    reqs = [client.build(MODEL, prompt=p, max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    reqs = [producer.build(MODEL, prompt=p, max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
             for p in ps]
     cpu0 = group_cpu(services)
     wall0, t0 = time.time(), time.perf_counter()
     async with asyncio.timeout(RUN_TIMEOUT_S):
-        handles = await client.submit_many(reqs)
+        ids = await producer.submit_many(reqs)
         submitted = time.perf_counter() - t0
         results = await guarded(
-            asyncio.gather(*(client.result(h, timeout=RUN_TIMEOUT_S) for h in handles)), services, logs)
+            asyncio.gather(*(producer.result(i, timeout=RUN_TIMEOUT_S) for i in ids)), services, logs)
     seconds = time.perf_counter() - t0
     wall1 = time.time()
     cpu = {k: v - cpu0[k] for k, v in group_cpu(services).items()}
@@ -312,16 +312,16 @@ def measure(*, requests: int = 256, max_tokens: int = 256, repeat: int = 9,
 async def _interleaved(direct: Direct, ps: list[str], max_tokens: int, repeat: int,
                        services: dict[str, int], stack: LocalStack,
                        ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[Any]]:
-    from tokenmill import AsyncClient
+    from tokenmill.producers.trusted import TrustedProducer
 
     a: list[dict[str, Any]] = []
     b: list[dict[str, Any]] = []
-    async with AsyncClient(tenant="alpha", kafka_bootstrap=stack.kafka, redis_url=stack.redis) as client:
+    async with TrustedProducer("alpha", kafka_bootstrap=stack.kafka, redis_url=stack.redis) as producer:
         logs = stack.home / "logs"
-        await pipeline_run(client, ps, WARM_TOKENS, services, logs)  # warm-up (the direct side's too)
+        await pipeline_run(producer, ps, WARM_TOKENS, services, logs)  # warm-up (the direct side's too)
         for _ in range(repeat):  # interleaved, so load from elsewhere hits both alike
             a.append(await asyncio.to_thread(direct.run))
-            b.append(await pipeline_run(client, ps, max_tokens, services, logs))
+            b.append(await pipeline_run(producer, ps, max_tokens, services, logs))
     return a, b, await read_events(stack.kafka)
 
 

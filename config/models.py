@@ -172,7 +172,11 @@ class WebhookSettings(Section):
     max_attempts: int = Field(default=8, gt=0)
     backoff_base_s: float = Field(default=1.0, gt=0)
     timeout_s: float = Field(default=10.0, gt=0)
-    #: allow private and loopback targets (the local stack needs loopback)
+    #: allow loopback receivers (127.0.0.0/8, ::1, localhost): the local stack's own;
+    #: opens nothing else (see tokenmill.workers.webhook_targets)
+    allow_loopback: bool = False
+    #: allow receivers on private networks (10/8, 172.16/12, 192.168/16, 100.64/10,
+    #: fc00::/7); loopback, link-local and cloud metadata addresses stay refused
     allow_private_targets: bool = False
 
 

@@ -41,12 +41,32 @@ from .models import (
 EXAMPLE_CONFIG = Path(__file__).with_name("example.toml")
 
 
+#: set to any of these, the services are a deployment, not the embedded local stack
+_EXTERNAL = ("TOKENMILL_KAFKA_URL", "TOKENMILL_REDIS_URL", "TOKENMILL_DATABASE_URL")
+
+
 def config_path() -> Path:
+    """``$TOKENMILL_CONFIG``, else ``./tokenmill.toml``, else — for the embedded local
+    stack only — the shipped example.
+
+    Raises:
+        ConfigError: no config and external services configured: a deployment must not
+            run with the example's published demo keys.
+    """
     explicit = os.environ.get("TOKENMILL_CONFIG")
     if explicit:
         return Path(explicit)
     local = Path("tokenmill.toml")
-    return local if local.exists() else EXAMPLE_CONFIG
+    if local.exists():
+        return local
+    external = [name for name in _EXTERNAL if os.environ.get(name)]
+    if external:
+        raise ConfigError(
+            f"no config file: {', '.join(external)} point at a deployment, so set TOKENMILL_CONFIG "
+            "or put a tokenmill.toml here (the shipped example, with its published demo keys, "
+            "serves only the embedded local stack)"
+        )
+    return EXAMPLE_CONFIG
 
 
 class _TomlSource(PydanticBaseSettingsSource):
@@ -86,8 +106,6 @@ class Settings(BaseSettings):
     redis_url: str | None = None
     database_url: str | None = None
     log_level: str = "INFO"
-    #: extra dev convenience: accept ``--tenant NAME`` without an API key
-    allow_tenant_by_name: bool = True
 
     tiers: dict[str, Tier] = Field(default_factory=dict)
     tenants: dict[str, Tenant] = Field(default_factory=dict)

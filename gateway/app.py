@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry
 
 from ..config import Settings
 from ..stack import Endpoints
-from . import completions, errors, ops, requests_api
+from . import account, batches, completions, errors, files, ops, requests_api
 from .backend import Backend
 from .metrics import GatewayMetrics
 
@@ -33,7 +33,7 @@ def create_app(settings: Settings, ep: Endpoints) -> FastAPI:
     app.state.settings = settings
     app.state.registry = CollectorRegistry()
     errors.install(app)
-    for module in (ops, completions, requests_api):
+    for module in (ops, completions, requests_api, account, files, batches):
         app.include_router(module.router)
     app.add_middleware(GatewayMetrics, registry=app.state.registry)
     return app

@@ -6,17 +6,19 @@ exactly like one that does not exist.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from tokenmill.errors import LedgerError, NotFound
 from tokenmill.wire import Batch, BatchStatus, RequestCounts
 
 from .errors import translated
-from .models import BatchRow
+from .models import BatchRow, RequestRow
 from .types import utc
 from .upsert import insert_ignore
 
@@ -205,3 +207,63 @@ def lock_batch(session: Session, batch_id: str) -> Batch:
     if row is None:
         raise NotFound(f"batch {batch_id} not found")
     return to_wire(row)
+
+
+@translated
+def set_batch_input(
+    session: Session, batch_id: str, *, input_file_id: str, output_expires_after: dict[str, Any] | None
+) -> None:
+    """Record the file a batch was made from and the output expiry asked for with it
+    (OpenAI fields that the wire :class:`Batch` does not carry)."""
+    session.execute(
+        update(BatchRow)
+        .where(BatchRow.id == batch_id)
+        .values(input_file_id=input_file_id, output_expires_after=output_expires_after)
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class BatchSummary:
+    """What OpenAI's batch object shows beyond the wire :class:`Batch`."""
+
+    input_file_id: str | None
+    #: the model of every accepted line, when they share one
+    model: str | None
+    #: the ledger's token counts of the batch's requests so far
+    input_tokens: int
+    output_tokens: int
+
+
+@translated
+def batch_summaries(session: Session, batch_ids: Sequence[str]) -> dict[str, BatchSummary]:
+    """The :class:`BatchSummary` of each of ``batch_ids`` that exists (services only:
+    not tenant-scoped; give ids already checked against the tenant)."""
+    if not batch_ids:
+        return {}
+    usage = {
+        row.batch_id: row
+        for row in session.execute(
+            select(
+                RequestRow.batch_id,
+                func.coalesce(func.sum(RequestRow.prompt_tokens), 0).label("input_tokens"),
+                func.coalesce(func.sum(RequestRow.completion_tokens), 0).label("output_tokens"),
+                func.min(RequestRow.model).label("first_model"),
+                func.max(RequestRow.model).label("last_model"),
+            )
+            .where(RequestRow.batch_id.in_(batch_ids))
+            .group_by(RequestRow.batch_id)
+        )
+    }
+    found: dict[str, BatchSummary] = {}
+    for batch_id, input_file_id in session.execute(
+        select(BatchRow.id, BatchRow.input_file_id).where(BatchRow.id.in_(batch_ids))
+    ):
+        u = usage.get(batch_id)
+        model = u.first_model if u is not None and u.first_model == u.last_model else None
+        found[batch_id] = BatchSummary(
+            input_file_id=input_file_id,
+            model=model,
+            input_tokens=int(u.input_tokens) if u is not None else 0,
+            output_tokens=int(u.output_tokens) if u is not None else 0,
+        )
+    return found

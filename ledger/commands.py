@@ -1,58 +1,58 @@
-"""``tokenmill streams | usage | invoice | sla``: the stream processors and the reports
-they feed.
+"""``tokenmill streams | usage | invoice | sla`` (and the body of ``webhooks``): the
+stream processors and the reports they feed.
 
-``streams`` runs a faust worker (``tokenmill up`` starts one as the ``streams`` service);
-the reports read the ledger (``settings.ledger_url``: ``TOKENMILL_DATABASE_URL`` or the
-SQLite file in the state directory) and print a table, or JSON with ``--json``.
+``streams`` runs a faust worker (``tokenmill up`` starts one as the ``streams`` service).
+
+The reports are a tenant's own, asked of the gateway's account API
+(``/v1/tokenmill/…``) with its API key: ``--api-key`` or ``$TOKENMILL_API_KEY`` (on the
+local stack, ``--tenant NAME`` stands for that tenant's demo key), at ``--base-url``,
+``$TOKENMILL_BASE_URL`` or the local stack's gateway. ``--all-tenants`` is the
+operator's command: every tenant's, read from the ledger directly, so it needs the
+server's config and database (``settings.ledger_url``: ``TOKENMILL_DATABASE_URL`` or
+the SQLite file in the state directory); no tenant key opens it. Both paths make the
+same documents (:mod:`.reports`): printed as tables, or as JSON with ``--json``.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from datetime import UTC, date, datetime, timedelta
-from decimal import Decimal
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
+from urllib.parse import quote
 
 import typer
 from rich.console import Console
 from rich.table import Table
 from sqlalchemy.orm import Session
 from tokenmill.config import Settings, load_settings
+from tokenmill.producers.commands import ApiKeyOpt, BaseUrlOpt, TenantOpt
 
-from tokenmill.errors import ValidationError
+from tokenmill.errors import StackError, ValidationError
 from tokenmill.stack import ServiceSpec, endpoints, register_factory
 
-console = Console()
+from .reports import (
+    invoice_report,
+    parse_period,
+    parse_span,
+    sla_report,
+    this_month,
+    usage_report,
+    webhooks_report,
+)
 
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
-_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+console = Console()
+T = TypeVar("T")
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
-TenantOpt = Annotated[str | None, typer.Option(help="Only this tenant.")]
-
-
-def parse_time(text: str, *, now: datetime | None = None) -> datetime:
-    """``2026-11-03``, ``2026-11-03T12:00`` (UTC unless it says otherwise), or a span back
-    from now: ``90s``, ``15m``, ``2h``, ``7d``, ``1w``.
-
-    Raises:
-        ValidationError: none of those.
-    """
-    now = now or datetime.now(UTC)
-    m = _DURATION.match(text.strip())
-    if m:
-        return now - timedelta(seconds=float(m[1]) * _UNIT_S[m[2]])
-    try:
-        at = datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise ValidationError(
-            f"{text!r} is not a time: give ISO 8601 (2026-11-03T12:00) or a span like 2h, 7d"
-        ) from None
-    return at if at.tzinfo else at.replace(tzinfo=UTC)
+AllTenantsOpt = Annotated[
+    bool,
+    typer.Option(
+        "--all-tenants",
+        help="Operator: every tenant's, from the ledger directly (needs the server's config).",
+    ),
+]
 
 
 @contextmanager
@@ -68,12 +68,54 @@ def _ledger(settings: Settings) -> Iterator[Session]:
         engine.dispose()
 
 
+def _operator(work: Callable[[Session, Settings], T]) -> T:
+    """``work`` on the ledger the server's settings name (``--all-tenants``)."""
+    settings = load_settings()
+    with _ledger(settings) as session:
+        return work(session, settings)
+
+
+def fetch(
+    path: str,
+    params: Mapping[str, Any],
+    *,
+    api_key: str | None,
+    tenant: str | None,
+    base_url: str | None,
+) -> Any:
+    """One of the caller's reports from the gateway (``GET path?params``).
+
+    Raises:
+        ValidationError: no key; or the gateway refused a parameter.
+        AuthenticationError: the gateway refused the key.
+        StackError: no gateway, or it did not answer.
+    """
+    import httpx
+    from tokenmill.producers.client import connection, error_of
+
+    conn = connection(api_key, base_url=base_url, tenant=tenant)
+    if conn.api_key is None:
+        raise ValidationError(
+            "api_key: give the tenant's API key (--api-key or TOKENMILL_API_KEY); "
+            "operators reading the ledger: --all-tenants",
+            field="api_key",
+        )
+    try:
+        resp = httpx.get(
+            conn.base_url + path,
+            params={k: v for k, v in params.items() if v is not None},
+            headers={"Authorization": f"Bearer {conn.api_key}"},
+            timeout=60.0,
+        )
+    except httpx.HTTPError as exc:
+        raise StackError(f"the gateway at {conn.base_url} did not answer: {exc!r}") from None
+    if resp.status_code != 200:
+        raise error_of(resp)
+    return resp.json()
+
+
 def _print_json(doc: Any) -> None:
-    sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
-
-
-def _iso(at: datetime | None) -> str | None:
-    return at.isoformat().replace("+00:00", "Z") if at else None
+    sys.stdout.write(json.dumps(doc, indent=2) + "\n")
 
 
 # -- streams -------------------------------------------------------------------------
@@ -129,189 +171,179 @@ def streams_services(settings: Settings, models: Sequence[str]) -> list[ServiceS
 
 
 def usage(
-    tenant: TenantOpt = None,
     since: Annotated[str, typer.Option(help="Start: ISO time or a span back (2h, 7d).")] = "24h",
     until: Annotated[str | None, typer.Option(help="End (exclusive); default now.")] = None,
     per_minute: Annotated[
         bool, typer.Option("--per-minute", help="One row per minute window.")
     ] = False,
+    api_key: ApiKeyOpt = None,
+    tenant: TenantOpt = None,
+    base_url: BaseUrlOpt = None,
+    all_tenants: AllTenantsOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Requests and tokens per tenant and model (and minute), from the ledger."""
-    from .usage import usage_rows
-
-    settings = load_settings()
-    start, end = parse_time(since), parse_time(until) if until else None
-    with _ledger(settings) as session:
-        rows = usage_rows(session, start, end, tenant=tenant, per_minute=per_minute)
+    """Your requests and tokens per model (and minute)."""
+    if all_tenants:
+        start, end = parse_span(since, until)
+        doc = _operator(lambda s, _: usage_report(s, start, end, per_minute=per_minute))
+    else:
+        params = {"since": since, "until": until, "by_minute": per_minute}
+        doc = fetch("/v1/tokenmill/usage", params, api_key=api_key, tenant=tenant, base_url=base_url)
     if as_json:
-        _print_json({
-            "since": _iso(start), "until": _iso(end),
-            "rows": [{"tenant": r.tenant, "model": r.model, **({"minute": _iso(r.minute)} if per_minute else {}),
-                      "requests": r.requests, "input_tokens": r.input_tokens,
-                      "output_tokens": r.output_tokens} for r in rows],
-        })  # fmt: skip
+        _print_json(doc)
         return
-    table = Table(title=f"Usage since {_iso(start)}" + (f" until {_iso(end)}" if end else ""))
+    rows = doc["rows"]
+    if not rows:
+        console.print("no usage recorded in that span")
+        return
+    table = Table(
+        title=f"Usage since {doc['since']}" + (f" until {doc['until']}" if doc["until"] else "")
+    )
     for col in ("tenant", "model", *(["minute (UTC)"] if per_minute else [])):
         table.add_column(col)
     for col in ("requests", "input tokens", "output tokens"):
         table.add_column(col, justify="right")
     for r in rows:
-        minute = [r.minute.strftime("%Y-%m-%d %H:%M")] if per_minute and r.minute else []
-        table.add_row(r.tenant, r.model, *minute, f"{r.requests:,}", f"{r.input_tokens:,}",
-                      f"{r.output_tokens:,}")  # fmt: skip
-    if not rows:
-        console.print("no usage recorded in that span")
-        return
+        minute = [r["minute"][:16].replace("T", " ")] if per_minute else []
+        table.add_row(r["tenant"], r["model"], *minute, f"{r['requests']:,}",
+                      f"{r['input_tokens']:,}", f"{r['output_tokens']:,}")  # fmt: skip
     console.print(table)
 
 
 # -- invoice -------------------------------------------------------------------------
 
 
-def parse_period(text: str | None) -> Any:
-    """``YYYY-MM`` (a month) or ``YYYY-MM-DD`` (a day), UTC; None: this month."""
-    from .billing import Period
-
-    if text is None:
-        today = datetime.now(UTC)
-        return Period.month(today.year, today.month)
-    try:
-        if re.fullmatch(r"\d{4}-\d{2}", text):
-            year, month = map(int, text.split("-"))
-            return Period.month(year, month)
-        return Period.day(date.fromisoformat(text))
-    except ValueError:
-        raise ValidationError(
-            f"period {text!r}: give YYYY-MM or YYYY-MM-DD", field="period"
-        ) from None
-
-
 def invoice(
-    tenant: Annotated[str, typer.Option(help="The tenant to bill.")],
     period: Annotated[
-        str | None, typer.Option(help="YYYY-MM or YYYY-MM-DD (default: this month).")
+        str | None, typer.Option(help="YYYY-MM or YYYY-MM-DD (default: this month, UTC).")
     ] = None,
+    api_key: ApiKeyOpt = None,
+    tenant: TenantOpt = None,
+    base_url: BaseUrlOpt = None,
+    all_tenants: AllTenantsOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """A tenant's invoice for a month (or a day), one line per model.
+    """Your invoice for a month (or a day), one line per model.
 
     The total is the exact sum of the ledger entries, rounded once (half-even) to the
     currency's minor unit; the rounding adjustment reconciles it with the rounded lines.
+    With --all-tenants: one invoice per configured tenant.
     """
-    from .billing import invoice as make_invoice
-
-    settings = load_settings()
-    span = parse_period(period)
-    with _ledger(settings) as session:
-        inv = make_invoice(session, tenant, span)
+    label = period or this_month()
+    if all_tenants:
+        span = parse_period(label)
+        docs = _operator(
+            lambda s, settings: [invoice_report(s, t, span) for t in sorted(settings.tenants)]
+        )
+    else:
+        path = f"/v1/tokenmill/invoices/{quote(label, safe='')}"
+        docs = [fetch(path, {}, api_key=api_key, tenant=tenant, base_url=base_url)]
     if as_json:
-        _print_json({
-            "tenant": inv.tenant, "period": {"start": _iso(inv.period.start), "end": _iso(inv.period.end)},
-            "currency": inv.currency,
-            "lines": [{"model": ln.model, "requests": ln.requests, "input_tokens": ln.prompt_tokens,
-                       "output_tokens": ln.completion_tokens, "amount": str(ln.amount),
-                       "amount_rounded": str(ln.amount_rounded)} for ln in inv.lines],
-            "total": str(inv.total), "total_rounded": str(inv.total_rounded),
-            "rounding_adjustment": str(inv.rounding_adjustment),
-        })  # fmt: skip
+        _print_json(docs if all_tenants else docs[0])
         return
-    label = period or inv.period.start.strftime("%Y-%m")
-    table = Table(title=f"Invoice {inv.tenant} {label} ({inv.currency})")
+    for doc in docs:
+        _invoice_table(doc, label)
+
+
+def _invoice_table(doc: Mapping[str, Any], label: str) -> None:
+    table = Table(title=f"Invoice {doc['tenant']} {label} ({doc['currency']})")
     table.add_column("model")
-    for col in ("requests", "input tokens", "output tokens", "amount (exact)", inv.currency):
+    for col in ("requests", "input tokens", "output tokens", "amount (exact)", doc["currency"]):
         table.add_column(col, justify="right")
-    for ln in inv.lines:
-        table.add_row(ln.model, f"{ln.requests:,}", f"{ln.prompt_tokens:,}", f"{ln.completion_tokens:,}",
-                      _plain(ln.amount), _plain(ln.amount_rounded))  # fmt: skip
+    for ln in doc["lines"]:
+        table.add_row(ln["model"], f"{ln['requests']:,}", f"{ln['input_tokens']:,}",
+                      f"{ln['output_tokens']:,}", ln["amount"], ln["amount_rounded"])  # fmt: skip
     table.add_section()
-    table.add_row("rounding adjustment", "", "", "", "", _plain(inv.rounding_adjustment))
-    table.add_row(
-        "[bold]total[/]", "", "", "", _plain(inv.total), f"[bold]{_plain(inv.total_rounded)}[/]"
-    )
+    table.add_row("rounding adjustment", "", "", "", "", doc["rounding_adjustment"])
+    table.add_row("[bold]total[/]", "", "", "", doc["total"], f"[bold]{doc['total_rounded']}[/]")
     console.print(table)
-
-
-def _plain(amount: Decimal) -> str:
-    return f"{amount:f}"
 
 
 # -- sla -----------------------------------------------------------------------------
 
 
 def sla(
-    tenant: TenantOpt = None,
     since: Annotated[str, typer.Option(help="Start: ISO time or a span back (15m, 1h).")] = "1h",
     until: Annotated[str | None, typer.Option(help="End (exclusive); default now.")] = None,
+    api_key: ApiKeyOpt = None,
+    tenant: TenantOpt = None,
+    base_url: BaseUrlOpt = None,
+    all_tenants: AllTenantsOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """SLA percentiles per tenant, tier and model; attainment and goodput per tenant.
+    """Your SLA percentiles per tier and model; attainment and goodput.
 
     p50/p95/p99 of TTFT, TPOT, end-to-end latency and queue wait over the span, exact
     from the ledger's per-request records.
     """
-    from .sla import FIGURES, sla_groups
-
-    settings = load_settings()
-    now = datetime.now(UTC)
-    start, end = parse_time(since, now=now), parse_time(until, now=now) if until else None
-    span_s = ((end or now) - start).total_seconds()
-    with _ledger(settings) as session:
-        groups = sla_groups(session, start, end, tenant=tenant, targets=settings.sla)
-    tenants: dict[str, dict[str, Any]] = {}
-    for g in groups:
-        t = tenants.setdefault(
-            g.tenant, {"requests": 0, "met": 0, "target_met": {"ttft": 0, "tpot": 0, "e2e": 0}}
-        )
-        t["requests"] += g.requests
-        t["met"] += g.met
-        for k, v in g.target_met.items():
-            t["target_met"][k] += v
-    summary = {
-        name: {
-            "requests": t["requests"], "met": t["met"],
-            "attainment": t["met"] / t["requests"] if t["requests"] else None,
-            "target_attainment": {k: v / t["requests"] for k, v in t["target_met"].items()},
-            "goodput_rps": t["met"] / span_s if span_s > 0 else None,
-        }
-        for name, t in tenants.items()
-    }  # fmt: skip
+    if all_tenants:
+        start, end = parse_span(since, until)
+        doc = _operator(lambda s, settings: sla_report(s, start, end, targets=settings.sla))
+    else:
+        params = {"since": since, "until": until}
+        doc = fetch("/v1/tokenmill/sla", params, api_key=api_key, tenant=tenant, base_url=base_url)
     if as_json:
-        _print_json({
-            "since": _iso(start), "until": _iso(end), "tenants": summary,
-            "groups": [{"tenant": g.tenant, "tier": g.tier, "model": g.model, "sla_class": g.sla_class,
-                        "requests": g.requests, "met": g.met, "attainment": g.attainment,
-                        **{f"{fig}_p{int(q * 100)}": g.quantiles[fig][i]
-                           for fig in FIGURES for i, q in enumerate((0.5, 0.95, 0.99))}}
-                       for g in groups],
-        })  # fmt: skip
+        _print_json(doc)
         return
-    if not groups:
+    if not doc["groups"]:
         console.print("no finished requests in that span")
         return
-    table = Table(title=f"SLA since {_iso(start)} (ms: p50 / p95 / p99)")
+    table = Table(title=f"SLA since {doc['since']} (ms: p50 / p95 / p99)")
     for col in ("tenant", "tier", "model"):
         table.add_column(col)
     for col in ("requests", "attainment", "TTFT", "TPOT", "end-to-end", "queue"):
         table.add_column(col, justify="right")
-    for g in groups:
-        table.add_row(g.tenant, g.tier, g.model, f"{g.requests:,}", f"{g.attainment:.1%}",
-                      *(_q(g.quantiles[f]) for f in ("ttft_ms", "tpot_ms", "e2e_ms", "queue_ms")))  # fmt: skip
+    for g in doc["groups"]:
+        table.add_row(g["tenant"], g["tier"], g["model"], f"{g['requests']:,}", f"{g['attainment']:.1%}",
+                      *(_q(g, f) for f in ("ttft_ms", "tpot_ms", "e2e_ms", "queue_ms")))  # fmt: skip
     console.print(table)
     per_tenant = Table(title="Attainment and goodput per tenant")
     per_tenant.add_column("tenant")
     for col in ("requests", "all targets", "TTFT", "TPOT", "end-to-end", "goodput req/s"):
         per_tenant.add_column(col, justify="right")
-    for name, s in summary.items():
-        ta = s["target_attainment"]
-        per_tenant.add_row(name, f"{s['requests']:,}", f"{s['attainment']:.1%}", f"{ta['ttft']:.1%}",
-                           f"{ta['tpot']:.1%}", f"{ta['e2e']:.1%}", f"{s['goodput_rps']:.3f}")  # fmt: skip
+    for name, t in doc["tenants"].items():
+        ta = t["target_attainment"]
+        goodput = "-" if t["goodput_rps"] is None else f"{t['goodput_rps']:.3f}"
+        per_tenant.add_row(name, f"{t['requests']:,}", f"{t['attainment']:.1%}", f"{ta['ttft']:.1%}",
+                           f"{ta['tpot']:.1%}", f"{ta['e2e']:.1%}", goodput)  # fmt: skip
     console.print(per_tenant)
 
 
-def _q(values: tuple[float | None, ...]) -> str:
+def _q(group: Mapping[str, Any], figure: str) -> str:
+    values = (group[f"{figure}_p{p}"] for p in (50, 95, 99))
     return " / ".join("-" if v is None else f"{v:,.0f}" for v in values)
+
+
+# -- webhooks (the command is ``producers.batch_commands.webhooks_command``) -----------
+
+
+def webhooks(
+    *,
+    failed: bool,
+    limit: int,
+    api_key: str | None,
+    tenant: str | None,
+    base_url: str | None,
+    all_tenants: bool,
+    as_json: bool,
+) -> None:
+    """Webhook deliveries, newest first (``failed``: the dead-lettered ones)."""
+    if all_tenants:
+        items = _operator(lambda s, _: webhooks_report(s, failed=failed, limit=limit))
+    else:
+        params = {"failed": failed, "limit": limit}
+        page = fetch("/v1/tokenmill/webhooks", params, api_key=api_key, tenant=tenant, base_url=base_url)
+        items = page["data"]
+    if as_json:
+        _print_json(items)
+        return
+    table = Table(title="dead-lettered webhooks" if failed else "webhooks")
+    for col in ("webhook-id", "tenant", "event", "url", "status", "attempts", "last error"):
+        table.add_column(col)
+    for i in items:
+        table.add_row(i["webhook_id"], i["tenant"], i["event_type"], i["url"], i["status"],
+                      str(i["attempts"]), i["last_error"] or "")  # fmt: skip
+    console.print(table)
 
 
 def register(app: typer.Typer) -> None:

@@ -4,7 +4,8 @@ Every idempotent write is backed by a unique key here, so a replayed message can
 never add a second row: ``usage_records.request_id``, ``ledger_entries (request_id,
 kind)``, ``sla_records.request_id``, ``webhook_deliveries.webhook_id``,
 ``webhook_attempts (delivery_id, attempt)``, ``price_card_versions (model,
-effective_from)``. Tenant names are not foreign keys: history must outlive a tenant's
+effective_from)``, ``files.id`` (a batch's output files have ids derived from the
+batch's). Tenant names are not foreign keys: history must outlive a tenant's
 removal from the config, and stream processors must be able to record usage before
 the tenant mirror is synced.
 
@@ -52,6 +53,24 @@ class EntryKind(StrEnum):
     adjustment = "adjustment"
 
 
+class FilePurpose(StrEnum):
+    """What a file is for (OpenAI's purposes that tokenmill has)."""
+
+    #: uploaded by a tenant as a batch's input
+    batch = "batch"
+    #: a batch's output or error file, written by the batch runner
+    batch_output = "batch_output"
+
+
+class FileStatus(StrEnum):
+    """OpenAI's (deprecated, still required) file status."""
+
+    #: uploaded by a tenant (tokenmill checks a batch file when a batch is made from it)
+    uploaded = "uploaded"
+    #: written by tokenmill
+    processed = "processed"
+
+
 class DeliveryStatus(StrEnum):
     """Webhook delivery states; ``delivered`` and ``dead`` are final."""
 
@@ -76,6 +95,7 @@ JSON_DOC = JSON().with_variant(JSONB(), "postgresql")
 TENANT = String(128)
 MODEL = String(256)
 REQUEST_ID = String(512)
+FILE_ID = String(64)
 
 
 def str_enum(enum: type[StrEnum], name: str) -> Enum:
@@ -171,6 +191,30 @@ class BatchRow(Base):
     webhook_url: Mapped[str | None] = mapped_column(Text)
     # "metadata" is reserved on declarative classes; the column keeps the OpenAI name.
     metadata_: Mapped[dict[str, str] | None] = mapped_column("metadata", JSON_DOC)
+    #: the file (:class:`FileRow`) the batch was made from
+    input_file_id: Mapped[str | None] = mapped_column(FILE_ID)
+    #: OpenAI's ``{"anchor", "seconds"}`` for the batch's output files, as given
+    output_expires_after: Mapped[dict[str, Any] | None] = mapped_column(JSON_DOC)
+
+
+class FileRow(Base):
+    """A tenant's file (OpenAI's ``file`` object): an upload, or a batch's output or
+    error file; its bytes live at ``path``."""
+
+    __tablename__ = "files"
+    __table_args__ = (
+        CheckConstraint("bytes >= 0", name="bytes"),
+        Index(None, "tenant", "created_at"),
+    )
+
+    id: Mapped[str] = mapped_column(FILE_ID, primary_key=True)
+    tenant: Mapped[str] = mapped_column(TENANT)
+    purpose: Mapped[FilePurpose] = mapped_column(str_enum(FilePurpose, "purpose"))
+    filename: Mapped[str] = mapped_column(String(512))
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime]
+    path: Mapped[str] = mapped_column(Text)
+    status: Mapped[FileStatus] = mapped_column(str_enum(FileStatus, "status"))
 
 
 class UsageRecord(Base):

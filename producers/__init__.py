@@ -1,5 +1,6 @@
-"""Producers: the Python client and request validation."""
+"""Producers: the Python client (over the gateway), request validation, and the trusted
+in-cluster producer (:mod:`.trusted`)."""
 
-from .client import AsyncClient, Client, Handle, RequestTimeout
+from .client import AsyncClient, Batch, Client, Handle, PreparedRequest, RequestTimeout
 
-__all__ = ["AsyncClient", "Client", "Handle", "RequestTimeout"]
+__all__ = ["AsyncClient", "Batch", "Client", "Handle", "PreparedRequest", "RequestTimeout"]

@@ -1,5 +1,12 @@
 """``tokenmill batch …``, ``tokenmill webhooks``, ``tokenmill demo``, and the batch runner
-and webhook services that ``tokenmill up`` starts."""
+and webhook services that ``tokenmill up`` starts.
+
+``tokenmill batch`` goes through the gateway's Files and Batches API with a key:
+``--api-key`` (default ``$TOKENMILL_API_KEY``), or ``--tenant NAME``, which stands for
+that tenant's demo key only while the state directory (``$TOKENMILL_HOME``) has a local
+stack running (``tokenmill up``); ``--base-url`` (default ``$TOKENMILL_BASE_URL``, else
+the local stack's gateway).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +14,8 @@ import asyncio
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -16,45 +24,46 @@ from rich.console import Console
 from rich.table import Table
 
 from .. import runtime
-from ..wire import Batch, BatchStatus
-from .batches import batch_data
+from ..wire import BatchStatus
+from .commands import ApiKeyOpt, BaseUrlOpt, TenantOpt
 
 if TYPE_CHECKING:
     from ..config.settings import Settings
     from ..stack.spec import ServiceSpec
-    from .batches import Batches
+    from .client import Batch, Batches
 
 console = Console()
 err = Console(stderr=True)
-batch_app = typer.Typer(help="Batch files in the OpenAI Batch format.", no_args_is_help=True)
+batch_app = typer.Typer(help="Batch files in the OpenAI Batch format, through the gateway.",
+                        no_args_is_help=True)
 
-TenantOpt = Annotated[str | None, typer.Option(help="Tenant name (local stack); else TOKENMILL_API_KEY.")]
-ApiKeyOpt = Annotated[str | None, typer.Option(envvar="TOKENMILL_API_KEY", help="The tenant's API key.")]
-OutputOpt = Annotated[Path | None, typer.Option(help="Write the output file here.")]
-ErrorsOpt = Annotated[Path | None, typer.Option(help="Write the error file here.")]
+OutputOpt = Annotated[Path | None, typer.Option(
+    help="Write the output file here (default: <batch id>_output.jsonl).")]
+ErrorsOpt = Annotated[Path | None, typer.Option(
+    help="Write the error file here (default: <batch id>_errors.jsonl).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
 
-def _batches(tenant: str | None, api_key: str | None) -> Batches:
-    from ..config.settings import load_settings
-    from .batches import Batches
-    from .client import resolve_tenant
+@contextmanager
+def _batches(tenant: str | None, api_key: str | None, base_url: str | None) -> Iterator[Batches]:
+    from .client import Client
 
-    settings = load_settings()
-    return Batches(settings, resolve_tenant(settings, api_key, tenant))
+    with Client(api_key, base_url=base_url, tenant=tenant) as client:
+        yield client.batches
 
 
 def _print_batch(batch: Batch, as_json: bool) -> None:
     if as_json:
-        sys.stdout.write(json.dumps(batch_data(batch, exclude_none=False), indent=2) + "\n")
+        sys.stdout.write(json.dumps(batch.model_dump(mode="json"), indent=2) + "\n")
         return
     c = batch.request_counts
     table = Table(show_header=False, title=f"batch {batch.id}")
     rows = [
-        ("tenant", batch.tenant), ("status", batch.status.value), ("endpoint", batch.endpoint.value),
+        ("status", batch.status.value), ("endpoint", batch.endpoint),
         ("requests", f"{c.total} total · {c.completed} completed · {c.failed} failed"),
         ("created", _when(batch.created_at)), ("expires", _when(batch.expires_at)),
-        ("output file", batch.output_file or "-"), ("error file", batch.error_file or "-"),
+        ("input file", batch.input_file_id), ("output file", batch.output_file_id or "-"),
+        ("error file", batch.error_file_id or "-"),
     ]
     for k, v in rows:
         table.add_row(k, v)
@@ -70,7 +79,8 @@ def submit_command(
     file: Annotated[Path, typer.Argument(help="The batch file (JSONL, one request a line).")],
     tenant: TenantOpt = None,
     api_key: ApiKeyOpt = None,
-    priority: Annotated[str, typer.Option(help="interactive | standard | batch")] = "batch",
+    base_url: BaseUrlOpt = None,
+    endpoint: Annotated[str, typer.Option(help="The url of every line.")] = "/v1/chat/completions",
     completion_window: Annotated[str, typer.Option(help="How long it may run: 24h, 90m, 30s …")] = "24h",
     webhook: Annotated[str | None, typer.Option(help="URL to notify when the batch ends.")] = None,
     model: Annotated[str | None, typer.Option(help="Model of lines whose body names none.")] = None,
@@ -79,19 +89,22 @@ def submit_command(
     errors: ErrorsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Validate and submit a batch file; invalid lines go to the error file."""
-    batches = _batches(tenant, api_key)
-    batch = batches.create(
-        file, priority=priority, completion_window=completion_window, webhook=webhook, model=model
-    )
-    invalid = batch.request_counts.failed
-    err.print(f"batch [bold]{batch.id}[/]: {batch.request_counts.total} lines, "
-              f"{batch.request_counts.total - invalid} accepted, {invalid} invalid")
-    if not wait:
+    """Upload a batch file and create a batch of it; invalid lines go to the error file."""
+    with _batches(tenant, api_key, base_url) as batches:
+        batch = batches.create(file, endpoint=endpoint, completion_window=completion_window,
+                               webhook=webhook, model=model)
+        err.print(f"batch [bold]{batch.id}[/]: {batch.status.value}")
+        if not wait:
+            _print_batch(batch, as_json)
+            return
+        [batch] = wait_with_progress([(batches, batch.id)])
+        c = batch.request_counts
+        err.print(f"batch [bold]{batch.id}[/]: {c.total} lines, {c.completed} completed, {c.failed} failed")
         _print_batch(batch, as_json)
-        return
-    [batch] = wait_with_progress([(batches, batch.id)])
-    _finish(batches, batch, output, errors, as_json)
+        out, errs = batches.download(batch.id, output=output, errors=errors)
+    err.print(f"output: {out}\nerrors: {errs}")
+    if batch.status is not BatchStatus.completed:
+        raise typer.Exit(1)
 
 
 def wait_with_progress(batches: Sequence[tuple[Batches, str]], *, poll_s: float = 0.5) -> list[Batch]:
@@ -122,9 +135,8 @@ def wait_with_progress(batches: Sequence[tuple[Batches, str]], *, poll_s: float 
                 c = b.request_counts
                 elapsed = max(1e-6, time.monotonic() - started)
                 progress.update(
-                    tasks[bid], total=c.total, completed=c.completed + c.failed,
-                    description=f"{b.tenant} {bid[:14]}…", rate=f"{(c.completed + c.failed) / elapsed:.1f}/s",
-                    status=b.status.value,
+                    tasks[bid], total=c.total, completed=c.completed + c.failed, description=f"{bid[:20]}…",
+                    rate=f"{(c.completed + c.failed) / elapsed:.1f}/s", status=b.status.value,
                 )
                 if b.status.is_terminal:
                     done[bid] = b
@@ -133,34 +145,28 @@ def wait_with_progress(batches: Sequence[tuple[Batches, str]], *, poll_s: float 
     return [done[bid] for _, bid in batches]
 
 
-def _finish(batches: Batches, batch: Batch, output: Path | None, errors: Path | None, as_json: bool) -> None:
-    _print_batch(batch, as_json)
-    if batch.output_file:
-        out, errs = batches.download(batch.id, output=output, errors=errors)
-        err.print(f"output: {out}\nerrors: {errs}")
-    if batch.status is not BatchStatus.completed:
-        raise typer.Exit(1)
-
-
 @batch_app.command("status")
 def status_command(batch_id: str, tenant: TenantOpt = None, api_key: ApiKeyOpt = None,
-                   as_json: JsonOpt = False) -> None:
+                   base_url: BaseUrlOpt = None, as_json: JsonOpt = False) -> None:
     """Show a batch: status, request counts, files."""
-    _print_batch(_batches(tenant, api_key).retrieve(batch_id), as_json)
+    with _batches(tenant, api_key, base_url) as batches:
+        _print_batch(batches.retrieve(batch_id), as_json)
 
 
 @batch_app.command("list")
 def list_command(
     tenant: TenantOpt = None,
     api_key: ApiKeyOpt = None,
+    base_url: BaseUrlOpt = None,
     limit: Annotated[int, typer.Option(help="At most this many.")] = 20,
     after: Annotated[str | None, typer.Option(help="List those created before this batch id.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """The tenant's batches, newest first."""
-    found = _batches(tenant, api_key).list(limit=limit, after=after)
+    with _batches(tenant, api_key, base_url) as batches:
+        found = batches.list(limit=limit, after=after)
     if as_json:
-        sys.stdout.write(json.dumps([batch_data(b, exclude_none=False) for b in found], indent=2) + "\n")
+        sys.stdout.write(json.dumps([b.model_dump(mode="json") for b in found], indent=2) + "\n")
         return
     table = Table(title="batches")
     for col in ("id", "status", "total", "completed", "failed", "created"):
@@ -173,48 +179,37 @@ def list_command(
 
 @batch_app.command("cancel")
 def cancel_command(batch_id: str, tenant: TenantOpt = None, api_key: ApiKeyOpt = None,
-                   as_json: JsonOpt = False) -> None:
+                   base_url: BaseUrlOpt = None, as_json: JsonOpt = False) -> None:
     """Cancel a batch; results so far are kept."""
-    _print_batch(_batches(tenant, api_key).cancel(batch_id), as_json)
+    with _batches(tenant, api_key, base_url) as batches:
+        _print_batch(batches.cancel(batch_id), as_json)
 
 
 @batch_app.command("download")
 def download_command(batch_id: str, tenant: TenantOpt = None, api_key: ApiKeyOpt = None,
-                     output: OutputOpt = None, errors: ErrorsOpt = None) -> None:
-    """Write an ended batch's output and error files (or print where they are)."""
-    out, errs = _batches(tenant, api_key).download(batch_id, output=output, errors=errors)
+                     base_url: BaseUrlOpt = None, output: OutputOpt = None, errors: ErrorsOpt = None) -> None:
+    """Write an ended batch's output and error files."""
+    with _batches(tenant, api_key, base_url) as batches:
+        out, errs = batches.download(batch_id, output=output, errors=errors)
     console.print(f"output: {out}\nerrors: {errs}")
 
 
 def webhooks_command(
     failed: Annotated[bool, typer.Option("--failed", help="Only dead-lettered deliveries.")] = False,
-    tenant: Annotated[str | None, typer.Option(help="Only this tenant's.")] = None,
     limit: Annotated[int, typer.Option(help="At most this many.")] = 50,
+    tenant: TenantOpt = None,
+    api_key: ApiKeyOpt = None,
+    base_url: BaseUrlOpt = None,
+    all_tenants: Annotated[bool, typer.Option(
+        "--all-tenants", help="Operator: every tenant's, from the ledger directly (needs the server's config).",
+    )] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Webhook deliveries, newest first (--failed: the dead-lettered ones)."""
-    from ..config.settings import load_settings
-    from ..ledger import DeliveryStatus, list_webhooks, shared_factory, transaction
+    """Your webhook deliveries, newest first (--failed: the dead-lettered ones)."""
+    from ..ledger.commands import webhooks
 
-    settings = load_settings()
-    with transaction(shared_factory(settings.ledger_url)) as session:
-        rows = list_webhooks(session, tenant=tenant, status=DeliveryStatus.dead if failed else None, limit=limit)
-        items = [
-            {"webhook_id": r.webhook_id, "tenant": r.tenant, "event_type": r.event_type, "url": r.url,
-             "status": r.status.value, "attempts": r.attempts, "last_status_code": r.last_status_code,
-             "last_error": r.last_error, "created_at": r.created_at.isoformat()}
-            for r in rows
-        ]
-    if as_json:
-        sys.stdout.write(json.dumps(items, indent=2) + "\n")
-        return
-    table = Table(title="dead-lettered webhooks" if failed else "webhooks")
-    for col in ("webhook-id", "tenant", "event", "url", "status", "attempts", "last error"):
-        table.add_column(col)
-    for i in items:
-        table.add_row(i["webhook_id"], i["tenant"], i["event_type"], i["url"], i["status"],
-                      str(i["attempts"]), i["last_error"] or "")
-    console.print(table)
+    webhooks(failed=failed, limit=limit, api_key=api_key, tenant=tenant, base_url=base_url,
+             all_tenants=all_tenants, as_json=as_json)
 
 
 # -- services ---------------------------------------------------------------------------

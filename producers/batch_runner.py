@@ -6,14 +6,15 @@ Every poll it reads the active batches from the ledger and, for each:
   ``batch_request_id(batch_id, custom_id)``) to its priority topic, then ``in_progress``;
 * collects the lines' results from the result store (``MGET``, a thousand at a time),
   appends each outcome to ``results.jsonl`` (fsynced) and only then records it in the
-  ledger (request state, batch counts) — each line once;
+  ledger (request state, batch counts) — each line once, and only a result of the
+  batch's own tenant (another tenant's result under a line's id is ignored);
 * ``cancelling`` (or past ``expires_at``) → cancels every unfinished line (the cancel
   flag the workers check, and a control message for the scheduler), keeps the
   results that still arrive, ends lines that never answer after ``cancel_grace_s``,
   then writes the files → ``cancelled`` (``expired``);
 * all lines done → ``finalizing`` → writes ``output.jsonl`` and ``errors.jsonl``
-  atomically, in input order → ``completed``; records the batch webhook with the
-  status change.
+  atomically, in input order → ``completed``; records the batch webhook and the two
+  files' rows (their Files API ids, derived from the batch id) with the status change.
 
 Restarts: the ledger and the batch's files hold everything; Kafka and Redis may lose
 everything (the local stack keeps neither across ``down``/``up``). A runner that
@@ -62,7 +63,7 @@ from .batch_files import (
     repair_tail,
     write_atomic,
 )
-from .batches import batch_data
+from .batches import batch_data, output_file_records
 
 __all__ = ["BatchRunner", "serve"]
 
@@ -105,6 +106,8 @@ class Tracker:
     cancel_sent_at: float | None = None
     #: monotonic time of the next look for results
     next_collect: float = 0.0
+    #: request ids whose stored result is another tenant's (warned about once)
+    foreign: set[str] = field(default_factory=set)
 
     @classmethod
     def load(cls, batch: Batch, d: BatchDir) -> Tracker:
@@ -323,6 +326,14 @@ class BatchRunner:
         pending = t.pending()
         outcomes: list[tuple[str, str, dict[str, Any], Result | None]] = []
         async for rid, result in stored_results_async(self.redis, pending, chunk=CHUNK):
+            if result.tenant != t.tenant:
+                # Never copy another tenant's result into this batch's output (or its
+                # token counts into the ledger); the line ends when the batch does.
+                if rid not in t.foreign:
+                    t.foreign.add(rid)
+                    log.warning("ignoring a result of another tenant", batch_id=batch_id,
+                                request_id=rid, tenant=t.tenant, result_tenant=result.tenant)
+                continue
             line = t.lines[rid]
             status, entry = outcome_entry(batch_id, line.line, line.custom_id, result, ended_as=ending)
             outcomes.append((rid, status, entry, result))
@@ -405,8 +416,9 @@ class BatchRunner:
         self._end(batch.id, end, t)
 
     def _end(self, batch_id: str, end: BatchStatus, t: Tracker | None) -> None:
-        """Move a batch to terminal status ``end`` and record its webhook, together."""
-        from ..ledger import lock_batch, transaction, upsert_batch
+        """Move a batch to terminal status ``end`` and record its webhook and its output
+        and error files (file ids for the Files API), together."""
+        from ..ledger import add_file, lock_batch, transaction, upsert_batch
         from ..workers.webhooks import enqueue_event
 
         with transaction(self.factory) as session:
@@ -415,12 +427,15 @@ class BatchRunner:
                 return
             if end is BatchStatus.expired and b.status is BatchStatus.cancelling:
                 end = BatchStatus.cancelled
-            update: dict[str, Any] = {"status": end, f"{end.value}_at": time.time()}
+            now = time.time()
+            update: dict[str, Any] = {"status": end, f"{end.value}_at": now}
             if t is not None:
                 update.update(output_file=str(t.dir.output), error_file=str(t.dir.errors),
                               request_counts=t.counts())
             b = b.model_copy(update=update)
             upsert_batch(session, b)
+            for f in output_file_records(b, now):
+                add_file(session, f)
             if b.webhook_url:
                 enqueue_event(
                     session, key=f"{b.id}:{end.value}", tenant=b.tenant, url=b.webhook_url,

@@ -1,4 +1,6 @@
-"""Batch files through the client: ``client.batches.create / retrieve / list / cancel``.
+"""Batches on the server: made from a file's bytes, read, listed and cancelled, for one
+tenant at a time — the gateway's Batches API (``/v1/batches``) runs on this, and so do
+the services and tests that use the ledger directly.
 
 ``create`` validates the file line by line (:mod:`.batch_parser`), makes everything
 it accepted durable — the files under ``<home>/batches/<id>/`` (fsynced), then the
@@ -7,32 +9,52 @@ then returns the batch, in status ``validating``. Nothing is sent to Kafka here:
 batch runner (:mod:`.batch_runner`) publishes the lines, collects their results and
 writes the output and error files, so a batch survives any restart of the stack.
 
-Shaped like OpenAI's Batch API, but a batch is created from a file directly (no
-separate file upload) and its files are paths under the state directory, which the
-client and the batch runner must share (the same machine, or a shared volume).
+Every batch has OpenAI file ids: the uploaded file it was made from (or, made from
+bytes directly, its own copy of them registered as a file), and once it ends its
+output and error files, registered with the terminal status change (ids derived from
+the batch id, :func:`~tokenmill.ledger.batch_file_id`).
 """
 
 from __future__ import annotations
 
-import asyncio
+import builtins
+import itertools
 import re
 import shutil
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..config import Settings
 from ..errors import NotFound, ValidationError
 from ..wire import Batch, BatchStatus, Endpoint, Priority, RequestCounts
 from .batch_files import BatchDir, dumps, read_jsonl, request_record, write_atomic
 from .batch_parser import parse_batch
+from .requests import check_webhook_url
 
-__all__ = ["AsyncBatches", "Batches", "new_batch_id", "parse_window"]
+if TYPE_CHECKING:
+    from ..ledger import BatchSummary, StoredFile
+
+__all__ = [
+    "BatchView",
+    "Batches",
+    "batch_data",
+    "new_batch_id",
+    "output_file_records",
+    "parse_window",
+]
 
 _WINDOW = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+#: OpenAI's limits on metadata
+MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
+#: OpenAI's bounds of ``output_expires_after.seconds`` (an hour to 30 days)
+MIN_EXPIRES_AFTER_S, MAX_EXPIRES_AFTER_S = 3600, 2_592_000
+#: validation errors shown in a batch object; the error file has every one
+MAX_LISTED_ERRORS = 1000
 
 
 def new_batch_id() -> str:
@@ -45,7 +67,7 @@ def parse_window(window: str) -> float:
     Raises:
         ValidationError: not a positive duration.
     """
-    m = _WINDOW.match(window)
+    m = _WINDOW.match(window) if isinstance(window, str) else None
     seconds = float(m.group(1)) * _UNIT_S[m.group(2)] if m else 0.0
     if seconds <= 0:
         raise ValidationError(
@@ -57,17 +79,85 @@ def parse_window(window: str) -> float:
 
 def batch_webhook_check(settings: Settings, tenant: str, url: str) -> str:
     """Validate a webhook URL at submission (the delivery checks the address again)."""
-    from ..workers.webhooks import check_target
-
-    check_target(url, allow_private=settings.webhooks.allow_private_targets)
+    check_webhook_url(url, settings)
     t = settings.tenants[tenant]
     if t.webhook_secret is None:
         raise ValidationError(f"webhook: tenant {tenant!r} has no webhook_secret to sign with", field="webhook")
     return url
 
 
+def check_metadata(metadata: Any) -> dict[str, str] | None:
+    """OpenAI's metadata: at most 16 pairs of strings, keys ≤ 64 and values ≤ 512 characters.
+
+    Raises:
+        ValidationError: (``field="metadata"``) anything else.
+    """
+    if metadata is None:
+        return None
+    if not isinstance(metadata, Mapping) or len(metadata) > MAX_METADATA_PAIRS or not all(
+        isinstance(k, str) and isinstance(v, str) and len(k) <= MAX_METADATA_KEY
+        and len(v) <= MAX_METADATA_VALUE for k, v in metadata.items()
+    ):
+        raise ValidationError(
+            f"metadata: at most {MAX_METADATA_PAIRS} pairs of strings, keys up to {MAX_METADATA_KEY} "
+            f"and values up to {MAX_METADATA_VALUE} characters", field="metadata",
+        )
+    return dict(metadata)
+
+
+def check_expires_after(value: Any) -> dict[str, Any] | None:
+    """OpenAI's ``output_expires_after``: ``{"anchor": "created_at", "seconds": N}``,
+    N from an hour to 30 days.
+
+    Raises:
+        ValidationError: (``field="output_expires_after"``) anything else.
+    """
+    if value is None:
+        return None
+    seconds = value.get("seconds") if isinstance(value, Mapping) else None
+    if (
+        not isinstance(value, Mapping) or set(value) != {"anchor", "seconds"} or value["anchor"] != "created_at"
+        or isinstance(seconds, bool) or not isinstance(seconds, int)
+        or not MIN_EXPIRES_AFTER_S <= seconds <= MAX_EXPIRES_AFTER_S
+    ):
+        raise ValidationError(
+            "output_expires_after: must be {\"anchor\": \"created_at\", \"seconds\": N} with N from "
+            f"{MIN_EXPIRES_AFTER_S} to {MAX_EXPIRES_AFTER_S}", field="output_expires_after",
+        )
+    return {"anchor": "created_at", "seconds": seconds}
+
+
+def output_file_records(batch: Batch, at: float) -> list[StoredFile]:
+    """The file rows of an ended batch's output and error files: the batch's tenant's,
+    with ids derived from the batch id, so recording them twice records them once."""
+    from ..ledger import FilePurpose, FileStatus, StoredFile, batch_file_id
+
+    found = []
+    kinds: tuple[tuple[Literal["output", "error"], str | None], ...] = (
+        ("output", batch.output_file), ("error", batch.error_file))
+    for kind, path in kinds:
+        if path is not None:
+            found.append(StoredFile(
+                id=batch_file_id(batch.id, kind), tenant=batch.tenant, purpose=FilePurpose.batch_output,
+                filename=f"{batch.id}_{kind}.jsonl", bytes=Path(path).stat().st_size, created_at=at,
+                path=path, status=FileStatus.processed,
+            ))  # fmt: skip
+    return found
+
+
+@dataclass(frozen=True, slots=True)
+class BatchView:
+    """A batch with what OpenAI's batch object shows beyond the wire :class:`Batch`."""
+
+    batch: Batch
+    summary: BatchSummary
+    #: the first :data:`MAX_LISTED_ERRORS` lines refused at validation, as OpenAI's
+    #: ``BatchError`` (``code``, ``line``, ``message``, ``param``)
+    errors: list[dict[str, Any]]
+
+
 class Batches:
-    """A tenant's batches (the synchronous API; :class:`AsyncBatches` wraps it).
+    """A tenant's batches (call from a worker thread in asyncio code: it blocks on the ledger).
 
     Parameters:
         settings: the loaded settings (ledger URL, state directory, models, limits).
@@ -99,7 +189,9 @@ class Batches:
         webhook: str | None = None,
         model: str | None = None,
         endpoint: Endpoint | str | None = None,
-        metadata: dict[str, str] | None = None,
+        metadata: Mapping[str, str] | None = None,
+        input_file_id: str | None = None,
+        output_expires_after: Mapping[str, Any] | None = None,
     ) -> Batch:
         """Validate a batch file and accept its valid lines.
 
@@ -113,10 +205,13 @@ class Batches:
             model: the model of lines whose body names none.
             endpoint: require every line's url to be this one (default: either).
             metadata: up to 16 string pairs kept with the batch.
+            input_file_id: the tenant's uploaded file that ``file`` was read from; None:
+                the batch registers its own copy of the bytes as its input file.
+            output_expires_after: OpenAI's expiry of the output files, kept with the batch.
 
         Raises:
             ValidationError: the file as a whole, or an argument, is refused (a bad
-                line is not an error: it goes to the error file).
+                line is not an error: it goes to the error file). Nothing is written then.
 
         Returns:
             The batch, ``validating`` (``failed`` when no line is valid), with its
@@ -127,42 +222,66 @@ class Batches:
         except ValueError:
             raise ValidationError(f"priority: must be one of {', '.join(Priority)}, got {priority!r}",
                                   field="priority") from None
+        try:
+            only = None if endpoint is None else Endpoint(endpoint)
+        except ValueError:
+            raise ValidationError(f"endpoint: must be one of {', '.join(Endpoint)}, got {endpoint!r}",
+                                  field="endpoint") from None
         window_s = parse_window(completion_window)
         if webhook is not None:
             batch_webhook_check(self.settings, self.tenant, webhook)
-        if metadata is not None and (len(metadata) > 16 or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
-        )):
-            raise ValidationError("metadata: at most 16 string keys and values", field="metadata")
+        kept_metadata = check_metadata(metadata)
+        expires_after = check_expires_after(output_expires_after)
         data = self._read(file)
         batch_id, now = new_batch_id(), time.time()
         expires = now + window_s
         parsed = parse_batch(
             data, self.settings, tenant=self.tenant, batch_id=batch_id, priority=prio,
-            default_model=model, endpoint=endpoint, deadline=expires,
+            default_model=model, endpoint=only, deadline=expires,
         )
         if parsed.lines == 0:
             raise ValidationError("file: has no requests", field="file")
         d = self._dir(batch_id)
-        write_atomic(d.input, [data])
-        write_atomic(d.requests, (dumps(request_record(a.line, a.request)) for a in parsed.accepted))
-        invalid = [e.entry(batch_id) for e in parsed.errors]
-        write_atomic(d.invalid, (dumps(e) for e in invalid))
-        failed = not parsed.accepted
-        batch = Batch(
-            id=batch_id, tenant=self.tenant, endpoint=parsed.endpoint,
-            status=BatchStatus.failed if failed else BatchStatus.validating,
-            input_file=str(d.input), completion_window=completion_window, created_at=now,
-            expires_at=expires, failed_at=now if failed else None,
-            request_counts=RequestCounts(total=parsed.lines, completed=0, failed=len(parsed.errors)),
-            webhook_url=webhook, metadata=metadata,
-        )
-        if failed:  # nothing to run: the error file is the whole answer
-            write_atomic(d.output, [])
-            write_atomic(d.errors, (dumps(e) for e in invalid))
-            batch = batch.model_copy(update={"output_file": str(d.output), "error_file": str(d.errors)})
-        self._record(batch, [a.request for a in parsed.accepted])
+        try:
+            write_atomic(d.input, [data])
+            write_atomic(d.requests, (dumps(request_record(a.line, a.request)) for a in parsed.accepted))
+            invalid = [e.entry(batch_id) for e in parsed.errors]
+            write_atomic(d.invalid, (dumps(e) for e in invalid))
+            failed = not parsed.accepted
+            batch = Batch(
+                id=batch_id, tenant=self.tenant, endpoint=parsed.endpoint,
+                status=BatchStatus.failed if failed else BatchStatus.validating,
+                input_file=str(d.input), completion_window=completion_window, created_at=now,
+                expires_at=expires, failed_at=now if failed else None,
+                request_counts=RequestCounts(total=parsed.lines, completed=0, failed=len(parsed.errors)),
+                webhook_url=webhook, metadata=kept_metadata,
+            )
+            if failed:  # nothing to run: the error file is the whole answer
+                write_atomic(d.output, [])
+                write_atomic(d.errors, (dumps(e) for e in invalid))
+                batch = batch.model_copy(update={"output_file": str(d.output), "error_file": str(d.errors)})
+            files = output_file_records(batch, now) if failed else []
+            if input_file_id is None:
+                own = self._own_input(batch, file, len(data), now)
+                files.append(own)
+                input_file_id = own.id
+            self._record(batch, [a.request for a in parsed.accepted], files, input_file_id, expires_after)
+        except BaseException:
+            # The ledger never saw the batch (its transaction is one): leave no trace.
+            shutil.rmtree(d.root, ignore_errors=True)
+            raise
         return batch
+
+    @staticmethod
+    def _own_input(batch: Batch, file: str | Path | bytes, size: int, at: float) -> StoredFile:
+        """The file row of a batch's copy of the bytes it was made from (no upload)."""
+        from ..ledger import FilePurpose, FileStatus, StoredFile, batch_file_id
+
+        return StoredFile(
+            id=batch_file_id(batch.id, "input"), tenant=batch.tenant, purpose=FilePurpose.batch,
+            filename="input.jsonl" if isinstance(file, bytes) else Path(file).name, bytes=size,
+            created_at=at, path=batch.input_file, status=FileStatus.uploaded,
+        )  # fmt: skip
 
     def _read(self, file: str | Path | bytes) -> bytes:
         if isinstance(file, bytes):
@@ -177,13 +296,24 @@ class Batches:
             raise ValidationError(f"file: {size} bytes is over the limit of {limit} bytes", field="file")
         return path.read_bytes()
 
-    def _record(self, batch: Batch, requests: list[Any]) -> None:
-        from ..ledger import transaction, upsert_batch, upsert_requests
+    def _record(
+        self,
+        batch: Batch,
+        requests: list[Any],
+        files: list[StoredFile],
+        input_file_id: str,
+        output_expires_after: dict[str, Any] | None,
+    ) -> None:
+        from ..ledger import add_file, set_batch_input, transaction, upsert_batch, upsert_requests
         from ..workers.webhooks import enqueue_event
 
         with transaction(self.factory) as session:
             upsert_batch(session, batch)
+            set_batch_input(session, batch.id, input_file_id=input_file_id,
+                            output_expires_after=output_expires_after)
             upsert_requests(session, requests)
+            for f in files:
+                add_file(session, f)
             if batch.status is BatchStatus.failed and batch.webhook_url:
                 enqueue_event(
                     session, key=f"{batch.id}:failed", tenant=batch.tenant, url=batch.webhook_url,
@@ -207,6 +337,39 @@ class Batches:
 
         with transaction(self.factory) as session:
             return list_batches(session, self.tenant, limit=limit, after=after)
+
+    def view(self, batch_id: str) -> BatchView:
+        """The batch as OpenAI's batch object shows it.
+
+        Raises:
+            NotFound: no such batch for this tenant.
+        """
+        from ..ledger import batch_summaries, get_batch, transaction
+
+        with transaction(self.factory) as session:
+            batch = get_batch(session, self.tenant, batch_id)
+            summary = batch_summaries(session, [batch_id])[batch_id]
+        return BatchView(batch, summary, self._line_errors(batch_id))
+
+    def list_views(self, *, limit: int = 20, after: str | None = None) -> builtins.list[BatchView]:
+        """:meth:`list` as OpenAI's batch objects.
+
+        Raises:
+            NotFound: ``after`` is not one of this tenant's batches.
+        """
+        from ..ledger import batch_summaries, list_batches, transaction
+
+        with transaction(self.factory) as session:
+            batches = list_batches(session, self.tenant, limit=limit, after=after)
+            summaries = batch_summaries(session, [b.id for b in batches])
+        return [BatchView(b, summaries[b.id], self._line_errors(b.id)) for b in batches]
+
+    def _line_errors(self, batch_id: str) -> builtins.list[dict[str, Any]]:
+        entries = itertools.islice(read_jsonl(self._dir(batch_id).invalid), MAX_LISTED_ERRORS)
+        return [
+            {k: e["error"].get(k) for k in ("code", "line", "message", "param")}
+            for e in entries
+        ]
 
     def cancel(self, batch_id: str) -> Batch:
         """Ask for the batch to be cancelled: ``cancelling`` now, ``cancelled`` once every
@@ -279,7 +442,9 @@ class Batches:
                 found.append(Path(dst))
         return found[0], found[1]
 
-    def results(self, batch_id: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    def results(
+        self, batch_id: str
+    ) -> tuple[builtins.list[dict[str, Any]], builtins.list[dict[str, Any]]]:
         """An ended batch's output and error entries, in input order."""
         out, err = self.download(batch_id)
         return list(read_jsonl(out)), list(read_jsonl(err))
@@ -294,43 +459,3 @@ def batch_data(batch: Batch, *, exclude_none: bool = True) -> dict[str, Any]:
         exclude={"schema_version": True, "request_counts": {"schema_version"}},
     ))
     return data
-
-
-class AsyncBatches:
-    """:class:`Batches` for asyncio code (each call runs in a worker thread)."""
-
-    def __init__(self, settings: Settings, tenant: str) -> None:
-        self.sync = Batches(settings, tenant)
-
-    async def create(self, file: str | Path | bytes, **kwargs: Any) -> Batch:
-        return await asyncio.to_thread(self.sync.create, file, **kwargs)
-
-    async def retrieve(self, batch_id: str) -> Batch:
-        return await asyncio.to_thread(self.sync.retrieve, batch_id)
-
-    async def list(self, *, limit: int = 20, after: str | None = None) -> list[Batch]:
-        return await asyncio.to_thread(self.sync.list, limit=limit, after=after)
-
-    async def cancel(self, batch_id: str) -> Batch:
-        return await asyncio.to_thread(self.sync.cancel, batch_id)
-
-    async def wait(
-        self, batch_id: str, *, timeout: float | None = None, poll_s: float = 0.5,
-        on_progress: Callable[[Batch], None] | None = None,
-    ) -> Batch:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            batch = await self.retrieve(batch_id)
-            if on_progress is not None:
-                on_progress(batch)
-            if batch.status.is_terminal:
-                return batch
-            if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError(f"batch {batch_id} is still {batch.status.value} after {timeout:g}s")
-            await asyncio.sleep(poll_s)
-
-    async def download(self, batch_id: str, **kwargs: Any) -> tuple[Path, Path]:
-        return await asyncio.to_thread(self.sync.download, batch_id, **kwargs)
-
-    async def results(self, batch_id: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        return await asyncio.to_thread(self.sync.results, batch_id)

@@ -1,4 +1,11 @@
-"""``tokenmill submit``: one request through the whole pipeline, from the shell."""
+"""``tokenmill submit``: one request through the gateway and the whole pipeline, from the
+shell.
+
+Who: ``--api-key`` (default ``$TOKENMILL_API_KEY``), or ``--tenant NAME``, which stands
+for that tenant's demo key only while the state directory (``$TOKENMILL_HOME``) has a
+local stack running (``tokenmill up``). Where: ``--base-url`` (default
+``$TOKENMILL_BASE_URL``, else the local stack's gateway).
+"""
 
 from __future__ import annotations
 
@@ -12,12 +19,21 @@ from ..wire import ResultStatus
 
 console = Console()
 
+# Not typer envvars: the client reads the environment itself, so that --tenant can win
+# over a TOKENMILL_API_KEY that happens to be set.
+TenantOpt = Annotated[str | None, typer.Option(
+    help="Local stack only: act as this tenant with its demo key (alpha, beta, gamma).")]
+ApiKeyOpt = Annotated[str | None, typer.Option(help="The tenant's API key (default: $TOKENMILL_API_KEY).")]
+BaseUrlOpt = Annotated[str | None, typer.Option(
+    help="The gateway (default: $TOKENMILL_BASE_URL, else the local stack's).")]
+
 
 def submit_command(
     prompt: Annotated[str, typer.Argument(help="The user message (chat) or prompt (--completion).")],
     model: Annotated[str, typer.Option("--model", "-m", help="A configured model.")] = "sim",
-    tenant: Annotated[str | None, typer.Option(help="Tenant name (local stack); else TOKENMILL_API_KEY.")] = None,
-    api_key: Annotated[str | None, typer.Option(envvar="TOKENMILL_API_KEY", help="The tenant's API key.")] = None,
+    tenant: TenantOpt = None,
+    api_key: ApiKeyOpt = None,
+    base_url: BaseUrlOpt = None,
     max_tokens: Annotated[int | None, typer.Option(help="Most tokens to generate.")] = None,
     priority: Annotated[str, typer.Option(help="interactive | standard | batch")] = "interactive",
     temperature: Annotated[float | None, typer.Option(help="Sampling temperature.")] = None,
@@ -30,7 +46,7 @@ def submit_command(
 
     sampling = {} if temperature is None else {"temperature": temperature}
     content = {"prompt": prompt} if completion else {"messages": [{"role": "user", "content": prompt}]}
-    with Client(api_key, tenant=tenant) as client:
+    with Client(api_key, base_url=base_url, tenant=tenant) as client:
         handle = client.submit(model, max_tokens=max_tokens, priority=priority, stream=stream, **content, **sampling)
         if stream:
             for delta in client.stream(handle, timeout=timeout):

@@ -1,10 +1,12 @@
-"""``tokenmill demo``: the main job, end to end on the embedded local stack.
+"""``tokenmill demo``: the main job, end to end on the embedded local stack, through the
+gateway as a tenant sees it.
 
 ``tokenmill up`` with SmolLM2 on vLLM; the shipped example batch (``config/
 example_batch.jsonl``, about 200 short chat requests; each line's ``custom_id`` starts
-with its tenant) submitted as one batch per tenant and waited for with progress bars;
-a sample of the output; usage and bill per tenant (the ledger's invoices) and the SLA
-table (``tokenmill sla``); ``tokenmill down``.
+with its tenant) uploaded and run as one batch per tenant with the official ``openai``
+SDK (Files and Batches API), waited for with progress bars; one streamed chat
+completion; a sample of the output; usage and bill per tenant (the ledger's invoices)
+and the SLA table (``tokenmill sla``); ``tokenmill down``.
 """
 
 from __future__ import annotations
@@ -13,20 +15,27 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections import defaultdict
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..wire import BatchStatus, Priority
+from ..wire import Priority
+
+if TYPE_CHECKING:
+    import openai
 
 console = Console()
 EXAMPLE_BATCH = Path(__file__).resolve().parent.parent / "config" / "example_batch.jsonl"
+#: the example config's demo keys (published: local use only)
+DEMO_KEYS = {"alpha": "tm-alpha-demo-key", "beta": "tm-beta-demo-key", "gamma": "tm-gamma-demo-key"}
+ENDED = ("completed", "failed", "expired", "cancelled")
 
 
 def split_by_tenant(data: bytes, tenants: set[str], *, model: str | None = None) -> dict[str, bytes]:
@@ -66,12 +75,17 @@ def demo_command(
     keep_up: Annotated[bool, typer.Option(help="Leave the stack running afterwards.")] = False,
     sample: Annotated[int, typer.Option(help="Output lines to show.")] = 6,
 ) -> None:
-    """Run the main job: up, the example batch with --wait, results and bills, down."""
+    """Run the main job: up, the example batch through the gateway, results and bills, down."""
+    import openai
+
     from ..config.settings import load_settings
-    from .batch_commands import wait_with_progress
-    from .batches import Batches
+    from ..stack import state
 
     settings = load_settings()
+    missing = set(settings.tenants) - set(DEMO_KEYS)
+    if missing:
+        console.print(f"[red]the demo runs the example config's tenants; no demo key for {sorted(missing)}[/]")
+        raise typer.Exit(2)
     if model == "smollm2":
         from ..workers.smollm2 import ensure_smollm2
 
@@ -80,34 +94,96 @@ def demo_command(
     console.print(f"[bold]1. tokenmill up --model {model}[/]")
     up = _cli("up", "--model", model)
     console.print(up.stdout, markup=False, highlight=False)
+    ended: list[tuple[str, Any]] = []
     try:
-        console.print(f"[bold]2. tokenmill batch submit {file.name} --wait[/] (one batch per tenant)")
+        recorded = state.load(settings.home)
+        gateway = recorded.service("gateway") if recorded else None
+        if gateway is None:
+            raise typer.Exit(1)
+        clients = {t: openai.OpenAI(base_url=gateway.address + "/v1", api_key=DEMO_KEYS[t], max_retries=2)
+                   for t in settings.tenants}
+        console.print(f"[bold]2. {file.name} through the gateway with the openai SDK[/] "
+                      "(files.create + batches.create, one batch per tenant)")
         groups = split_by_tenant(file.read_bytes(), set(settings.tenants), model=model)
-        owners = {t: Batches(settings, t) for t in groups}
-        batches = [owners[t].create(data, model=model) for t, data in groups.items()]
-        for b in batches:
-            console.print(f"  {b.tenant}: {b.id} ({b.request_counts.total} lines)")
-        ended = wait_with_progress([(owners[b.tenant], b.id) for b in batches])
-        results = {b.tenant: owners[b.tenant].results(b.id) for b in ended}
+        created = {}
+        for tenant, data in groups.items():
+            client = clients[tenant]
+            uploaded = client.files.create(file=(f"{tenant}.jsonl", data), purpose="batch")
+            created[tenant] = client.batches.create(
+                input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
+            console.print(f"  {tenant}: {created[tenant].id} ({created[tenant].request_counts.total} lines)")
+        console.print(f"[bold]3. a streamed chat completion[/] (alpha, service_tier=priority, {model})")
+        _stream_one(clients["alpha"], model)
+        ended = _wait_with_progress(clients, created)
+        outputs = {t: _output(clients[t], b) for t, b in ended}
         _show_status(ended)
-        _show_sample(results, sample)
-        _show_bill(settings, results, model)
+        _show_sample(outputs, sample)
+        _show_bill(settings, outputs, model)
         _show_sla()
     finally:
         if not keep_up:
             console.print("[bold]tokenmill down[/]")
             console.print(_cli("down", check=False).stdout, markup=False, highlight=False)
-    if any(b.status is not BatchStatus.completed for b in ended):
+    if not ended or any(b.status != "completed" for _, b in ended):
         raise typer.Exit(1)
 
 
-def _show_status(ended: list[Any]) -> None:
+def _stream_one(client: openai.OpenAI, model: str) -> None:
+    stream = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=32, stream=True, service_tier="priority", stream_options={"include_usage": True},
+    )
+    console.print("  ", end="")
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            console.print(chunk.choices[0].delta.content, end="", markup=False, highlight=False)
+        if chunk.usage is not None:
+            console.print(f"\n  [dim]{chunk.usage.prompt_tokens} prompt + "
+                          f"{chunk.usage.completion_tokens} completion tokens[/]")
+
+
+def _wait_with_progress(
+    clients: dict[str, openai.OpenAI], created: dict[str, Any], poll_s: float = 0.5
+) -> list[tuple[str, Any]]:
+    """Rich progress bars, one per batch, until every batch has ended; ``(tenant, batch)``
+    of the ended batches."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    done: dict[str, Any] = {}
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.fields[status]}"), console=Console(stderr=True)) as progress:
+        tasks = {t: progress.add_task(f"{t} {b.id[:16]}…", total=b.request_counts.total, status=b.status)
+                 for t, b in created.items()}
+        while len(done) < len(created):
+            for tenant, batch in created.items():
+                if tenant in done:
+                    continue
+                b = clients[tenant].batches.retrieve(batch.id)
+                c = b.request_counts
+                progress.update(tasks[tenant], total=c.total, completed=c.completed + c.failed, status=b.status)
+                if b.status in ENDED:
+                    done[tenant] = b
+            if len(done) < len(created):
+                time.sleep(poll_s)
+    return [(t, done[t]) for t in created]
+
+
+def _output(client: openai.OpenAI, batch: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    def rows(file_id: str | None) -> list[dict[str, Any]]:
+        if not file_id:
+            return []
+        return [json.loads(line) for line in client.files.content(file_id).text.splitlines() if line.strip()]
+
+    return rows(batch.output_file_id), rows(batch.error_file_id)
+
+
+def _show_status(ended: list[tuple[str, Any]]) -> None:
     table = Table(title="batches")
     for col in ("tenant", "batch", "status", "total", "completed", "failed"):
         table.add_column(col)
-    for b in ended:
+    for tenant, b in ended:
         c = b.request_counts
-        table.add_row(b.tenant, b.id, b.status.value, str(c.total), str(c.completed), str(c.failed))
+        table.add_row(tenant, b.id, b.status, str(c.total), str(c.completed), str(c.failed))
     console.print(table)
 
 
@@ -179,7 +255,7 @@ def _invoices(settings: Any, expected: dict[str, int], timeout_s: float = 30.0) 
 
 def _show_sla() -> None:
     """The SLA table, from ``tokenmill sla`` (the SLA stream processor's report)."""
-    proc = _cli("sla", check=False, wide=True)
+    proc = _cli("sla", "--all-tenants", check=False, wide=True)
     if proc.returncode == 0:
         console.print(proc.stdout, markup=False, highlight=False)
     else:

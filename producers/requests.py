@@ -11,13 +11,13 @@ import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
-from urllib.parse import urlsplit
 
 import pydantic
 
 from ..config import Settings
 from ..errors import ValidationError
 from ..wire import Endpoint, InferenceRequest, Priority, describe_validation_error, new_request_id
+from ..workers.webhook_targets import check_target
 from .bodies import SAMPLING_PARAMS, validate_body
 
 def estimate_prompt_tokens(body: Mapping[str, Any]) -> int:
@@ -41,11 +41,11 @@ def max_tokens_of(body: Mapping[str, Any], default: int) -> int:
     return value
 
 
-def check_webhook_url(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValidationError(f"webhook: must be an http(s) URL, got {url!r}", field="webhook")
-    return url
+def check_webhook_url(url: str, settings: Settings) -> str:
+    """The webhook target policy at submission (:mod:`tokenmill.workers.webhook_targets`)."""
+    if not isinstance(url, str):
+        raise ValidationError(f"webhook: must be a URL string, got {type(url).__name__}", field="webhook")
+    return check_target(url, settings.webhooks)
 
 
 def deadline_of(deadline: float | datetime | None, now: float) -> float | None:
@@ -136,7 +136,7 @@ def build_request(
             prompt_tokens_estimate=estimate_prompt_tokens(body),
             submitted_at=now,
             deadline=deadline_of(deadline, now),
-            webhook_url=check_webhook_url(webhook) if webhook else None,
+            webhook_url=check_webhook_url(webhook, settings) if webhook else None,
             batch_id=batch_id,
             custom_id=custom_id,
         )

@@ -13,7 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from tokenmill.config import EXAMPLE_CONFIG
 from tokenmill.stack import processes
+
+# Tests point services at their own broker and Redis; the config they mean is the
+# example unless a test names another (with URLs set, nothing falls back to it silently).
+os.environ.setdefault("TOKENMILL_CONFIG", str(EXAMPLE_CONFIG))
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str) -> Any:
-    # The clients pull in Kafka and Redis clients; import them only when asked for.
+    # The clients pull in httpx and pydantic models; import them only when asked for.
     if name in ("Client", "AsyncClient"):
         from .producers import client
 

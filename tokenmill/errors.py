@@ -14,7 +14,10 @@ where they enter, with ``raise ... from exc``::
     ├── EngineError              an inference engine failed (recoverable per request)
     │   └── EngineDeadError      the engine is gone; the worker must restart it
     ├── SchedulerError           (tokenmill.scheduler.errors) bad scheduler input
-    └── NotFound                 an id (request, batch, tenant) that does not exist
+    ├── NotFound                 an id (request, batch, tenant) that does not exist
+    ├── AuthenticationError      the API key is missing or unknown (HTTP 401/403)
+    └── RateLimited              too many requests (HTTP 429); says when to retry
+        └── QuotaExceeded        the tenant's budget is spent (429 ``insufficient_quota``)
 """
 
 from __future__ import annotations
@@ -63,3 +66,21 @@ class EngineDeadError(EngineError):
 
 class NotFound(TokenmillError):
     """An id that does not exist (or belongs to another tenant)."""
+
+
+class AuthenticationError(TokenmillError):
+    """The gateway refused the API key: none given, unknown, or not allowed (401/403)."""
+
+
+class RateLimited(TokenmillError):
+    """The gateway refused the request for now (HTTP 429); ``retry_after`` is in seconds
+    (None when the gateway gave none)."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None, code: str | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.code = code
+
+
+class QuotaExceeded(RateLimited):
+    """The tenant's budget is spent (HTTP 429 ``insufficient_quota``)."""

@@ -20,18 +20,17 @@ The flow, and why:
    times in the ledger rather than Celery countdowns, which on Redis would be
    redelivered after the visibility timeout and lost on a restart.
 
-Targets must be http(s); private, loopback and link-local addresses are refused
-unless ``webhooks.allow_private_targets`` (the local stack's default config allows them).
-The host name is looked up once per attempt and the POST goes to the address checked
-(:func:`pin_target`), with the name as ``Host`` and TLS server name: a name answering
-differently on a second lookup (DNS rebinding) cannot reach a private address.
+Where a webhook may go is :mod:`.webhook_targets`' one policy, checked at submission
+and again at every attempt: the host name is looked up once per attempt and the POST
+goes to the address checked (:func:`~.webhook_targets.pin_target`), with the name as
+``Host`` and TLS server name. A refused target is dead at once; a name that does not
+resolve is a failed attempt, retried.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import ipaddress
 import json
 import os
 import random
@@ -43,7 +42,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import redis
@@ -54,6 +52,7 @@ from ..logs import get_logger
 from ..redis_client import async_redis
 from . import keys
 from .webhook_signing import signed_headers
+from .webhook_targets import Resolver, TargetRefused, TargetUnresolved, pin_target
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -64,10 +63,6 @@ if TYPE_CHECKING:
 __all__ = [
     "QUEUE",
     "TASK_NAME",
-    "TargetRefused",
-    "PinnedTarget",
-    "check_target",
-    "pin_target",
     "enqueue_event",
     "register_webhook_tasks",
     "run_webhook_worker",
@@ -84,10 +79,6 @@ BACKOFF_CAP_S = 3600.0
 #: Redis hash of plain requests that asked for a webhook: request id -> {tenant, url}
 WATCH_KEY = keys.PREFIX + "webhook-watch"
 WATCH_GROUP = "tokenmill-webhook-watch"
-
-
-class TargetRefused(ValidationError):
-    """A webhook URL that tokenmill will not call (scheme, or a private address)."""
 
 
 def webhook_id_for(key: str) -> str:
@@ -107,99 +98,6 @@ def enqueue_event(
         session, webhook_id=webhook_id_for(key), tenant=tenant, url=url,
         event_type=event_type, payload=payload, at=now,
     )
-
-
-def _refused(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return not ip.is_global or ip.is_multicast
-
-
-Resolver = Callable[..., list[tuple[Any, ...]]]  # socket.getaddrinfo's signature
-
-
-def check_target(url: str, *, allow_private: bool) -> None:
-    """Refuse URLs that are not http(s), and (unless ``allow_private``) literal private,
-    loopback, link-local or otherwise non-global addresses and ``localhost``: what can
-    be told at submission. Host names are looked up and checked at each attempt
-    (:func:`pin_target`).
-
-    Raises:
-        TargetRefused: naming the reason.
-    """
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise TargetRefused(f"webhook: must be an http(s) URL, got {url!r}", field="webhook")
-    host = parts.hostname
-    if host == "localhost" or host.endswith(".localhost"):
-        addresses = [ipaddress.ip_address("127.0.0.1")]
-    else:
-        literal = _literal(host)
-        addresses = [] if literal is None else [literal]
-    if not allow_private:
-        _refuse_private(host, addresses)
-
-
-def _literal(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        return ipaddress.ip_address(host)
-    except ValueError:
-        return None
-
-
-@dataclass(frozen=True)
-class PinnedTarget:
-    """Where one POST goes: ``url`` with its host name replaced by an address that was
-    checked, so the connection goes where the check looked (a name that resolves
-    elsewhere on the second lookup — DNS rebinding — cannot reach a private address)."""
-
-    url: str
-    #: the ``Host`` header and TLS server name: the name the URL had
-    headers: dict[str, str]
-    extensions: dict[str, Any]
-
-
-def pin_target(url: str, *, allow_private: bool, resolve: Resolver = socket.getaddrinfo) -> PinnedTarget:
-    """Check ``url`` (:func:`check_target`) on one lookup of its host, and pin it.
-
-    Raises:
-        TargetRefused: naming the reason.
-    """
-    check_target(url, allow_private=allow_private)
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if _literal(host) is not None:  # checked above: nothing to resolve
-        return PinnedTarget(url, {}, {})
-    addresses = _resolve(host, parts, resolve)
-    if not allow_private:
-        _refuse_private(host, addresses)
-    ip = addresses[0]
-    userinfo, _, hostport = parts.netloc.rpartition("@")
-    netloc = (f"[{ip}]" if ip.version == 6 else str(ip)) + (f":{parts.port}" if parts.port else "")
-    pinned = urlunsplit(parts._replace(netloc=(userinfo + "@" if userinfo else "") + netloc))
-    extensions: dict[str, Any] = {"sni_hostname": host} if parts.scheme == "https" else {}
-    return PinnedTarget(pinned, {"host": hostport}, extensions)
-
-
-def _resolve(host: str, parts: Any, resolve: Resolver) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
-    try:
-        infos = resolve(host, parts.port or (443 if parts.scheme == "https" else 80),
-                        proto=socket.IPPROTO_TCP)
-    except OSError as exc:
-        raise TargetRefused(f"webhook: cannot resolve {host!r}: {exc}", field="webhook") from None
-    if not infos:
-        raise TargetRefused(f"webhook: {host!r} resolves to no address", field="webhook")
-    return [ipaddress.ip_address(info[4][0].split("%", 1)[0]) for info in infos]
-
-
-def _refuse_private(host: str, addresses: list[ipaddress.IPv4Address | ipaddress.IPv6Address]) -> None:
-    for ip in addresses:
-        if _refused(ip):
-            raise TargetRefused(
-                f"webhook: {host!r} is a private or loopback address ({ip}); "
-                "set webhooks.allow_private_targets to allow it",
-                field="webhook",
-            )
 
 
 def backoff_s(attempt: int, base_s: float, *, cap_s: float = BACKOFF_CAP_S, rng: random.Random | None = None) -> float:
@@ -277,9 +175,7 @@ class Deliverer:
         """``(status code, error, permanent?, milliseconds)`` of one POST."""
         started = time.monotonic()
         try:
-            target = pin_target(
-                url, allow_private=self.settings.webhooks.allow_private_targets, resolve=self.resolve
-            )
+            target = pin_target(url, self.settings.webhooks, resolve=self.resolve)
             t = self.settings.tenants.get(tenant)
             if t is None or t.webhook_secret is None:
                 raise TargetRefused(f"tenant {tenant!r} has no webhook_secret configured")
@@ -291,6 +187,8 @@ class Deliverer:
                                   extensions=target.extensions)
         except ValidationError as exc:
             return None, str(exc), True, (time.monotonic() - started) * 1000
+        except TargetUnresolved as exc:
+            return None, str(exc), False, (time.monotonic() - started) * 1000
         except httpx.HTTPError as exc:
             return None, f"{type(exc).__name__}: {exc}"[:500], False, (time.monotonic() - started) * 1000
         took = (time.monotonic() - started) * 1000

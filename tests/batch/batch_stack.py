@@ -36,7 +36,7 @@ WEBHOOKS = """
 max_line_bytes = 4096
 
 [webhooks]
-allow_private_targets = true
+allow_loopback = true
 max_attempts = {max_attempts}
 backoff_base_s = {backoff_base_s}
 timeout_s = {timeout_s}

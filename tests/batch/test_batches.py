@@ -1,6 +1,6 @@
 """Batches on the whole local stack (real broker, Redis, scheduler, sim workers, batch
-runner): exact output and error files, the client API and CLI, cancel, expiry, and the
-stack stopped and restarted mid-batch."""
+runner): exact output and error files, the client API and CLI through the gateway's
+Files and Batches API, cancel, expiry, and the stack stopped and restarted mid-batch."""
 
 from __future__ import annotations
 
@@ -9,12 +9,13 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import httpx
 import pytest
 from batch_stack import Stack, wait_for
 from tokenmill.producers.batch_parser import entry_id
 
 from tokenmill import Client
-from tokenmill.errors import NotFound
+from tokenmill.errors import NotFound, ValidationError
 from tokenmill.wire import BatchStatus, RequestState, batch_request_id
 
 
@@ -35,6 +36,12 @@ def slow_lines(n: int, tokens: int, prefix: str = "s") -> bytes:
     return jsonl(*(chat(f"{prefix}{i}", f"line {i}", model="slowsim", max_tokens=tokens) for i in range(n)))
 
 
+def content(stack: Stack, file_id: str, key: str) -> httpx.Response:
+    """``GET /v1/files/{id}/content`` with ``key``."""
+    return httpx.get(f"{stack.address('gateway')}/v1/files/{file_id}/content",
+                     headers={"Authorization": f"Bearer {key}"}, timeout=30)
+
+
 def assert_every_line_once(output: list[dict], errors: list[dict], custom_ids: list[str]) -> None:
     seen = Counter(e["custom_id"] for e in output + errors)
     assert seen == Counter(custom_ids), "every custom_id exactly once across output and errors"
@@ -52,7 +59,8 @@ def test_mixed_batch_output_and_error_files_are_exact(client_env: Stack, tmp_pat
         {"custom_id": "e", "method": "POST", "url": "/v1/chat/completions"},  # 7 missing body
         chat("f", "x" * 5000),                                                # 8 oversized line
         {"custom_id": "g", "method": "POST", "url": "/v1/completions",
-         "body": {"model": "sim", "prompt": "once upon a time", "max_tokens": 4}},  # 9
+         "body": {"model": "sim", "prompt": "once upon a time", "max_tokens": 4}},  # 9 not this batch's url
+        chat("h", "eta", max_tokens=4),                                       # 10
     ))
     big = len(json.dumps(chat("f", "x" * 5000)))
     out, errs = tmp_path / "out.jsonl", tmp_path / "errs.jsonl"
@@ -61,17 +69,18 @@ def test_mixed_batch_output_and_error_files_are_exact(client_env: Stack, tmp_pat
     assert proc.returncode == 0, proc.stdout + proc.stderr
     batch = json.loads(proc.stdout)
     bid = batch["id"]
-    assert batch["status"] == "completed"
-    assert batch["request_counts"] == {"total": 9, "completed": 3, "failed": 6}
-    assert "9 lines, 3 accepted, 6 invalid" in proc.stderr
+    assert batch["object"] == "batch" and batch["status"] == "completed"
+    assert batch["endpoint"] == "/v1/chat/completions"
+    assert batch["request_counts"] == {"total": 10, "completed": 3, "failed": 7}
+    assert "10 lines, 3 completed, 7 failed" in proc.stderr
 
     output = read(out)
     assert [(e["id"], e["custom_id"], e["error"]) for e in output] == [
-        (entry_id(bid, 1), "a", None), (entry_id(bid, 3), "b", None), (entry_id(bid, 9), "g", None)]
-    for e, tokens, obj in zip(output, (3, 2, 4), ("chat.completion", "chat.completion", "text_completion")):
+        (entry_id(bid, 1), "a", None), (entry_id(bid, 3), "b", None), (entry_id(bid, 10), "h", None)]
+    for e, tokens in zip(output, (3, 2, 4)):
         assert e["response"]["status_code"] == 200
         assert e["response"]["request_id"] == batch_request_id(bid, e["custom_id"])
-        assert e["response"]["body"]["object"] == obj
+        assert e["response"]["body"]["object"] == "chat.completion"
         assert e["response"]["body"]["usage"]["completion_tokens"] == tokens
     assert set(output[0]) == {"id", "custom_id", "response", "error"}
 
@@ -88,10 +97,16 @@ def test_mixed_batch_output_and_error_files_are_exact(client_env: Stack, tmp_pat
             "url must be /v1/chat/completions or /v1/completions, not '/v1/embeddings'"),
         err(7, "e", "missing_body", "body", "body is required"),
         err(8, None, "line_too_large", None, f"{big} bytes is over the limit of 4096 bytes a line"),
+        err(9, "g", "invalid_url", "url", "url must be /v1/chat/completions in this batch, not '/v1/completions'"),
     ]
-    # The runner's copies are the same files; the input is kept as submitted.
-    assert Path(batch["output_file"]).read_bytes() == out.read_bytes()
-    assert Path(batch["input_file"]).read_bytes() == src.read_bytes()
+    # The batch object lists the same refused lines (OpenAI's BatchError shape).
+    assert [(e["line"], e["code"], e["param"]) for e in batch["errors"]["data"]] == [
+        (e["error"]["line"], e["error"]["code"], e["error"]["param"]) for e in read(errs)]
+    # The downloaded files are the batch's files; the input is kept as uploaded.
+    alpha = "tm-alpha-demo-key"
+    assert content(client_env, batch["output_file_id"], alpha).content == out.read_bytes()
+    assert content(client_env, batch["error_file_id"], alpha).content == errs.read_bytes()
+    assert content(client_env, batch["input_file_id"], alpha).content == src.read_bytes()
 
 
 def test_client_api_create_retrieve_list_cancel_download(client_env: Stack, tmp_path: Path) -> None:
@@ -99,17 +114,19 @@ def test_client_api_create_retrieve_list_cancel_download(client_env: Stack, tmp_
         created = beta.batches.create(jsonl(*(chat(f"c{i}", max_tokens=2) for i in range(20))),
                                       metadata={"job": "nightly"})
         assert created.status is BatchStatus.validating and created.request_counts.total == 20
-        assert created.metadata == {"job": "nightly"}
+        assert created.metadata == {"job": "nightly"} and created.errors is None
         done = beta.batches.wait(created.id, timeout=60)
         assert done.status is BatchStatus.completed
-        assert done.request_counts.model_dump(exclude={"schema_version"}) == {"total": 20, "completed": 20, "failed": 0}
+        assert done.request_counts.model_dump() == {"total": 20, "completed": 20, "failed": 0}
         assert done.in_progress_at and done.finalizing_at and done.completed_at
+        assert done.output_file_id and done.error_file_id
         assert created.id in [b.id for b in beta.batches.list()]
         assert created.id not in [b.id for b in gamma.batches.list()]
-        with pytest.raises(NotFound):
-            gamma.batches.retrieve(created.id)
-        with pytest.raises(NotFound):
-            gamma.batches.cancel(created.id)
+        # Another tenant's batch and files answer as unknown ones.
+        for call in (gamma.batches.retrieve, gamma.batches.cancel, gamma.batches.download, gamma.batches.results):
+            with pytest.raises(NotFound):
+                call(created.id)
+        assert content(client_env, done.output_file_id, "tm-gamma-demo-key").status_code == 404
         assert beta.batches.cancel(created.id).status is BatchStatus.completed  # ended: unchanged
         out, errs = beta.batches.download(created.id, output=tmp_path / "o.jsonl", errors=tmp_path / "e.jsonl")
         assert [e["custom_id"] for e in read(out)] == [f"c{i}" for i in range(20)] and read(errs) == []
@@ -118,9 +135,37 @@ def test_client_api_create_retrieve_list_cancel_download(client_env: Stack, tmp_
     listed = client_env.cli("batch", "list", "--tenant", "beta", "--json")
     assert created.id in [b["id"] for b in json.loads(listed.stdout)]
     other = client_env.cli("batch", "status", created.id, "--tenant", "gamma")
-    assert other.returncode == 1 and "not found" in other.stderr
-    dl = client_env.cli("batch", "download", created.id, "--tenant", "beta", "--output", str(tmp_path / "x.jsonl"))
+    assert other.returncode == 1 and "No such batch" in other.stderr
+    dl = client_env.cli("batch", "download", created.id, "--tenant", "beta", "--output", str(tmp_path / "x.jsonl"),
+                        "--errors", str(tmp_path / "x-errors.jsonl"))
     assert dl.returncode == 0 and (tmp_path / "x.jsonl").read_bytes() == out.read_bytes()
+    anonymous = client_env.cli("batch", "list")
+    assert anonymous.returncode == 1 and "API key" in anonymous.stderr
+
+
+def test_create_takes_a_path_bytes_or_binary_file(client_env: Stack, tmp_path: Path) -> None:
+    src = tmp_path / "lines.jsonl"
+    src.write_bytes(jsonl(chat("x", max_tokens=1), chat("y", max_tokens=1)))
+    with Client(tenant="alpha") as c:
+        with src.open("rb") as fh:
+            made = [c.batches.create(src), c.batches.create(src.read_bytes()), c.batches.create(fh)]
+        assert [b.request_counts.total for b in made] == [2, 2, 2]
+        with src.open() as text, pytest.raises(ValidationError) as exc:
+            c.batches.create(text)  # type: ignore[arg-type]
+        assert exc.value.field == "file"
+        with pytest.raises(ValidationError) as missing:
+            c.batches.create(tmp_path / "nope.jsonl")
+        assert missing.value.field == "file"
+        with pytest.raises(ValidationError) as window:
+            c.batches.create(src, completion_window="soon")
+        assert window.value.field == "completion_window"
+        slow = c.batches.create(slow_lines(8, 50))
+        with pytest.raises(ValidationError) as running:  # files exist once a batch ended
+            c.batches.download(slow.id)
+        assert running.value.field == "batch_id"
+        c.batches.cancel(slow.id)
+        for b in made:
+            assert c.batches.wait(b.id, timeout=60).status is BatchStatus.completed
 
 
 def test_cancel_mid_run_keeps_partial_results(client_env: Stack) -> None:

@@ -36,7 +36,7 @@ def test_demo_runs_the_main_job_end_to_end(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=240, check=False)
     out = proc.stdout
     assert proc.returncode == 0, out[-3000:] + proc.stderr[-3000:]
-    for step in ("1. tokenmill up --model sim", "2. tokenmill batch submit example_batch.jsonl --wait",
+    for step in ("1. tokenmill up --model sim", "2. example_batch.jsonl through the gateway with the openai SDK", "3. a streamed chat completion",
                  "sample of the output", "usage and bill per tenant", "tokenmill down", "stopped:"):
         assert step in out, step
     assert out.count(" completed ") >= 3

@@ -38,6 +38,7 @@ def test_example_config_defines_the_demo_world(monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_env_overrides_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("TOKENMILL_CONFIG", str(EXAMPLE_CONFIG))  # named, so no fallback question
     monkeypatch.setenv("TOKENMILL_REDIS_URL", "redis://127.0.0.1:1/0")
     monkeypatch.setenv("TOKENMILL_HOME", str(tmp_path))
     monkeypatch.setenv("TOKENMILL_SCHEDULER__AGING_S", "7")
@@ -102,4 +103,19 @@ def test_bad_config_fails_with_one_clear_line(config_file, mutate, key: str, rea
 def test_toml_syntax_error_names_file_and_line(config_file) -> None:
     path = config_file(MINIMAL + "\n[tiers.t\n")
     with pytest.raises(ConfigError, match=rf"{path}.*line \d+"):
+        load_settings()
+
+
+@pytest.mark.parametrize("variable", ["TOKENMILL_KAFKA_URL", "TOKENMILL_REDIS_URL", "TOKENMILL_DATABASE_URL"])
+def test_a_deployment_without_a_config_refuses_the_example(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, variable: str
+) -> None:
+    # The example's demo keys are published: only the embedded local stack may use them.
+    monkeypatch.delenv("TOKENMILL_CONFIG", raising=False)
+    for name in ("TOKENMILL_KAFKA_URL", "TOKENMILL_REDIS_URL", "TOKENMILL_DATABASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)  # no ./tokenmill.toml
+    assert load_settings().tenants  # local stack: the example
+    monkeypatch.setenv(variable, "redis://127.0.0.1:1/0" if "REDIS" in variable else "x:1")
+    with pytest.raises(ConfigError, match=f"no config file: {variable}"):
         load_settings()

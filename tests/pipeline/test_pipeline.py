@@ -1,5 +1,6 @@
-"""The whole pipeline on the local stack: client → Kafka priority topics → scheduler →
-Celery workers (simulated engine) → results, with real processes throughout."""
+"""The whole pipeline on the local stack: client → gateway → Kafka priority topics →
+scheduler → Celery workers (simulated engine) → results, with real processes throughout.
+Tenants are the HTTP client with the local stack's demo keys."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ import sys
 import time
 from collections import Counter
 
+import pytest
 from aiokafka import AIOKafkaProducer
 
 from tokenmill import Client, wire
+from tokenmill.errors import NotFound
 from tokenmill.stack.processes import pid_alive, stop_pid
 
 from typing import TYPE_CHECKING
@@ -27,35 +30,45 @@ def finished_counts(stack: Stack, ids: set[str]) -> Counter[str]:
 
 
 def test_three_tenants_complete_exactly_once(client_env: Stack) -> None:
-    handles = []
-    clients = [Client(tenant=t) for t in ("alpha", "beta", "gamma")]
+    tenants = ("alpha", "beta", "gamma")
+    clients = {t: Client(tenant=t) for t in tenants}
     try:
-        for c in clients:
-            handles += c.submit_many(
-                [c.build("sim", prompt=f"{c.tenant} {i}", max_tokens=5) for i in range(100)]
-            )
-        by_tenant = {c.tenant: c for c in clients}
-        results = [by_tenant[h.tenant].result(h, timeout=60) for h in handles]
+        handles = [(t, h) for t, c in clients.items()
+                   for h in c.submit_many([c.build("sim", prompt=f"{t} {i}", max_tokens=5) for i in range(100)])]
+        results = [clients[t].result(h, timeout=60) for t, h in handles]
     finally:
-        for c in clients:
+        for c in clients.values():
             c.close()
     assert all(r.status is wire.ResultStatus.succeeded for r in results)
     assert all(r.usage is not None and r.usage.completion_tokens == 5 for r in results)
-    assert [r.request_id for r in results] == [h.request_id for h in handles]
-    ids = {h.request_id for h in handles}
+    assert [r.request_id for r in results] == [h.request_id for _, h in handles]
+    assert [r.tenant for r in results] == [t for t, _ in handles]  # stamped by the gateway
+    ids = {h.request_id for _, h in handles}
     assert finished_counts(client_env, ids) == Counter({i: 1 for i in ids})
 
 
-def test_tenant_cannot_read_another_tenants_result(client_env: Stack) -> None:
-    with Client(tenant="alpha") as alpha, Client(tenant="beta") as beta:
-        h = alpha.submit("sim", prompt="secret", max_tokens=2)
-        assert alpha.result(h, timeout=30).status is wire.ResultStatus.succeeded
-        try:
-            beta.result(h.request_id, timeout=5)
-        except Exception as exc:  # noqa: BLE001
-            assert "not found" in str(exc)
-        else:
-            raise AssertionError("beta read alpha's result")
+def test_another_tenants_request_is_not_found_server_side(client_env: Stack) -> None:
+    """With beta's key, alpha's request id answers 404 to every call, as an unknown id
+    does: while it runs (stream, cancel) and after it ended (poll, result)."""
+    with Client("tm-alpha-demo-key") as alpha, Client("tm-beta-demo-key") as beta:
+        h = alpha.submit("slowsim", prompt="secret", max_tokens=60, stream=True)  # ~1.2 s
+        unknown = "req_" + "0" * 32
+        for rid in (h.request_id, unknown):
+            with pytest.raises(NotFound):
+                list(beta.stream(rid, timeout=5))
+            with pytest.raises(NotFound):
+                beta.cancel(rid)
+        deltas = list(alpha.stream(h, timeout=30))
+        done = alpha.result(h, timeout=30)
+        for rid in (h.request_id, unknown):
+            with pytest.raises(NotFound):
+                beta.poll(rid)
+            with pytest.raises(NotFound):
+                beta.result(rid, timeout=5)
+    # beta's cancel did not reach it: it ran to the end, and only alpha saw its output.
+    assert done.status is wire.ResultStatus.succeeded and done.tenant == "alpha"
+    assert done.usage is not None and done.usage.completion_tokens == 60
+    assert "".join(deltas) == done.body["choices"][0]["text"]
 
 
 def test_interactive_overtakes_batch_backlog_which_still_progresses(client_env: Stack) -> None:

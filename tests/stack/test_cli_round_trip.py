@@ -1,5 +1,6 @@
-"""``tokenmill up`` → ``status`` → use → ``up`` again → ``down`` through the real entry
-point, with real broker and Redis processes."""
+"""``tokenmill up`` → ``status`` → use (the services, and ``tokenmill submit`` through the
+gateway) → ``up`` again → ``down`` through the real entry point, with real broker and
+Redis processes."""
 
 from __future__ import annotations
 
@@ -71,6 +72,16 @@ def test_up_status_use_down(home: Path) -> None:
     assert ep.kafka_bootstrap.startswith("127.0.0.1:")
     assert redis.Redis.from_url(ep.redis_url, socket_timeout=2).ping()
     assert asyncio.run(_kafka_round_trip(ep.kafka_bootstrap)) == [b"m0", b"m1", b"m2"]
+
+    # The CLI goes through the gateway: --tenant is the local stack's demo key ...
+    by_name = tokenmill("submit", "hello", "--tenant", "alpha", "--max-tokens", "3")
+    assert by_name.returncode == 0, by_name.stdout + by_name.stderr
+    assert "3 completion tokens" in by_name.stdout
+    # ... a key works as given, and a wrong one is refused by the gateway.
+    by_key = tokenmill("submit", "hello", "--completion", "--api-key", "tm-beta-demo-key", "--max-tokens", "2")
+    assert by_key.returncode == 0 and "2 completion tokens" in by_key.stdout, by_key.stdout + by_key.stderr
+    wrong = tokenmill("submit", "hello", "--api-key", "tm-wrong-key")
+    assert wrong.returncode == 1 and "Incorrect API key" in wrong.stderr, wrong.stdout + wrong.stderr
 
     again = tokenmill("up")
     assert again.returncode == 0, again.stderr

@@ -1,5 +1,6 @@
-"""``tokenmill usage | invoice | sla`` read the ledger the stream processors write;
-``tokenmill up`` starts a ``streams`` service."""
+"""``tokenmill usage | invoice | sla --all-tenants`` (the operator's path) read the ledger
+the stream processors write; ``tokenmill up`` starts a ``streams`` service. The tenant's
+path, through the gateway, is tests/gateway/test_account.py's."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from pathlib import Path
 import pytest
 import typer
 from tokenmill.config import Settings
-from tokenmill.ledger.commands import parse_time, register, streams_services
+from tokenmill.ledger.commands import register, streams_services
+from tokenmill.ledger.reports import parse_span, parse_time
 from tokenmill.ledger.streams import LedgerSink
 from tokenmill.ledger.streams import testing as st
 from typer.testing import CliRunner
@@ -28,6 +30,8 @@ def cli(
 ) -> typer.Typer:
     monkeypatch.setenv("TOKENMILL_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("TOKENMILL_DATABASE_URL", ledger_url)
+    for name in ("TOKENMILL_API_KEY", "TOKENMILL_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
     app = typer.Typer()
     register(app)
     return app
@@ -53,22 +57,25 @@ def run(cli: typer.Typer, *args: str) -> str:
 
 
 def test_usage_per_tenant_model_and_minute(cli: typer.Typer, recorded: list[dict]) -> None:
-    doc = json.loads(run(cli, "usage", "--json"))
+    doc = json.loads(run(cli, "usage", "--all-tenants", "--json"))
     assert [(r["tenant"], r["model"], r["requests"], r["input_tokens"], r["output_tokens"]) for r in doc["rows"]] == [
         ("alpha", "sim", 2, 1005, 101), ("alpha", "smollm2", 1, 3, 7), ("beta", "sim", 1, 10, 20),
     ]  # fmt: skip
-    minutes = json.loads(run(cli, "usage", "--tenant", "beta", "--per-minute", "--json"))["rows"]
+    minutes = json.loads(run(cli, "usage", "--all-tenants", "--per-minute", "--json"))["rows"]
     minute = datetime.fromtimestamp(NOW, UTC).replace(second=0, microsecond=0)
-    assert minutes == [{"tenant": "beta", "model": "sim", "minute": minute.isoformat().replace("+00:00", "Z"),
-                        "requests": 1, "input_tokens": 10, "output_tokens": 20}]  # fmt: skip
-    table = run(cli, "usage", "--since", "1h")
+    assert [r for r in minutes if r["tenant"] == "beta"] == [
+        {"tenant": "beta", "model": "sim", "minute": minute.isoformat().replace("+00:00", "Z"),
+         "requests": 1, "input_tokens": 10, "output_tokens": 20}]  # fmt: skip
+    table = run(cli, "usage", "--all-tenants", "--since", "1h")
     assert "alpha" in table and "smollm2" in table and "1,005" in table
-    assert "no usage" in run(cli, "usage", "--since", "2020-01-01", "--until", "2020-02-01")
+    assert "no usage" in run(cli, "usage", "--all-tenants", "--since", "2020-01-01", "--until", "2020-02-01")
 
 
 def test_invoice_total_is_the_sum_of_its_entries(cli: typer.Typer, recorded: list[dict]) -> None:
     period = datetime.fromtimestamp(NOW, UTC).strftime("%Y-%m")
-    doc = json.loads(run(cli, "invoice", "--tenant", "alpha", "--period", period, "--json"))
+    docs = json.loads(run(cli, "invoice", "--all-tenants", "--period", period, "--json"))
+    assert [d["tenant"] for d in docs] == ["alpha", "beta", "gamma"]  # every configured tenant
+    doc = docs[0]
     lines = {ln["model"]: Decimal(ln["amount"]) for ln in doc["lines"]}
     # sim: (1000*0.10 + 100*0.40 + 5*0.10 + 1*0.40)/1e6; smollm2 batch: (3*0.20 + 7*0.80)/1e6/2
     assert lines == {"sim": Decimal("0.0001409"), "smollm2": Decimal("0.0000031")}
@@ -77,14 +84,14 @@ def test_invoice_total_is_the_sum_of_its_entries(cli: typer.Typer, recorded: lis
     assert Decimal(doc["rounding_adjustment"]) == Decimal(doc["total_rounded"]) - sum(
         Decimal(ln["amount_rounded"]) for ln in doc["lines"]
     )
-    table = run(cli, "invoice", "--tenant", "alpha", "--period", period)
+    table = run(cli, "invoice", "--all-tenants", "--period", period)
     assert "0.0001440" in table and "total" in table
-    bad = CliRunner().invoke(cli, ["invoice", "--tenant", "alpha", "--period", "November"])
-    assert bad.exit_code != 0
+    bad = CliRunner().invoke(cli, ["invoice", "--all-tenants", "--period", "November"])
+    assert bad.exit_code != 0 and getattr(bad.exception, "field", None) == "period"
 
 
 def test_sla_percentiles_attainment_and_goodput(cli: typer.Typer, recorded: list[dict]) -> None:
-    doc = json.loads(run(cli, "sla", "--since", "10m", "--json"))
+    doc = json.loads(run(cli, "sla", "--all-tenants", "--since", "10m", "--json"))
     alpha = doc["tenants"]["alpha"]
     assert (alpha["requests"], alpha["met"]) == (3, 2)
     assert alpha["target_attainment"]["ttft"] == pytest.approx(2 / 3)
@@ -94,8 +101,19 @@ def test_sla_percentiles_attainment_and_goodput(cli: typer.Typer, recorded: list
     assert group["ttft_ms_p50"] == pytest.approx(
         (100 + 4000) / 2
     )  # interpolated median of 100, 4000
-    table = run(cli, "sla", "--tenant", "alpha")
+    table = run(cli, "sla", "--all-tenants")
     assert "gold" in table and "66.7%" in table
+
+
+@pytest.mark.parametrize("command", ["usage", "invoice", "sla", "webhooks"])
+def test_a_tenant_report_without_a_gateway_says_how_to_reach_one(cli: typer.Typer, command: str) -> None:
+    from tokenmill.producers.batch_commands import webhooks_command
+
+    from tokenmill.errors import StackError
+
+    cli.command("webhooks")(webhooks_command)
+    result = CliRunner().invoke(cli, [command, "--api-key", "tm-alpha-demo-key"])
+    assert isinstance(result.exception, StackError) and "tokenmill up" in str(result.exception)
 
 
 def test_times_are_iso_or_spans_back() -> None:
@@ -107,6 +125,13 @@ def test_times_are_iso_or_spans_back() -> None:
 
     with pytest.raises(ValidationError):
         parse_time("yesterday", now=now)
+    with pytest.raises(ValidationError) as caught:
+        parse_time("99999999999999d", now=now, field="since")  # past the calendar: no OverflowError
+    assert caught.value.field == "since"
+    assert parse_span("2h", "1h", now=now) == (datetime(2026, 11, 3, 10, tzinfo=UTC), datetime(2026, 11, 3, 11, tzinfo=UTC))
+    with pytest.raises(ValidationError) as caught:
+        parse_span("1h", "2h", now=now)
+    assert caught.value.field == "until"
 
 
 def test_up_starts_a_streams_service_with_a_metrics_probe(settings: Settings) -> None:

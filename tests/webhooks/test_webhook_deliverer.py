@@ -25,7 +25,8 @@ from tokenmill.ledger import (
 )
 from tokenmill.workers import keys
 from tokenmill.workers.webhook_signing import verify
-from tokenmill.workers.webhooks import Deliverer, PinnedTarget, enqueue_event, pin_target, webhook_id_for
+from tokenmill.workers.webhook_targets import PinnedTarget, pin_target
+from tokenmill.workers.webhooks import Deliverer, enqueue_event, webhook_id_for
 
 
 @pytest.fixture
@@ -53,7 +54,7 @@ def deliverer(tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch, *
     monkeypatch.setenv("TOKENMILL_CONFIG", str(EXAMPLE_CONFIG))
     settings = load_settings(
         database_url=f"sqlite:///{tmp_path / 'ledger.db'}",
-        webhooks=WebhookSettings(allow_private_targets=allow, max_attempts=3, backoff_base_s=0.01, timeout_s=2),
+        webhooks=WebhookSettings(allow_loopback=allow, max_attempts=3, backoff_base_s=0.01, timeout_s=2),
     )
     return Deliverer(settings, shared_factory(settings.ledger_url), redis.Redis.from_url(redis_url),
                      httpx.Client(timeout=2))
@@ -87,7 +88,7 @@ def test_delivered_once_even_when_the_task_runs_twice(tmp_path, redis_url, monke
         assert (row.status, row.attempts, row.last_status_code) == (DeliveryStatus.delivered, 1, 204)
 
 
-def test_private_target_refused_when_not_allowed(tmp_path, redis_url, monkeypatch, hits) -> None:
+def test_loopback_target_refused_when_not_allowed(tmp_path, redis_url, monkeypatch, hits) -> None:
     url, got = hits
     d = deliverer(tmp_path, redis_url, monkeypatch, allow=False)
     wid = enqueue(d, url, "k2")
@@ -95,7 +96,7 @@ def test_private_target_refused_when_not_allowed(tmp_path, redis_url, monkeypatc
     assert got == []
     with transaction(d.factory) as s:
         [row] = list_webhooks(s, status=DeliveryStatus.dead, tenant="alpha")
-        assert row.webhook_id == wid and "private or loopback" in (row.last_error or "")
+        assert row.webhook_id == wid and "loopback address" in (row.last_error or "")
 
 
 def test_retries_then_dead_after_max_attempts(tmp_path, redis_url, monkeypatch) -> None:
@@ -128,7 +129,7 @@ def test_posts_to_the_checked_address_with_the_name_as_host(tmp_path, redis_url,
     assert [{k.lower(): v for k, v in h.items()}["host"] for h in got] == [f"hooks.test:{port}"]
 
 
-def test_a_name_resolving_to_a_private_address_is_refused(tmp_path, redis_url, monkeypatch, hits) -> None:
+def test_a_name_resolving_to_a_refused_address_is_dead_at_once(tmp_path, redis_url, monkeypatch, hits) -> None:
     url, got = hits
     port = url.split(":")[2].split("/")[0]
     d = deliverer(tmp_path, redis_url, monkeypatch, allow=False)
@@ -139,16 +140,29 @@ def test_a_name_resolving_to_a_private_address_is_refused(tmp_path, redis_url, m
         assert "127.0.0.1" in (get_webhook(s, wid).last_error or "")
 
 
+def test_a_name_that_does_not_resolve_is_retried(tmp_path, redis_url, monkeypatch) -> None:
+    d = deliverer(tmp_path, redis_url, monkeypatch, allow=False)
+
+    def unknown(host: str, port: int, **_: object) -> list[tuple[object, ...]]:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    d.resolve = unknown
+    wid = enqueue(d, "https://not-yet.test/hook", "k6")
+    assert [d.deliver(wid, n) for n in (1, 2, 3)] == ["pending", "pending", "dead"]  # dead only at max_attempts
+    with transaction(d.factory) as s:
+        assert "cannot resolve 'not-yet.test'" in (get_webhook(s, wid).last_error or "")
+
+
 def test_the_connection_goes_to_the_address_that_was_checked() -> None:
     # A rebinding name: public on the first lookup, loopback on every later one.
     calls: list[str] = []
     first = answers({"hooks.test": ["93.184.216.34"]}, calls)
     later = answers({"hooks.test": ["127.0.0.1"]})
-    resolve = lambda host, port, **kw: (first if not calls else later)(host, port, **kw)  # noqa: E731
-    target = pin_target("https://user@hooks.test:8443/x?y=1", allow_private=False, resolve=resolve)
+    resolve = lambda host, port, **kw: (first if not calls else later)(host, port, **kw)
+    target = pin_target("https://user@hooks.test:8443/x?y=1", WebhookSettings(), resolve=resolve)
     assert calls == ["hooks.test"]  # one lookup: the checked answer is the one used
     assert target.url == "https://user@93.184.216.34:8443/x?y=1"
     assert target.headers == {"host": "hooks.test:8443"}
     assert target.extensions == {"sni_hostname": "hooks.test"}  # TLS checks the name
-    literal = pin_target("http://93.184.216.34/x", allow_private=False, resolve=later)
+    literal = pin_target("http://93.184.216.34/x", WebhookSettings(), resolve=later)
     assert literal == PinnedTarget("http://93.184.216.34/x", {}, {})

@@ -1,6 +1,7 @@
 """Webhook delivery on the whole local stack, to a real HTTP receiver on loopback:
 retries until accepted (exactly one accepted delivery, signature verified), a dead
-receiver dead-lettered without slowing inference, and request-level webhooks."""
+receiver dead-lettered without slowing inference, and request-level webhooks. Batches
+and requests are submitted through the gateway (the HTTP client, demo keys)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import time
 import uuid
 
+import pytest
 from batch_stack import Stack, wait_for
 from tokenmill.config import load_settings
 from tokenmill.ledger import (
@@ -22,6 +24,7 @@ from tokenmill.workers.webhooks import webhook_id_for
 from webhook_helpers import MAX_ATTEMPTS, TIMEOUT_S, Receiver
 
 from tokenmill import Client
+from tokenmill.errors import ValidationError
 from tokenmill.wire import BatchStatus, ResultStatus
 
 
@@ -100,6 +103,12 @@ def test_request_webhook_on_completion(client_env: Stack, receiver: Receiver) ->
     with Client(tenant="gamma") as c:
         h = c.submit("sim", prompt="tell me", max_tokens=4, webhook=receiver.url + path)
         assert c.result(h, timeout=30).status is ResultStatus.succeeded
+        # The gateway applies the target policy: a metadata address is refused, naming the field.
+        for submit in (lambda url: c.submit("sim", prompt="x", webhook=url),
+                       lambda url: c.batches.create(batch_file(1), webhook=url)):
+            with pytest.raises(ValidationError) as exc:
+                submit("http://169.254.169.254/latest/meta-data")
+            assert exc.value.field == "webhook"
     got = wait_for("request webhook", lambda: receiver.on(path), timeout=30)
     time.sleep(0.5)
     assert len(receiver.on(path)) == 1

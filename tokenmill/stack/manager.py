@@ -157,7 +157,12 @@ def down(settings: Settings) -> list[str]:
 
 
 def _child_env(home: Path, addresses: Mapping[str, str]) -> dict[str, str]:
-    env = {"TOKENMILL_HOME": str(home), "TOKENMILL_DATABASE_URL": addresses[DATABASE]}
+    from ..config.settings import config_path
+
+    # The config `up` read, named explicitly: a child given the services' URLs and no
+    # config would (rightly) refuse to fall back to the example's demo keys.
+    env = {"TOKENMILL_HOME": str(home), "TOKENMILL_DATABASE_URL": addresses[DATABASE],
+           "TOKENMILL_CONFIG": str(config_path().resolve())}
     if KAFKA in addresses:
         env["TOKENMILL_KAFKA_URL"] = addresses[KAFKA]
     if REDIS in addresses:

@@ -1,0 +1,192 @@
+"""The Batches API, OpenAI's shapes: ``POST /v1/batches``, ``GET /v1/batches/{id}``,
+``GET /v1/batches`` and ``POST /v1/batches/{id}/cancel``.
+
+A batch is made from a file the tenant uploaded (purpose ``batch``) by the server-side
+:class:`~tokenmill.producers.batches.Batches`; the batch runner does the rest. The
+batch object has every field of ``openai.types.Batch``: the invalid lines found at
+creation as ``errors``, the output and error files as file ids once it ends, and the
+ledger's token counts of its requests as ``usage``. tokenmill's extensions in the
+create body: ``model`` (for lines whose body names none) and ``webhook``.
+
+Every id is scoped to the caller's tenant; another tenant's answers 404 exactly as an
+unknown one does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse, Response
+
+from ..errors import NotFound, ValidationError
+from ..ledger import FilePurpose, batch_file_id, get_file, transaction
+from ..producers.batches import (
+    Batches,
+    BatchView,
+    check_expires_after,
+    check_metadata,
+    parse_window,
+)
+from ..wire import Endpoint
+from .auth import tenant_of
+from .errors import ApiError
+from .http import read_json
+
+__all__ = ["batch_json", "router"]
+
+router = APIRouter(prefix="/v1/batches")
+
+_ENDPOINTS = tuple(e.value for e in Endpoint)
+_TIMES = ("in_progress_at", "finalizing_at", "completed_at", "failed_at", "expired_at", "cancelling_at",
+          "cancelled_at")
+
+
+def _ts(value: float | None) -> int | None:
+    return None if value is None else int(value)
+
+
+def batch_json(view: BatchView) -> dict[str, Any]:
+    """OpenAI's ``batch`` object."""
+    b, s = view.batch, view.summary
+    counts = b.request_counts
+    return {
+        "id": b.id,
+        "object": "batch",
+        "endpoint": b.endpoint.value,
+        "errors": {"object": "list", "data": view.errors} if view.errors else None,
+        # "" only for batches made before the ledger recorded files
+        "input_file_id": s.input_file_id or "",
+        "completion_window": b.completion_window,
+        "status": b.status.value,
+        "output_file_id": batch_file_id(b.id, "output") if b.output_file else None,
+        "error_file_id": batch_file_id(b.id, "error") if b.error_file else None,
+        "created_at": int(b.created_at),
+        "expires_at": int(b.expires_at),
+        **{name: _ts(getattr(b, name)) for name in _TIMES},
+        "request_counts": {"total": counts.total, "completed": counts.completed, "failed": counts.failed},
+        "metadata": b.metadata,
+        "model": s.model,
+        "usage": {
+            "input_tokens": s.input_tokens,
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": s.output_tokens,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": s.input_tokens + s.output_tokens,
+        },
+    }
+
+
+def _invalid(exc: ValidationError) -> ApiError:
+    # The service names the file "file"; this API's caller knows it by its id.
+    param = "input_file_id" if exc.field == "file" else exc.field
+    return ApiError(400, str(exc), param=param, code="invalid_value")
+
+
+def _required(body: dict[str, Any], name: str) -> str:
+    value = body.get(name)
+    if not isinstance(value, str) or not value:
+        raise ApiError(400, f"{name}: required, a string", param=name, code="missing_required_parameter")
+    return value
+
+
+def _read_input(request: Request, tenant: str, file_id: str) -> bytes:
+    """The bytes of the tenant's batch input file ``file_id``."""
+    with transaction(request.app.state.backend.ledger) as session:
+        found = get_file(session, tenant, file_id)
+    if found.purpose is not FilePurpose.batch:
+        raise ApiError(400, f"input_file_id: {file_id} is not a file uploaded with purpose 'batch'",
+                       param="input_file_id", code="invalid_value")
+    try:
+        return Path(found.path).read_bytes()
+    except FileNotFoundError:
+        raise NotFound(f"file {file_id} not found") from None
+
+
+@router.post("")
+async def create_batch(request: Request, tenant: str = Depends(tenant_of)) -> Response:
+    settings = request.app.state.settings
+    body = await read_json(request, settings.gateway.max_body_bytes)
+    input_file_id = _required(body, "input_file_id")
+    endpoint = body.get("endpoint")
+    if endpoint not in _ENDPOINTS:
+        raise ApiError(400, f"endpoint: must be one of {', '.join(_ENDPOINTS)}, got {endpoint!r}",
+                       param="endpoint", code="invalid_value")
+    window = _required(body, "completion_window")
+    model, webhook = body.get("model"), body.get("webhook")
+    if model is not None and (not isinstance(model, str) or model not in settings.models):
+        raise ApiError(404, f"The model '{model}' does not exist or you do not have access to it.",
+                       param="model", code="model_not_found")
+    if webhook is not None and not isinstance(webhook, str):
+        raise ApiError(400, "webhook: must be a URL string", param="webhook", code="invalid_value")
+    try:  # before the file is read: a bad argument costs nothing
+        parse_window(window)
+        metadata = check_metadata(body.get("metadata"))
+        expires_after = check_expires_after(body.get("output_expires_after"))
+    except ValidationError as exc:
+        raise _invalid(exc) from None
+    try:
+        data = await asyncio.to_thread(_read_input, request, tenant, input_file_id)
+    except NotFound:
+        raise ApiError.not_found("file", input_file_id, param="input_file_id") from None
+    batches = Batches(settings, tenant)
+
+    def create() -> BatchView:
+        batch = batches.create(
+            data, completion_window=window, endpoint=endpoint, metadata=metadata, model=model,
+            webhook=webhook, input_file_id=input_file_id, output_expires_after=expires_after,
+        )  # fmt: skip
+        return batches.view(batch.id)
+
+    try:
+        view = await asyncio.to_thread(create)
+    except ValidationError as exc:
+        raise _invalid(exc) from None
+    return JSONResponse(batch_json(view))
+
+
+@router.get("")
+async def list_tenant_batches(
+    request: Request,
+    after: str | None = None,
+    limit: int = Query(default=20, ge=1, le=100),
+    tenant: str = Depends(tenant_of),
+) -> Response:
+    batches = Batches(request.app.state.settings, tenant)
+    try:
+        found = await asyncio.to_thread(batches.list_views, limit=limit + 1, after=after)
+    except NotFound:
+        raise ApiError.not_found("batch", after or "", param="after") from None
+    page = found[:limit]
+    return JSONResponse({
+        "object": "list", "data": [batch_json(v) for v in page],
+        "first_id": page[0].batch.id if page else None, "last_id": page[-1].batch.id if page else None,
+        "has_more": len(found) > limit,
+    })  # fmt: skip
+
+
+@router.get("/{batch_id}")
+async def retrieve_batch(request: Request, batch_id: str, tenant: str = Depends(tenant_of)) -> Response:
+    batches = Batches(request.app.state.settings, tenant)
+    try:
+        view = await asyncio.to_thread(batches.view, batch_id)
+    except NotFound:
+        raise ApiError.not_found("batch", batch_id, param="batch_id") from None
+    return JSONResponse(batch_json(view))
+
+
+@router.post("/{batch_id}/cancel")
+async def cancel_batch(request: Request, batch_id: str, tenant: str = Depends(tenant_of)) -> Response:
+    batches = Batches(request.app.state.settings, tenant)
+
+    def cancel() -> BatchView:
+        batches.cancel(batch_id)
+        return batches.view(batch_id)
+
+    try:
+        view = await asyncio.to_thread(cancel)
+    except NotFound:
+        raise ApiError.not_found("batch", batch_id, param="batch_id") from None
+    return JSONResponse(batch_json(view))
