@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
-from tokenmill.config import Settings
+from tokenmill.config import EXAMPLE_CONFIG, Settings
 from tokenmill.ledger.streams import LedgerSink
 
 sys.path.insert(0, str(Path(__file__).parent))  # streams_helpers
@@ -42,8 +42,9 @@ sessions = _ledger.sessions  # type: ignore[attr-defined]
 @pytest.fixture
 def settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Settings:
     """The example config (tenants alpha/beta/gamma; models sim and smollm2)."""
-    for name in ("TOKENMILL_CONFIG", "TOKENMILL_DATABASE_URL", "TOKENMILL_KAFKA_URL"):
+    for name in ("TOKENMILL_DATABASE_URL", "TOKENMILL_KAFKA_URL"):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("TOKENMILL_CONFIG", str(EXAMPLE_CONFIG))  # named: tests set service URLs
     return Settings(home=tmp_path / "home")
 
 
