@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import NotFound, StackError, TokenmillError, ValidationError
+from ..errors import LedgerError, NotFound, StackError, TokenmillError, ValidationError
 from ..logs import get_logger
 from ..producers.bodies import param_of
 from .backend import RateLimited
@@ -106,7 +106,8 @@ def install(app: FastAPI) -> None:
                         headers={"Retry-After": str(int(exc.retry_after + 0.999))}).response()
 
     @app.exception_handler(StackError)
-    async def _stack(request: Request, exc: StackError) -> JSONResponse:
+    @app.exception_handler(LedgerError)
+    async def _stack(request: Request, exc: TokenmillError) -> JSONResponse:
         log.warning("a service behind the gateway failed", path=request.url.path, error=str(exc))
         return ApiError(503, "A service behind the API is unavailable; retry shortly.",
                         headers={"Retry-After": "1"}).response()

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from ..config import Settings
 from ..errors import NotFound, ValidationError
+from ..ledger import batch_file_id
 from ..wire import Batch, BatchStatus, Endpoint, Priority, RequestCounts
 from .batch_files import BatchDir, dumps, read_jsonl, request_record, write_atomic
 from .batch_parser import parse_batch
@@ -75,15 +76,6 @@ def parse_window(window: str) -> float:
             field="completion_window",
         )
     return seconds
-
-
-def batch_webhook_check(settings: Settings, tenant: str, url: str) -> str:
-    """Validate a webhook URL at submission (the delivery checks the address again)."""
-    check_webhook_url(url, settings)
-    t = settings.tenants[tenant]
-    if t.webhook_secret is None:
-        raise ValidationError(f"webhook: tenant {tenant!r} has no webhook_secret to sign with", field="webhook")
-    return url
 
 
 def check_metadata(metadata: Any) -> dict[str, str] | None:
@@ -229,7 +221,7 @@ class Batches:
                                   field="endpoint") from None
         window_s = parse_window(completion_window)
         if webhook is not None:
-            batch_webhook_check(self.settings, self.tenant, webhook)
+            check_webhook_url(webhook, self.settings, self.tenant)
         kept_metadata = check_metadata(metadata)
         expires_after = check_expires_after(output_expires_after)
         data = self._read(file)
@@ -450,12 +442,22 @@ class Batches:
         return list(read_jsonl(out)), list(read_jsonl(err))
 
 
-def batch_data(batch: Batch, *, exclude_none: bool = True) -> dict[str, Any]:
-    """The batch as JSON for people and webhooks (OpenAI's batch object, with paths
-    for file ids), without the wire's schema versions."""
-    data = {"object": "batch"}
-    data.update(batch.model_dump(
-        mode="json", exclude_none=exclude_none,
-        exclude={"schema_version": True, "request_counts": {"schema_version"}},
-    ))
+def batch_data(batch: Batch) -> dict[str, Any]:
+    """The batch for its tenant's webhooks: OpenAI's batch object with file ids — never
+    the server's paths, its tenant name or the webhook URL itself."""
+    b = batch
+    data: dict[str, Any] = {
+        "id": b.id, "object": "batch", "endpoint": b.endpoint.value, "status": b.status.value,
+        "completion_window": b.completion_window, "created_at": int(b.created_at),
+        "expires_at": int(b.expires_at),
+        "request_counts": {"total": b.request_counts.total, "completed": b.request_counts.completed,
+                           "failed": b.request_counts.failed},
+        "output_file_id": batch_file_id(b.id, "output") if b.output_file else None,
+        "error_file_id": batch_file_id(b.id, "error") if b.error_file else None,
+        "metadata": b.metadata,
+    }
+    for name in ("in_progress_at", "finalizing_at", "completed_at", "failed_at", "expired_at",
+                 "cancelling_at", "cancelled_at"):
+        at = getattr(b, name)
+        data[name] = None if at is None else int(at)
     return data

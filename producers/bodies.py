@@ -194,8 +194,8 @@ def _first_problem(errors: list[Any]) -> tuple[tuple[int | str, ...], str]:
         if len(common) < len(first["loc"]):
             kinds = " or ".join(dict.fromkeys(_expected(e) for e in same))
             return tuple(common), f"must be {kinds}, got {_describe(first.get('input'))}"
-    msg = first["msg"]
-    if first["type"] != "missing" and "input" in first:
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] not in ("missing", "value_error") and "input" in first:
         msg += f", got {_describe(first['input'])}"
     return first["loc"], msg
 

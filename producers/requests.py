@@ -41,11 +41,16 @@ def max_tokens_of(body: Mapping[str, Any], default: int) -> int:
     return value
 
 
-def check_webhook_url(url: str, settings: Settings) -> str:
-    """The webhook target policy at submission (:mod:`tokenmill.workers.webhook_targets`)."""
+def check_webhook_url(url: str, settings: Settings, tenant: str) -> str:
+    """A tenant's webhook at submission: the target policy
+    (:mod:`tokenmill.workers.webhook_targets`; the delivery checks the address again),
+    and a secret to sign with — an unsigned delivery would be refused at every attempt."""
     if not isinstance(url, str):
         raise ValidationError(f"webhook: must be a URL string, got {type(url).__name__}", field="webhook")
-    return check_target(url, settings.webhooks)
+    check_target(url, settings.webhooks)
+    if settings.tenants[tenant].webhook_secret is None:
+        raise ValidationError(f"webhook: tenant {tenant!r} has no webhook_secret to sign with", field="webhook")
+    return url
 
 
 def deadline_of(deadline: float | datetime | None, now: float) -> float | None:
@@ -136,7 +141,7 @@ def build_request(
             prompt_tokens_estimate=estimate_prompt_tokens(body),
             submitted_at=now,
             deadline=deadline_of(deadline, now),
-            webhook_url=check_webhook_url(webhook, settings) if webhook else None,
+            webhook_url=check_webhook_url(webhook, settings, tenant) if webhook else None,
             batch_id=batch_id,
             custom_id=custom_id,
         )

@@ -58,3 +58,14 @@ def test_estimate_grows_with_the_prompt(contents: list[str]) -> None:
     small = estimate_prompt_tokens({"messages": msgs})
     bigger = estimate_prompt_tokens({"messages": msgs + [{"role": "user", "content": "x" * 400}]})
     assert 0 < small < bigger
+
+
+def test_a_webhook_needs_a_secret_to_sign_with() -> None:
+    # The example's tenants all have one; a tenant without a secret cannot ask for webhooks.
+    unsigned = S.model_copy(update={"tenants": {
+        **S.tenants, "alpha": S.tenants["alpha"].model_copy(update={"webhook_secret": None})}})
+    ok = build_request(S, tenant="alpha", model="sim", messages=MSG, webhook="http://127.0.0.1:9/hook")
+    assert ok.webhook_url == "http://127.0.0.1:9/hook"
+    with pytest.raises(ValidationError) as caught:
+        build_request(unsigned, tenant="alpha", model="sim", messages=MSG, webhook="http://127.0.0.1:9/hook")
+    assert caught.value.field == "webhook" and "webhook_secret" in str(caught.value)

@@ -68,6 +68,9 @@ def test_flaky_receiver_gets_exactly_one_accepted_signed_delivery(client_env: St
     assert payload["type"] == "batch.completed"
     assert payload["data"]["id"] == b.id and payload["data"]["status"] == "completed"
     assert payload["data"]["request_counts"] == {"total": 3, "completed": 3, "failed": 0}
+    # OpenAI's batch object with file ids: no server path, tenant name or webhook URL.
+    assert payload["data"]["output_file_id"].startswith("file-")
+    assert not {"output_file", "error_file", "input_file", "tenant", "webhook_url"} & set(payload["data"])
     assert delivery(wid) == (DeliveryStatus.delivered, 4, [500, 500, 500, 200])
 
 
