@@ -68,7 +68,9 @@ def flower_command(
         ),
     ] = None,
     show_task_args: Annotated[
-        bool, typer.Option(help="Show task arguments (request bodies, prompts) in Flower.")
+        bool,
+        typer.Option(help="Show task arguments in Flower as task events carry them "
+                          "(a slice's events carry only its size)."),
     ] = False,
 ) -> None:
     """Start Flower for tokenmill's Celery app: basic auth always, loopback by default."""
