@@ -94,19 +94,26 @@ def _chat(i: int, model: str = "bench") -> bytes:
 # -- the bare baseline ------------------------------------------------------------------
 
 
+_BARE_BODY = b'{"object":"chat.completion","choices":[]}'
+
+
+async def _bare_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """A plain ASGI endpoint: reads the body, answers a fixed JSON."""
+    if scope["type"] != "http":
+        return
+    more = True
+    while more:
+        more = (await receive()).get("more_body", False)
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(_BARE_BODY)).encode())]})
+    await send({"type": "http.response.body", "body": _BARE_BODY})
+
+
 def _bare_server(port: int) -> None:
     import uvicorn
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse
 
-    app = FastAPI()
-
-    @app.post("/v1/chat/completions")
-    async def answer(request: Request) -> JSONResponse:
-        await request.body()
-        return JSONResponse({"object": "chat.completion", "choices": []})
-
-    uvicorn.run(app, host="127.0.0.1", port=port, loop="uvloop", http="httptools", log_level="warning",
+    uvicorn.run(_bare_app, host="127.0.0.1", port=port, loop="uvloop", http="httptools", log_level="warning",
                 access_log=False)
 
 

@@ -67,8 +67,10 @@ from .models import (
 )
 from .money import exact, to_minor_unit
 from .requests import (
+    Outcome,
     advance_request,
     get_request,
+    settle_requests,
     unfinished_batch_requests,
     upsert_request,
     upsert_requests,
@@ -122,7 +124,9 @@ __all__ = [
     "WebhookDelivery",
     "active_batches",
     "add_file",
+    "Outcome",
     "advance_request",
+    "settle_requests",
     "batch_file_id",
     "batch_summaries",
     "can_transition",

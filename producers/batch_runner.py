@@ -44,6 +44,7 @@ from redis.exceptions import RedisError
 from .. import kafka, wire
 from ..config import Settings
 from ..errors import NotFound, TokenmillError
+from ..ledger import Outcome, settle_requests
 from ..logs import get_logger
 from ..redis_client import async_redis
 from ..scheduler.service import dispatched_key
@@ -251,8 +252,8 @@ class BatchRunner:
             self._end(batch.id, BatchStatus.failed, None)
             return None
         with transaction(self.factory) as session:  # outcomes recorded in the file only
-            for rid in set(unfinished_batch_requests(session, batch.id)) & set(t.done):
-                _settle(session, rid, t.done[rid], None)
+            pending = set(unfinished_batch_requests(session, batch.id)) & set(t.done)
+            settle_requests(session, [_outcome(rid, t.done[rid], None) for rid in sorted(pending)])
         self.trackers[batch.id] = t
         log.info("tracking batch", batch_id=batch.id, status=batch.status.value,
                  lines=len(t.lines), done=len(t.done))
@@ -390,8 +391,7 @@ class BatchRunner:
             t.done[rid] = status
             t.raw.pop(rid, None)
         with transaction(self.factory) as session:
-            for rid, status, _, result in outcomes:
-                _settle(session, rid, status, result)
+            settle_requests(session, [_outcome(rid, status, result) for rid, status, _, result in outcomes])
             b = lock_batch(session, t.batch_id)
             if not b.status.is_terminal:
                 upsert_batch(session, b.model_copy(update={"request_counts": t.counts()}))
@@ -465,32 +465,16 @@ def _first(item: tuple[int, Any]) -> int:
     return item[0]
 
 
-def _settle(session: Any, rid: str, status: str, result: Result | None) -> None:
-    """Bring a line's ledger state to its outcome (a terminal state set first by
-    someone else stands)."""
-    from ..ledger import IllegalTransition, advance_request
-
-    target = _STATE_OF[status]
-    kwargs: dict[str, Any] = {}
-    if result is not None:
-        kwargs["at"] = datetime.fromtimestamp(result.finished_at, UTC)
-        if result.error is not None:
-            kwargs["error"] = f"{result.error.code}: {result.error.message}"
-        if result.usage is not None:
-            kwargs.update(prompt_tokens=result.usage.prompt_tokens,
-                          completion_tokens=result.usage.completion_tokens)
-    try:
-        advance_request(session, rid, target, **kwargs)
-    except NotFound:
-        pass
-    except IllegalTransition as exc:
-        if exc.from_state.is_terminal:
-            return
-        # FINISHED needs a dispatch first; a running request cannot "expire".
-        step = RequestState.DISPATCHED if target is RequestState.FINISHED else RequestState.CANCELLED
-        advance_request(session, rid, step, at=kwargs.get("at"))
-        if step is RequestState.DISPATCHED:
-            advance_request(session, rid, target, **kwargs)
+def _outcome(rid: str, status: str, result: Result | None) -> Outcome:
+    """A line's end for the ledger (:func:`~tokenmill.ledger.settle_requests`)."""
+    if result is None:
+        return Outcome(rid, _STATE_OF[status])
+    return Outcome(
+        rid, _STATE_OF[status], at=datetime.fromtimestamp(result.finished_at, UTC),
+        error=None if result.error is None else f"{result.error.code}: {result.error.message}",
+        prompt_tokens=result.usage.prompt_tokens if result.usage else None,
+        completion_tokens=result.usage.completion_tokens if result.usage else None,
+    )
 
 
 async def serve(settings: Settings, endpoints: Endpoints, stop: asyncio.Event | None = None) -> None:

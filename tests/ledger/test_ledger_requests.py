@@ -13,10 +13,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from tokenmill.ledger import (
     TRANSITIONS,
     IllegalTransition,
+    Outcome,
     advance_request,
     can_transition,
     check_transition,
     get_request,
+    settle_requests,
     transaction,
     upsert_request,
 )
@@ -153,3 +155,48 @@ def test_database_agrees_with_the_table(
             expected = target
         with transaction(sessions) as s:
             assert get_request(s, "alpha", req.id).state is expected
+
+
+PATHS = {  # how a request reaches each state before its outcome is settled
+    S.QUEUED: [], S.DISPATCHED: [S.DISPATCHED], S.RUNNING: [S.DISPATCHED, S.RUNNING],
+    S.FINISHED: [S.DISPATCHED, S.FINISHED], S.FAILED: [S.FAILED], S.CANCELLED: [S.CANCELLED],
+    S.EXPIRED: [S.EXPIRED],
+}
+ENDS = [S.FINISHED, S.FAILED, S.CANCELLED, S.EXPIRED]
+
+
+def test_bulk_settle_agrees_with_advancing_one_by_one(sessions: sessionmaker[Session]) -> None:
+    # Every (state now, outcome) pair, settled in bulk and through the lifecycle one step
+    # at a time as the batch runner used to: the rows must end the same.
+    pairs = list(itertools.product(PATHS, ENDS))
+    bulk, single = [], []
+    with transaction(sessions) as s:
+        for state, _ in pairs * 2:
+            req = _request()
+            upsert_request(s, req)
+            for step in PATHS[state]:
+                advance_request(s, req.id, step, at=T0)
+            (bulk if len(bulk) < len(pairs) else single).append(req.id)
+    at = T0 + timedelta(seconds=5)
+    outcomes = [Outcome(rid, end, at=at, error="e" if end is S.FAILED else None, prompt_tokens=3,
+                        completion_tokens=4) for rid, (_, end) in zip(bulk, pairs)]
+    with transaction(sessions) as s:
+        settle_requests(s, outcomes + [Outcome("req_missing", S.FINISHED)])
+    with transaction(sessions) as s:
+        for rid, (_, end) in zip(single, pairs):
+            try:
+                advance_request(s, rid, end, at=at, error="e" if end is S.FAILED else None,
+                                prompt_tokens=3, completion_tokens=4)
+            except IllegalTransition as exc:
+                if exc.from_state.is_terminal:
+                    continue
+                step = S.DISPATCHED if end is S.FINISHED else S.CANCELLED
+                advance_request(s, rid, step, at=at)
+                if step is S.DISPATCHED:
+                    advance_request(s, rid, end, at=at, prompt_tokens=3, completion_tokens=4)
+    fields = ("state", "dispatched_at", "finished_at", "attempts", "prompt_tokens", "completion_tokens",
+              "error")
+    with transaction(sessions) as s:
+        for a, b, pair in zip(bulk, single, pairs):
+            ra, rb = get_request(s, "alpha", a), get_request(s, "alpha", b)
+            assert [getattr(ra, f) for f in fields] == [getattr(rb, f) for f in fields], pair
