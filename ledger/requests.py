@@ -16,7 +16,7 @@ from .errors import translated
 from .models import RequestRow
 from .state_machine import can_transition, check_transition
 from .types import utc, utcnow
-from .upsert import dialect_insert, insert_ignore
+from .upsert import insert_ignore, insert_ignore_many
 
 
 @translated
@@ -48,38 +48,28 @@ def upsert_request(session: Session, request: InferenceRequest) -> bool:
 
 
 @translated
-def upsert_requests(
-    session: Session, requests: Sequence[InferenceRequest], *, chunk: int = 500
-) -> int:
-    """:func:`upsert_request` for many requests, a few statements in all (batch files).
+def upsert_requests(session: Session, requests: Sequence[InferenceRequest]) -> int:
+    """:func:`upsert_request` for many requests (batch files): multi-row inserts sent
+    straight to the driver (:func:`~.upsert.insert_ignore_many`), in id order.
 
     Returns:
         How many were new.
     """
-    new = 0
-    for start in range(0, len(requests), chunk):
-        values = [
-            {
-                "id": r.id,
-                "tenant": r.tenant,
-                "model": r.model,
-                "priority": r.priority,
-                "state": RequestState.QUEUED,
-                "batch_id": r.batch_id,
-                "custom_id": r.custom_id,
-                "submitted_at": utc(r.submitted_at),
-                "attempts": 0,
-            }
-            for r in requests[start : start + chunk]
-        ]
-        stmt = (
-            dialect_insert(session, RequestRow)
-            .values(values)
-            .on_conflict_do_nothing(index_elements=["id"])
-            .execution_options(preserve_rowcount=True)
-        )
-        new += max(0, session.execute(stmt).rowcount)  # type: ignore[attr-defined]
-    return new
+    rows = [
+        {
+            "id": r.id,
+            "tenant": r.tenant,
+            "model": r.model,
+            "priority": r.priority,
+            "state": RequestState.QUEUED,
+            "batch_id": r.batch_id,
+            "custom_id": r.custom_id,
+            "submitted_at": utc(r.submitted_at),
+            "attempts": 0,
+        }
+        for r in sorted({r.id: r for r in requests}.values(), key=lambda r: r.id)
+    ]
+    return len(insert_ignore_many(session, RequestRow, rows, ["id"], "id"))
 
 
 @translated
