@@ -14,7 +14,7 @@ trusted direct-Kafka path and a bare uvicorn endpoint, on one fresh local stack.
 * ``batch_lines_per_s``: batch lines/s through the Files and Batches API (upload,
   create, run, completed; output downloaded).
 
-    python bench/gateway.py [--requests 20000] [--connections 256] [--lines 20000]
+    python bench/gateway.py [--requests 20000] [--connections 512] [--lines 20000]
 
 The load generator writes HTTP/1.1 by hand on asyncio streams so that the client costs
 little of the machine's two cores. Ends with one JSON line of the figures.
@@ -210,7 +210,7 @@ def batch_lines(url: str, lines: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=20_000)
-    ap.add_argument("--connections", type=int, default=256)
+    ap.add_argument("--connections", type=int, default=512)
     ap.add_argument("--lines", type=int, default=20_000)
     ap.add_argument("--latency-requests", type=int, default=200)
     args = ap.parse_args()

@@ -197,14 +197,25 @@ class BatchRunner:
                     log.exception("batch runner poll crashed; retrying")
                     busy = False
                 interval = self.poll_s if busy else min(self.max_poll_s, interval * 2)
-                try:
-                    await asyncio.wait_for(stop.wait(), interval)
-                except TimeoutError:
-                    pass
+                if busy:
+                    try:
+                        await asyncio.wait_for(stop.wait(), interval)
+                    except TimeoutError:
+                        pass
+                elif await self._woken(interval):
+                    interval = self.poll_s
         finally:
             await self.producer.stop()
             await self.redis.aclose()
             log.info("batch runner stopped")
+
+    async def _woken(self, timeout: float) -> bool:
+        """Idle: block until the gateway announces a new batch (True) or ``timeout``."""
+        try:
+            return await self.redis.blpop([keys.BATCH_WAKE], timeout=timeout) is not None
+        except RedisError:
+            await asyncio.sleep(timeout)
+            return False
 
     async def tick(self) -> bool:
         """One poll over every active batch; True if anything happened."""

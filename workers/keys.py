@@ -48,6 +48,8 @@ def cancel(request_id: str) -> str:
 
 #: bumped by every cancel request, so workers poll one key until some cancel is asked
 CANCEL_EPOCH = f"{PREFIX}cancel-epoch"
+#: a list the gateway pushes a new batch's id on; an idle batch runner blocks on it
+BATCH_WAKE = f"{PREFIX}batch-runner:wake"
 
 
 def lease(request_id: str) -> str:
