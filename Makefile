@@ -60,6 +60,7 @@ bench: setup
 	$(PY) bench/engine_efficiency.py
 	$(PY) bench/streams.py
 	$(PY) bench/pipeline.py
+	$(PY) bench/gateway.py
 
 down:
 	-$(BIN)/tokenmill down

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from tokenmill import kafka
+from tokenmill.config import EXAMPLE_CONFIG
 from tokenmill.stack import processes
 from tokenmill.wire import SCHEMA_VERSION
 
@@ -202,6 +203,8 @@ def worker_env(*, home: Path, bootstrap: str, database_url: str, app_id: str, to
     """Environment of a worker isolated by its home, group, topics and database."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENMILL_")}
     env.update(
+        # named: with service URLs set, nothing falls back to the example config silently
+        TOKENMILL_CONFIG=str(EXAMPLE_CONFIG),
         TOKENMILL_HOME=str(home), TOKENMILL_KAFKA_URL=bootstrap,
         TOKENMILL_REDIS_URL="redis://127.0.0.1:9/0",  # unused by the stream processors
         TOKENMILL_DATABASE_URL=database_url, TOKENMILL_STREAMS__APP_ID=app_id,
