@@ -69,6 +69,9 @@ def _free(port: int) -> bool:
     if port == 0:
         return False
     with socket.socket() as s:
+        # As uvicorn binds: connections of a gateway that just stopped linger in
+        # TIME_WAIT on this port, and without SO_REUSEADDR they would make it look taken.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
