@@ -34,9 +34,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pipeline import LocalStack, e2e_throughput, pct  # noqa: E402
+from pipeline import LocalStack, e2e_throughput, pct
 
-from tokenmill import loops  # noqa: E402
+from tokenmill import loops
 
 KEY = "tm-alpha-demo-key"
 

@@ -25,7 +25,7 @@ from .backend import Backend
 from .errors import ApiError
 from .http import deadline_header, priority_of, read_json
 
-__all__ = ["router", "result_error"]
+__all__ = ["result_error", "router"]
 
 router = APIRouter()
 

@@ -145,8 +145,10 @@ def repair_tail(path: Path) -> None:
         return
 
 
-def request_record(line: int, request: InferenceRequest) -> dict[str, Any]:
-    return {"line": line, "request": request.model_dump(mode="json", exclude_none=True)}
+def request_line(line: int, request: InferenceRequest) -> bytes:
+    """A ``requests.jsonl`` line, ``{"line": N, "request": <wire request>}``, with the
+    request serialized once by its own (compiled) serializer."""
+    return b'{"line":%d,"request":%s}\n' % (line, request.to_bytes())
 
 
 def outcome_entry(

@@ -43,7 +43,7 @@ from redis.exceptions import RedisError
 
 from .. import kafka, wire
 from ..config import Settings
-from ..errors import NotFound, TokenmillError
+from ..errors import TokenmillError
 from ..ledger import Outcome, settle_requests
 from ..logs import get_logger
 from ..redis_client import async_redis

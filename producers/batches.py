@@ -32,7 +32,7 @@ from ..config import Settings
 from ..errors import NotFound, ValidationError
 from ..ledger import batch_file_id
 from ..wire import Batch, BatchStatus, Endpoint, Priority, RequestCounts
-from .batch_files import BatchDir, dumps, read_jsonl, request_record, write_atomic
+from .batch_files import BatchDir, dumps, read_jsonl, request_line, write_atomic
 from .batch_parser import parse_batch
 from .requests import check_webhook_url
 
@@ -236,7 +236,7 @@ class Batches:
         d = self._dir(batch_id)
         try:
             write_atomic(d.input, [data])
-            write_atomic(d.requests, (dumps(request_record(a.line, a.request)) for a in parsed.accepted))
+            write_atomic(d.requests, (request_line(a.line, a.request) for a in parsed.accepted))
             invalid = [e.entry(batch_id) for e in parsed.errors]
             write_atomic(d.invalid, (dumps(e) for e in invalid))
             failed = not parsed.accepted

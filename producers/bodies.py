@@ -11,6 +11,7 @@ OpenAI does: a parameter the engine would silently ignore is an error, not a sur
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
@@ -130,32 +131,54 @@ def check_json_value(value: Any, where: str = "") -> None:
     than :data:`MAX_DEPTH`, and strings that are not valid Unicode (lone surrogates,
     which ``json.loads`` lets through from ``\\ud800`` escapes).
 
+    Every line of a batch passes here, so the walk keeps only a parent link per node
+    and spells a path out only for the error; ASCII strings (most) need no encoding.
+
     Raises:
         ValidationError: naming the place.
     """
-    stack: list[tuple[Any, str, int]] = [(value, where, 0)]
+    Node = tuple[Any, Any, "int | str | None", int]  # value, parent node, step from it, depth
+    stack: list[Node] = [(value, None, None, 0)]
     while stack:
-        item, at, depth = stack.pop()
-        if isinstance(item, str):
-            try:
-                item.encode("utf-8")
-            except UnicodeEncodeError:
-                raise ValidationError(
-                    f"{at or 'body'}: not valid Unicode (a lone surrogate)", field=at or None
-                ) from None
-        elif isinstance(item, (dict, list)):
+        node = stack.pop()
+        item, _, _, depth = node
+        kind = type(item)
+        if kind is str:
+            if not item.isascii() and not _valid_unicode(item):
+                at = _path(node, where)
+                raise ValidationError(f"{at or 'body'}: not valid Unicode (a lone surrogate)", field=at or None)
+        elif kind is dict or kind is list:
             if depth >= MAX_DEPTH:
-                top = at.split(".", 1)[0].split("[", 1)[0]  # the field, not a 32-step path
-                raise ValidationError(
-                    f"{top or 'body'}: nested deeper than {MAX_DEPTH} levels", field=top or None
-                )
-            if isinstance(item, dict):
+                top = re.split(r"[.\[]", _path(node, where), maxsplit=1)[0]  # the field, not 32 steps
+                raise ValidationError(f"{top or 'body'}: nested deeper than {MAX_DEPTH} levels", field=top or None)
+            if kind is dict:
                 for k, v in item.items():
-                    if isinstance(k, str):
-                        stack.append((k, at, depth + 1))
-                    stack.append((v, f"{at}.{k}" if at else str(k), depth + 1))
+                    if type(k) is str and not k.isascii() and not _valid_unicode(k):
+                        at = _path(node, where)
+                        raise ValidationError(f"{at or 'body'}: a key is not valid Unicode (a lone surrogate)",
+                                              field=at or None)
+                    stack.append((v, node, k, depth + 1))
             else:
-                stack.extend((v, f"{at}[{i}]", depth + 1) for i, v in enumerate(item))
+                stack.extend((v, node, i, depth + 1) for i, v in enumerate(item))
+
+
+def _valid_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _path(node: Any, where: str) -> str:
+    steps: list[int | str] = []
+    while node is not None and node[1] is not None:
+        steps.append(node[2])
+        node = node[1]
+    out = where
+    for step in reversed(steps):
+        out += f"[{step}]" if isinstance(step, int) else (f".{step}" if out else str(step))
+    return out
 
 
 def validate_body(body: Mapping[str, Any], endpoint: Endpoint) -> None:

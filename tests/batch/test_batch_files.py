@@ -14,7 +14,7 @@ from tokenmill.producers.batch_files import (
     append_lines,
     dumps,
     outcome_entry,
-    request_record,
+    request_line,
     write_atomic,
 )
 from tokenmill.producers.batch_parser import LineError, LineErrorCode, entry_id
@@ -62,7 +62,7 @@ def test_recovery_from_a_torn_and_repeated_results_file(tmp_path: Path) -> None:
     reqs = [InferenceRequest(id=batch_request_id(BID, c), tenant="alpha", model="sim", max_tokens=1,
                              prompt_tokens_estimate=1, body={"prompt": "x"}, endpoint=Endpoint.completions,
                              batch_id=BID, custom_id=c) for c in ("a", "b", "c")]
-    write_atomic(d.requests, (dumps(request_record(i + 2, r)) for i, r in enumerate(reqs)))
+    write_atomic(d.requests, (request_line(i + 2, r) for i, r in enumerate(reqs)))
     write_atomic(d.invalid, [dumps(LineError(1, LineErrorCode.invalid_json, "bad").entry(BID))])
 
     def rec(cid: str, line: int, status: str = "succeeded") -> dict:

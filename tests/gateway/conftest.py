@@ -12,7 +12,7 @@ import openai
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "batch"))
-from batch_stack import Stack, running_stack, stack_config  # noqa: E402
+from batch_stack import Stack, running_stack, stack_config
 
 #: the example config's demo keys
 KEYS = {"alpha": "tm-alpha-demo-key", "beta": "tm-beta-demo-key", "gamma": "tm-gamma-demo-key"}

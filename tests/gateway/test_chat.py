@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import httpx
 import openai
+from batch_stack import wait_for
 from openai.types import Completion, Model
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
-
-from batch_stack import wait_for
 
 
 def _complete_fields(obj: object, where: str = "") -> None:

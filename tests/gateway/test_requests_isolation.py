@@ -9,6 +9,15 @@ from batch_stack import wait_for
 CHAT = {"model": "slowsim", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 200}
 
 
+def _ended(client, rid: str) -> dict:
+    """The request's result once it has one (each call long-polls up to 5 s)."""
+    def check() -> dict | None:
+        got = client.get(f"/v1/tokenmill/requests/{rid}?wait=5").json()
+        return got if got["status"] != "pending" else None
+
+    return wait_for(f"request {rid} ends", check, timeout=30)
+
+
 def _submit(client, **extra) -> str:
     r = client.post("/v1/tokenmill/requests", json={"endpoint": "/v1/chat/completions", "body": CHAT, **extra})
     assert r.status_code == 202, r.text
@@ -29,9 +38,7 @@ def test_another_tenants_request_is_not_found_for_every_verb(http) -> None:
             err = r.json()["error"]
             assert err["code"] == "request_not_found" and err["message"] == f"No such request: '{target}'"
     # beta's cancel attempt reached nothing: alpha's request runs to its end.
-    done = wait_for("alpha's request ends", lambda: (
-        lambda g: g if g["status"] != "pending" else None)(alpha.get(f"/v1/tokenmill/requests/{rid}?wait=5").json()),
-        timeout=30)
+    done = _ended(alpha, rid)
     assert done["status"] == "succeeded" and done["tenant"] == "alpha"
 
 
@@ -40,9 +47,7 @@ def test_the_owner_can_stream_and_cancel(http) -> None:
     rid = _submit(alpha)
     r = alpha.post(f"/v1/tokenmill/requests/{rid}/cancel")
     assert r.status_code == 200 and r.json()["status"] == "cancelling"
-    got = wait_for("the cancel lands", lambda: (
-        lambda g: g if g["status"] != "pending" else None)(alpha.get(f"/v1/tokenmill/requests/{rid}?wait=5").json()),
-        timeout=30)
+    got = _ended(alpha, rid)
     assert got["status"] == "cancelled"
 
 
