@@ -81,8 +81,14 @@ def test_python_client_example(home: Path) -> None:
 def test_command_line_example(home: Path) -> None:
     # Last: the block ends with `tokenmill down` (the fixture's down is then a no-op).
     [script] = runnable_sh()
+    before = set(ROOT.iterdir())
     run = subprocess.run(["bash", "-e", "-c", script], cwd=ROOT, env={**_env(home), "COLUMNS": "200"},
                          capture_output=True, text=True, timeout=300, check=False)
+    # `batch submit --wait` writes the batch's output and error files where it runs.
+    written = set(ROOT.iterdir()) - before
+    for path in written:
+        path.unlink()
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert sorted(p.name.split("_", 2)[-1] for p in written) == ["errors.jsonl", "output.jsonl"]
     assert "completed" in run.stdout + run.stderr
     assert not (home / "stack.json").exists()

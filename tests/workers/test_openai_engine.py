@@ -20,7 +20,15 @@ from tokenmill.workers.engines.openai_remote import OpenAIRemoteEngine, RemoteAr
 from tokenmill.workers.events import MemorySink
 from tokenmill.workers.host import EngineHost
 from tokenmill.workers.results import wait_result
-from workers_helpers import VLLM_ENV, chat_request, completion_request, dispatches, kinds, wait_for
+from workers_helpers import (
+    VLLM_ENV,
+    chat_request,
+    completion_request,
+    dispatches,
+    kinds,
+    require_vllm,
+    wait_for,
+)
 
 from tokenmill.stack import processes
 from tokenmill.wire import EventKind
@@ -171,7 +179,7 @@ def test_failures_are_reported_with_the_reason(
 
 @pytest.fixture(scope="module")
 def vllm_server(tiny_model: Path, vllm_state: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    pytest.importorskip("vllm")
+    require_vllm()
     port = processes.free_port()
     log = tmp_path_factory.mktemp("vllm-serve") / "serve.log"
     argv = [

@@ -21,6 +21,7 @@ from workers_helpers import (
     collect_events,
     completion_request,
     dispatches,
+    require_vllm,
     wait_for,
     write_config,
 )
@@ -57,7 +58,7 @@ def vllm_worker(
     tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, vllm_state: Path,
     redis_url: str, kafka_bootstrap: str,
 ) -> Iterator[tuple[WorkerProcess, dict]]:
-    pytest.importorskip("vllm")
+    require_vllm()
     root = tmp_path_factory.mktemp("vllm-worker")
     worker = start_worker(root, tiny_model, vllm_state, redis_url, kafka_bootstrap, max_in_flight=16)
     try:

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis
 from tokenmill.workers.heartbeat import live_workers
 from tokenmill.workers.tiny_model import OFFLINE_CPU_ENV
@@ -229,3 +230,13 @@ def collect_events(
 
 def kinds(events: list[TokenEvent], request_id: str) -> list[EventKind]:
     return [e.kind for e in sorted((e for e in events if e.request_id == request_id), key=lambda e: (e.attempt, e.seq))]
+
+
+def require_vllm() -> None:
+    """vLLM must be importable: outside CI a missing one skips, in CI (``CI`` set) it fails."""
+    try:
+        import vllm  # noqa: F401
+    except ImportError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"vLLM is missing in CI: {exc}")
+        pytest.skip(f"vLLM is not installed: {exc}")
