@@ -152,19 +152,7 @@ class Backend:
         if per_min is not None and replies[0] > per_min:
             # The owner keys of refused ids expire unused: the caller never learns them.
             raise RateLimited(max(1.0, (window + 1) * _WINDOW_S - now))
-        if len(requests) == 1:
-            req = requests[0]
-            try:
-                await self.producer.send_and_wait(req.priority.topic, req.to_bytes(), key=req.tenant.encode())
-            except KafkaError as exc:
-                raise StackError(f"Kafka: request not accepted: {exc!r}") from exc
-            return
-        records = [(r.priority.topic, r.tenant.encode(), r.to_bytes()) for r in requests]
-        futures = await kafka.send_batched(self.producer, records)
-        try:
-            await asyncio.gather(*set(futures))
-        except KafkaError as exc:
-            raise StackError(f"Kafka: requests not accepted: {exc!r}") from exc
+        await kafka.publish(self.producer, [(r.priority.topic, r.tenant.encode(), r.to_bytes()) for r in requests])
 
     async def owns(self, tenant: str, request_id: str) -> bool:
         """Whether ``request_id`` was accepted for ``tenant``."""

@@ -113,7 +113,6 @@ async def _disconnected(request: Request) -> None:
 
 _STATUS_OF_CODE = {
     "budget_exceeded": (429, "insufficient_quota", "insufficient_quota"),
-    "rate_limited": (429, "rate_limit_exceeded", "rate_limit_error"),
     "deadline_expired": (408, "deadline_expired", "timeout_error"),
     "invalid_request": (400, "invalid_request", "invalid_request_error"),
     "cancelled": (499, "cancelled", "invalid_request_error"),

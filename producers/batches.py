@@ -23,7 +23,7 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -383,63 +383,6 @@ class Batches:
                 )
                 upsert_batch(session, batch)
             return batch
-
-    def wait(
-        self,
-        batch_id: str,
-        *,
-        timeout: float | None = None,
-        poll_s: float = 0.5,
-        on_progress: Callable[[Batch], None] | None = None,
-    ) -> Batch:
-        """Block until the batch ends; ``on_progress`` sees every poll.
-
-        Raises:
-            TimeoutError: not ended within ``timeout`` seconds.
-        """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            batch = self.retrieve(batch_id)
-            if on_progress is not None:
-                on_progress(batch)
-            if batch.status.is_terminal:
-                return batch
-            if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError(f"batch {batch_id} is still {batch.status.value} after {timeout:g}s")
-            time.sleep(poll_s)
-
-    def download(
-        self, batch_id: str, *, output: str | Path | None = None, errors: str | Path | None = None
-    ) -> tuple[Path, Path]:
-        """Copy an ended batch's output and error files to ``output`` / ``errors``
-        (default: leave them where they are); returns where they are.
-
-        Raises:
-            NotFound: no such batch for this tenant.
-            ValidationError: the batch has not ended yet.
-        """
-        batch = self.retrieve(batch_id)
-        if not batch.status.is_terminal or not batch.output_file or not batch.error_file:
-            raise ValidationError(
-                f"batch {batch_id} is {batch.status.value}: its files are written when it ends",
-                field="batch_id",
-            )
-        found = []
-        for src, dst in ((batch.output_file, output), (batch.error_file, errors)):
-            if dst is None:
-                found.append(Path(src))
-            else:
-                Path(dst).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(src, dst)
-                found.append(Path(dst))
-        return found[0], found[1]
-
-    def results(
-        self, batch_id: str
-    ) -> tuple[builtins.list[dict[str, Any]], builtins.list[dict[str, Any]]]:
-        """An ended batch's output and error entries, in input order."""
-        out, err = self.download(batch_id)
-        return list(read_jsonl(out)), list(read_jsonl(err))
 
 
 def batch_data(batch: Batch) -> dict[str, Any]:

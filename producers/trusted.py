@@ -14,15 +14,12 @@ has acknowledged it (``acks=all``). Results come back through Redis.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterable
 from typing import Any
 
-from aiokafka.errors import KafkaError
-
 from .. import kafka, wire
 from ..config import Settings, load_settings
-from ..errors import StackError, ValidationError
+from ..errors import ValidationError
 from ..redis_client import async_redis
 from ..stack import endpoints
 from .client import RequestTimeout
@@ -102,12 +99,7 @@ class TrustedProducer:
         for req in reqs:
             if req.tenant != self.tenant:
                 raise ValidationError(f"tenant: request {req.id} is for another tenant", field="tenant")
-        records = [(req.priority.topic, req.tenant.encode(), req.to_bytes()) for req in reqs]
-        futures = await kafka.send_batched(self._producer, records)
-        try:
-            await asyncio.gather(*set(futures))
-        except KafkaError as exc:
-            raise StackError(f"Kafka: requests not accepted: {exc!r}") from exc
+        await kafka.publish(self._producer, [(r.priority.topic, r.tenant.encode(), r.to_bytes()) for r in reqs])
         return [req.id for req in reqs]
 
     async def result(self, request_id: str, timeout: float = 600.0) -> wire.Result:

@@ -140,6 +140,24 @@ async def send_batched(
     return [delivered[id(batch)] for batch in batch_of]
 
 
+async def publish(producer: AIOKafkaProducer, records: Sequence[tuple[str, bytes, bytes]]) -> None:
+    """Send ``(topic, key, value)`` records and return once the broker acknowledged all
+    (one record: a plain send; more: :func:`send_batched`).
+
+    Raises:
+        StackError: Kafka did not take them.
+    """
+    try:
+        if len(records) == 1:
+            topic, key, value = records[0]
+            await producer.send_and_wait(topic, value, key=key)
+            return
+        futures = await send_batched(producer, records)
+        await asyncio.gather(*set(futures))
+    except KafkaError as exc:
+        raise StackError(f"Kafka: requests not accepted: {exc!r}") from exc
+
+
 def consumer(bootstrap: str, *topics: str, group_id: str | None, **overrides: Any) -> AIOKafkaConsumer:
     opts = {**CONSUMER_DEFAULTS, **overrides}
     return AIOKafkaConsumer(*topics, bootstrap_servers=normalize_bootstrap(bootstrap), group_id=group_id, **opts)
