@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import httpx
 import pytest
 import redis
+from batch_stack import wait_for
 from tokenmill.config import EXAMPLE_CONFIG, load_settings
 from tokenmill.config.models import WebhookSettings
 from tokenmill.ledger import (
@@ -23,10 +24,11 @@ from tokenmill.ledger import (
     shared_factory,
     transaction,
 )
-from tokenmill.workers import keys
+from tokenmill.workers.webhook_attempt import RECORD_RESERVE_S, Deliverer, lock_name
+from tokenmill.workers.webhook_events import enqueue_event, webhook_id_for
+from tokenmill.workers.webhook_post import Poster
 from tokenmill.workers.webhook_signing import verify
 from tokenmill.workers.webhook_targets import PinnedTarget, pin_target
-from tokenmill.workers.webhooks import Deliverer, enqueue_event, webhook_id_for
 
 
 @pytest.fixture
@@ -57,7 +59,7 @@ def deliverer(tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch, *
         webhooks=WebhookSettings(allow_loopback=allow, max_attempts=3, backoff_base_s=0.01, timeout_s=2),
     )
     return Deliverer(settings, shared_factory(settings.ledger_url), redis.Redis.from_url(redis_url),
-                     httpx.Client(timeout=2))
+                     Poster(settings.webhooks))
 
 
 def enqueue(d: Deliverer, url: str, key: str) -> str:
@@ -75,9 +77,9 @@ def test_delivered_once_even_when_the_task_runs_twice(tmp_path, redis_url, monke
         leased = lease_due_webhooks(s, datetime.now(UTC), lease_s=60)
     assert leased == [(wid, 0)]
     # Another copy is attempting it right now: this one does nothing.
-    d.redis.set(keys.PREFIX + "webhook-lock:" + wid, b"other", ex=30)
+    d.redis.set(lock_name(wid), b"other", ex=30)
     assert d.deliver(wid, 1) is None and got == []
-    d.redis.delete(keys.PREFIX + "webhook-lock:" + wid)
+    d.redis.delete(lock_name(wid))
     assert d.deliver(wid, 1) == "delivered"
     assert d.deliver(wid, 1) is None  # a copy sent again after the attempt
     assert len(got) == 1
@@ -86,6 +88,30 @@ def test_delivered_once_even_when_the_task_runs_twice(tmp_path, redis_url, monke
     with transaction(d.factory) as s:
         row = get_webhook(s, wid)
         assert (row.status, row.attempts, row.last_status_code) == (DeliveryStatus.delivered, 1, 204)
+
+
+def test_the_lock_outlives_a_hanging_post_and_is_released_after_it(tmp_path, redis_url, monkeypatch, receiver) -> None:
+    d = deliverer(tmp_path, redis_url, monkeypatch, allow=True)
+    deadline_s = d.settings.webhooks.timeout_s
+    wid = enqueue(d, receiver.url + "/hang/lock", "k7")
+    outcome: list[str | None] = []
+    first = threading.Thread(target=lambda: outcome.append(d.deliver(wid, 1)))
+    first.start()
+    [post] = wait_for("the POST in flight", lambda: receiver.on("/hang/lock"), timeout=10)
+    # While it hangs, the lock outlives whatever is left of the POST's deadline by a
+    # margin, and another copy of the task neither posts nor waits.
+    left_ms = d.redis.pttl(lock_name(wid))
+    in_flight_s = time.monotonic() - post.started
+    assert left_ms > (deadline_s - in_flight_s + RECORD_RESERVE_S - 0.5) * 1000, left_ms
+    assert d.deliver(wid, 1) is None
+    first.join(timeout=deadline_s + 5)
+    assert outcome == ["pending"] and len(receiver.on("/hang/lock")) == 1
+    assert post.hung_up and post.ended is not None and post.ended - post.started < deadline_s + 0.5
+    assert d.redis.exists(lock_name(wid)) == 0  # released, not left to expire
+    with transaction(d.factory) as s:
+        row = get_webhook(s, wid)
+        assert (row.status, row.attempts) == (DeliveryStatus.pending, 1)
+        assert (row.last_error or "").startswith("Timeout")
 
 
 def test_loopback_target_refused_when_not_allowed(tmp_path, redis_url, monkeypatch, hits) -> None:
@@ -123,7 +149,7 @@ def test_posts_to_the_checked_address_with_the_name_as_host(tmp_path, redis_url,
     url, got = hits
     port = url.split(":")[2].split("/")[0]
     d = deliverer(tmp_path, redis_url, monkeypatch, allow=True)
-    d.resolve = answers({"hooks.test": ["127.0.0.1"]})
+    d.poster.resolve = answers({"hooks.test": ["127.0.0.1"]})
     wid = enqueue(d, f"http://hooks.test:{port}/hook", "k4")
     assert d.deliver(wid, 1) == "delivered"
     assert [{k.lower(): v for k, v in h.items()}["host"] for h in got] == [f"hooks.test:{port}"]
@@ -133,7 +159,7 @@ def test_a_name_resolving_to_a_refused_address_is_dead_at_once(tmp_path, redis_u
     url, got = hits
     port = url.split(":")[2].split("/")[0]
     d = deliverer(tmp_path, redis_url, monkeypatch, allow=False)
-    d.resolve = answers({"hooks.test": ["93.184.216.34", "127.0.0.1"]})
+    d.poster.resolve = answers({"hooks.test": ["93.184.216.34", "127.0.0.1"]})
     wid = enqueue(d, f"http://hooks.test:{port}/hook", "k5")
     assert d.deliver(wid, 1) == "dead" and got == []
     with transaction(d.factory) as s:
@@ -146,7 +172,7 @@ def test_a_name_that_does_not_resolve_is_retried(tmp_path, redis_url, monkeypatc
     def unknown(host: str, port: int, **_: object) -> list[tuple[object, ...]]:
         raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
 
-    d.resolve = unknown
+    d.poster.resolve = unknown
     wid = enqueue(d, "https://not-yet.test/hook", "k6")
     assert [d.deliver(wid, n) for n in (1, 2, 3)] == ["pending", "pending", "dead"]  # dead only at max_attempts
     with transaction(d.factory) as s:
