@@ -5,12 +5,24 @@ The gateway records the tenant it accepted each request for (``tokenmill:owner:<
 before publishing it, so a stream or cancel of an id is checked against its owner even
 before it has a result; a result carries its tenant too. Another tenant's id answers
 exactly as an unknown one does.
+
+A caller waiting on a lost service hears about it within seconds, as
+:class:`~tokenmill.stack.errors.ServiceUnavailable` naming it (503): Redis — the
+:class:`ResultWaiter` fails every wait once Redis has been unreachable for a few
+seconds; Kafka — when the broker comes back without the request topics (an embedded
+broker restarted empty) or, for the embedded broker (which keeps its data in memory
+only), stops answering for :data:`BROKER_LOST_S`, the requests waited for that no
+scheduler has dispatched yet (no dispatched mark in Redis) are lost with it and their
+waits fail; dispatched ones run on and keep waiting. A configured (durable) Kafka that
+is unreachable for a while loses nothing, so its callers keep waiting: failing them
+would invite a second submission of work that still runs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -21,9 +33,11 @@ from sqlalchemy import text
 from .. import kafka, wire
 from ..config import Settings
 from ..errors import StackError
+from ..logs import get_logger
 from ..producers.waiter import ResultWaiter
 from ..redis_client import async_redis
 from ..stack import Endpoints
+from ..stack.errors import ServiceUnavailable
 from ..workers import keys
 from ..workers.cancel import request_cancel_async
 from ..workers.results import RESULT_TTL_S, StreamItem, get_result_async, stream_events_async
@@ -34,6 +48,14 @@ __all__ = ["Backend", "RateLimited"]
 _WINDOW_S = 60
 #: Redis connections one gateway may hold; more callers wait for one
 _REDIS_CONNECTIONS = 64
+#: how often the gateway asks the broker for metadata
+BROKER_CHECK_S = 1.0
+#: how long the broker may not answer before undispatched requests count as lost
+BROKER_LOST_S = 5.0
+#: ids of lost requests remembered, so a later wait or poll for one fails at once too
+_LOST_KEPT = 100_000
+
+log = get_logger(__name__)
 
 
 class RateLimited(Exception):
@@ -85,7 +107,7 @@ class _Coalescer:
         except RedisError as exc:
             for _, fut in batch:
                 if not fut.done():
-                    fut.set_exception(StackError(f"Redis: cannot record requests: {exc!r}"))
+                    fut.set_exception(_redis_lost("cannot record the request", exc))
             return
         at = 0
         for commands, fut in batch:
@@ -106,12 +128,22 @@ class Backend:
         self._waiters: dict[str, ResultWaiter] = {}
         self._ledger: Any = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._lost: OrderedDict[str, ServiceUnavailable] = OrderedDict()
+        self._watch: asyncio.Task[None] | None = None
+        #: the embedded broker keeps its data in memory: unreachable means lost
+        self._broker_in_memory = not settings.kafka_url
 
     async def start(self) -> None:
         await kafka.ensure_topics(self.endpoints.kafka_bootstrap)
         await kafka.start(self.producer, "gateway producer")
+        self._watch = asyncio.get_running_loop().create_task(
+            self._watch_broker(), name="tokenmill-broker-watch"
+        )
 
     async def close(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            await asyncio.gather(self._watch, return_exceptions=True)
         for task in list(self._tasks):
             await asyncio.gather(task, return_exceptions=True)
         for waiter in self._waiters.values():
@@ -152,18 +184,28 @@ class Backend:
         if per_min is not None and replies[0] > per_min:
             # The owner keys of refused ids expire unused: the caller never learns them.
             raise RateLimited(max(1.0, (window + 1) * _WINDOW_S - now))
-        await kafka.publish(self.producer, [(r.priority.topic, r.tenant.encode(), r.to_bytes()) for r in requests])
+        records = [(r.priority.topic, r.tenant.encode(), r.to_bytes()) for r in requests]
+        try:
+            await kafka.publish(self.producer, records)
+        except StackError as exc:
+            raise ServiceUnavailable("Kafka", "did not accept the request", detail=str(exc)) from exc
 
     async def owns(self, tenant: str, request_id: str) -> bool:
         """Whether ``request_id`` was accepted for ``tenant``."""
         try:
             owner = await self.redis.get(keys.owner(request_id))
         except RedisError as exc:
-            raise StackError(f"Redis: cannot read the request's owner: {exc!r}") from exc
+            raise _redis_lost("cannot read the request's owner", exc) from exc
         return owner is not None and owner.decode() == tenant
 
     async def wait(self, tenant: str, request_id: str, timeout: float) -> wire.Result | None:
-        """The request's result once stored (None after ``timeout`` seconds)."""
+        """The request's result once stored (None after ``timeout`` seconds).
+
+        Raises:
+            ServiceUnavailable: Redis is unreachable, or the broker was lost before the
+                request was dispatched.
+        """
+        self._raise_if_lost(request_id)
         waiter = self._waiters.get(tenant)
         if waiter is None:
             waiter = self._waiters[tenant] = ResultWaiter(self.redis, tenant)
@@ -174,12 +216,23 @@ class Backend:
         try:
             found = await get_result_async(self.redis, request_id)
         except RedisError as exc:
-            raise StackError(f"Redis: cannot read the result: {exc!r}") from exc
+            raise _redis_lost("cannot read the result", exc) from exc
+        if found is None:
+            self._raise_if_lost(request_id)
         return found if found is None or found.tenant == tenant else None
 
-    def events(self, request_id: str, timeout: float) -> AsyncIterator[StreamItem]:
-        """The request's stream entries (deltas, then ``end``); check ownership first."""
-        return stream_events_async(self.redis, request_id, timeout_s=timeout)
+    async def events(self, request_id: str, timeout: float) -> AsyncIterator[StreamItem]:
+        """The request's stream entries (deltas, then ``end``); check ownership first.
+
+        Raises:
+            ServiceUnavailable: Redis failed, or the request was lost with the broker.
+        """
+        self._raise_if_lost(request_id)
+        try:
+            async for item in stream_events_async(self.redis, request_id, timeout_s=timeout):
+                yield item
+        except RedisError as exc:
+            raise _redis_lost("cannot read the request's tokens", exc) from exc
 
     async def cancel(self, tenant: str, request_id: str) -> None:
         """Stop the request: the flag reaches its worker, the control message the
@@ -196,6 +249,63 @@ class Backend:
         task = asyncio.get_running_loop().create_task(self.cancel(tenant, request_id))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    # -- a lost broker ----------------------------------------------------------------
+
+    def _raise_if_lost(self, request_id: str) -> None:
+        lost = self._lost.get(request_id)
+        if lost is not None:
+            raise lost
+
+    async def _watch_broker(self) -> None:
+        """Ask the broker for metadata every :data:`BROKER_CHECK_S`; fail the waits of
+        undispatched requests when it stays away or comes back without its topics."""
+        failing_since: float | None = None
+        while True:
+            await asyncio.sleep(BROKER_CHECK_S)
+            try:
+                metadata = await asyncio.wait_for(
+                    self.producer.client.fetch_all_metadata(), BROKER_CHECK_S * 2
+                )
+            except (KafkaError, TimeoutError, OSError) as exc:
+                now = time.monotonic()
+                failing_since = failing_since or now
+                if self._broker_in_memory and now - failing_since >= BROKER_LOST_S:
+                    await self._broker_lost(
+                        f"is unreachable (for {now - failing_since:.0f}s)", repr(exc)
+                    )
+                continue
+            failing_since = None
+            missing = sorted(set(wire.REQUEST_TOPICS) - metadata.topics())
+            if missing:
+                await self._broker_lost("was restarted without its queued requests", str(missing))
+                try:  # so that new requests can be taken again
+                    await kafka.ensure_topics(self.endpoints.kafka_bootstrap)
+                except (KafkaError, TimeoutError, OSError, StackError) as exc:
+                    log.warning("request topics not recreated", error=repr(exc))
+
+    async def _broker_lost(self, how: str, detail: str) -> None:
+        """Fail the waits of the requests no scheduler dispatched yet: they were only in
+        the broker. Dispatched ones are running; their results come through Redis."""
+        waiting = {rid: w for w in self._waiters.values() for rid in w.pending()}
+        if not waiting:
+            return
+        try:
+            marks = await self.redis.mget([keys.dispatched(rid) for rid in waiting])
+        except RedisError:
+            return  # the waiters fail on their own while Redis is unreachable
+        lost = [rid for rid, mark in zip(waiting, marks, strict=True) if mark is None]
+        log.error("kafka lost; failing undispatched requests", broker=how, lost=len(lost),
+                  dispatched=len(waiting) - len(lost), detail=detail)
+        for rid in lost:
+            exc = ServiceUnavailable(
+                "Kafka", f"{how}: the request was not dispatched yet and is lost; submit it again",
+                detail=detail,
+            )
+            self._lost[rid] = exc
+            waiting[rid].fail([rid], exc)
+        while len(self._lost) > _LOST_KEPT:
+            self._lost.popitem(last=False)
 
     # -- health ---------------------------------------------------------------------
 
@@ -222,3 +332,7 @@ class Backend:
     def _ledger_ping(self) -> None:
         with self.ledger() as session:
             session.execute(text("SELECT 1"))
+
+
+def _redis_lost(what: str, exc: RedisError) -> ServiceUnavailable:
+    return ServiceUnavailable("Redis", f"is unreachable: {what}", detail=repr(exc))

@@ -43,7 +43,7 @@ def gateway_command(
 def gateway_services(settings: Settings, models: Sequence[str]) -> list[ServiceSpec]:
     """For ``tokenmill up``: the gateway on loopback, on ``gateway.port`` (8080) when that
     is free — the address the README's examples use — else on any free port."""
-    from ..stack import ServiceSpec
+    from ..stack import ServiceSpec, StopStage
 
     preferred = settings.gateway.port if _free(settings.gateway.port) else None
 
@@ -59,6 +59,7 @@ def gateway_services(settings: Settings, models: Sequence[str]) -> list[ServiceS
             probe="http",
             ready=lambda launch: _ready(port(launch)),
             depends_on=("kafka", "redis"),
+            stop_stage=StopStage.intake,
         )
     ]
 

@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..errors import ValidationError
 from ..producers.requests import build_request
+from ..stack.errors import ServiceUnavailable
 from ..wire import Endpoint, InferenceRequest, Priority, Result, ResultStatus
 from .auth import tenant_of
 from .backend import Backend
@@ -156,26 +157,32 @@ async def _sse(backend: Backend, req: InferenceRequest, include_usage: bool) -> 
         if chat:
             yield _sse_data(chunk("", None, first=True))
         timeout = backend.settings.gateway.request_timeout_s
-        async for item in backend.events(req.id, timeout):
-            if item.kind == "delta":
-                if item.text:
-                    yield _sse_data(chunk(item.text, None))
-                continue
-            finished = True
-            result = await backend.result(req.tenant, req.id)
-            if result is None or result.status is not ResultStatus.succeeded:
-                err = result_error(result) if result else ApiError(500, "the request ended without a result")
-                yield _sse_data({"error": {"message": err.message, "type": err.type, "param": None,
-                                           "code": err.code}})
+        try:
+            async for item in backend.events(req.id, timeout):
+                if item.kind == "delta":
+                    if item.text:
+                        yield _sse_data(chunk(item.text, None))
+                    continue
+                finished = True
+                result = await backend.result(req.tenant, req.id)
+                if result is None or result.status is not ResultStatus.succeeded:
+                    err = result_error(result) if result else ApiError(500, "the request ended without a result")
+                    yield _sse_data({"error": {"message": err.message, "type": err.type, "param": None,
+                                               "code": err.code}})
+                    break
+                choice = ((result.body or {}).get("choices") or [{}])[0]
+                yield _sse_data(chunk(None, choice.get("finish_reason") or "stop"))
+                if include_usage and result.usage is not None:
+                    u = result.usage
+                    yield _sse_data({**head, "choices": [], "usage": {
+                        "prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+                        "total_tokens": u.total_tokens}})
                 break
-            choice = ((result.body or {}).get("choices") or [{}])[0]
-            yield _sse_data(chunk(None, choice.get("finish_reason") or "stop"))
-            if include_usage and result.usage is not None:
-                u = result.usage
-                yield _sse_data({**head, "choices": [], "usage": {
-                    "prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-                    "total_tokens": u.total_tokens}})
-            break
+        except ServiceUnavailable as exc:  # Redis, or the broker with the request, is gone
+            finished = True  # a cancel could not reach the request either
+            err = ApiError.unavailable(exc)
+            yield _sse_data({"error": {"message": err.message, "type": err.type, "param": None,
+                                       "code": err.code}})
         if not finished:
             finished = True  # timed out: stop the work nobody will read
             backend.cancel_soon(req.tenant, req.id)

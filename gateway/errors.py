@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..errors import LedgerError, NotFound, StackError, TokenmillError, ValidationError
 from ..logs import get_logger
 from ..producers.bodies import param_of
+from ..stack.errors import ServiceUnavailable
 from .backend import RateLimited
 
 __all__ = ["ApiError", "install"]
@@ -67,6 +68,12 @@ class ApiError(Exception):
         return cls(400, str(exc), param=exc.field, code="invalid_value" if exc.field else None)
 
     @classmethod
+    def unavailable(cls, exc: ServiceUnavailable) -> ApiError:
+        """503 naming the lost service, in words meant for the caller (``exc.detail``,
+        with addresses and library errors, is for the logs only)."""
+        return cls(503, f"{exc}.", code="service_unavailable", headers={"Retry-After": "1"})
+
+    @classmethod
     def not_found(cls, what: str, ident: str, *, param: str | None = None) -> ApiError:
         # The same answer for an unknown id and another tenant's: ids leak nothing.
         return cls(404, f"No such {what}: '{ident}'", param=param, code=f"{what}_not_found")
@@ -104,6 +111,12 @@ def install(app: FastAPI) -> None:
     async def _limited(_: Request, exc: RateLimited) -> JSONResponse:
         return ApiError(429, "Rate limit reached for requests per minute.", code="rate_limit_exceeded",
                         headers={"Retry-After": str(int(exc.retry_after + 0.999))}).response()
+
+    @app.exception_handler(ServiceUnavailable)
+    async def _unavailable(request: Request, exc: ServiceUnavailable) -> JSONResponse:
+        log.warning("a service behind the gateway is unavailable", path=request.url.path,
+                    service=exc.service, error=str(exc), detail=exc.detail)
+        return ApiError.unavailable(exc).response()
 
     @app.exception_handler(StackError)
     @app.exception_handler(LedgerError)

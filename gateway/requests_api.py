@@ -9,7 +9,9 @@ Python client's ``submit`` / ``result`` / ``stream`` / ``cancel`` / ``map``):
 * ``GET /v1/tokenmill/requests/{id}/events`` — SSE of text deltas, then the result;
 * ``POST /v1/tokenmill/requests/{id}/cancel``.
 
-Every id is checked against the caller's tenant; another tenant's id is a 404.
+Every id is checked against the caller's tenant; another tenant's id is a 404. A lost
+Redis or broker answers 503 ``service_unavailable`` naming it (mid-stream: an ``error``
+event), within seconds rather than at the wait's end.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..errors import ValidationError
 from ..producers.requests import build_request
+from ..stack.errors import ServiceUnavailable
 from ..wire import Endpoint, InferenceRequest, Priority, Result
 from .auth import tenant_of
 from .backend import Backend
@@ -125,15 +128,20 @@ async def events(
     await _owned(backend, tenant, request_id)
 
     async def stream() -> AsyncIterator[bytes]:
-        async for item in backend.events(request_id, timeout):
-            if item.kind == "delta":
-                payload = {"type": "delta", "text": item.text, "completion_tokens": item.completion_tokens}
+        try:
+            async for item in backend.events(request_id, timeout):
+                if item.kind == "delta":
+                    payload = {"type": "delta", "text": item.text, "completion_tokens": item.completion_tokens}
+                    yield b"data: " + json.dumps(payload).encode() + b"\n\n"
+                    continue
+                found = await backend.result(tenant, request_id)
+                payload = {"type": "end", "result": result_json(found) if found else None}
                 yield b"data: " + json.dumps(payload).encode() + b"\n\n"
-                continue
-            found = await backend.result(tenant, request_id)
-            payload = {"type": "end", "result": result_json(found) if found else None}
+                break
+        except ServiceUnavailable as exc:  # mid-stream: the status line is already sent
+            err = ApiError.unavailable(exc)
+            payload = {"type": "error", "error": {"message": err.message, "type": err.type, "code": err.code}}
             yield b"data: " + json.dumps(payload).encode() + b"\n\n"
-            break
         yield b"data: [DONE]\n\n"
 
     return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

@@ -243,13 +243,14 @@ def webhook_worker_command(
 
 
 def batch_services(settings: Settings, models: Sequence[str]) -> list[ServiceSpec]:
-    from ..stack import ServiceSpec
+    from ..stack import ServiceSpec, StopStage
 
     return [
         ServiceSpec(
             name="batch-runner",
             argv=lambda launch: [sys.executable, "-m", "tokenmill", "batch-runner"],
             depends_on=("kafka", "redis"),
+            stop_stage=StopStage.intake,
         ),
         ServiceSpec(
             name="webhooks",

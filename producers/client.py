@@ -649,6 +649,9 @@ class AsyncClient:
                     item = json.loads(data)
                     if item.get("type") == "end":
                         return
+                    if item.get("type") == "error":  # a service was lost mid-stream
+                        err = item.get("error") or {}
+                        raise StackError(f"gateway: {err.get('message') or 'the stream failed'}")
                     if item.get("type") == "delta" and item.get("text"):
                         yield item["text"]
         except httpx.HTTPError as exc:

@@ -15,7 +15,7 @@ has acknowledged it (``acks=all``). Results come back through Redis.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Self
 
 from .. import kafka, wire
 from ..config import Settings, load_settings
@@ -53,16 +53,19 @@ class TrustedProducer:
         if tenant not in self.settings.tenants:
             raise ValidationError(f"tenant: unknown tenant {tenant!r}", field="tenant")
         self.tenant = tenant
+        # A stack restarted meanwhile may serve Redis elsewhere: re-read its address
+        # (only where it came from the stack, not from the caller).
+        reconnect = None if redis_url else lambda: async_redis(endpoints(self.settings).redis_url)
         if kafka_bootstrap is None or redis_url is None:
             ep = endpoints(self.settings)
             kafka_bootstrap = kafka_bootstrap or ep.kafka_bootstrap
             redis_url = redis_url or ep.redis_url
         self._producer = kafka.producer(kafka_bootstrap)
         self._redis = async_redis(redis_url)
-        self._waiter = ResultWaiter(self._redis, tenant)
+        self._waiter = ResultWaiter(self._redis, tenant, reconnect=reconnect)
         self._started = False
 
-    async def __aenter__(self) -> TrustedProducer:
+    async def __aenter__(self) -> Self:
         await self.start()
         return self
 

@@ -9,7 +9,7 @@ import typer
 
 from .. import loops, runtime
 from ..config import Settings, load_settings
-from ..stack import ServiceSpec, endpoints, register_factory
+from ..stack import ServiceSpec, StopStage, endpoints, register_factory
 
 
 def scheduler_command() -> None:
@@ -30,6 +30,7 @@ def scheduler_services(settings: Settings, models: Sequence[str]) -> list[Servic
             argv=lambda launch: [sys.executable, "-m", "tokenmill", "scheduler"],
             depends_on=("kafka", "redis"),
             ready=lambda launch: _is_consuming(launch.addresses.get("redis")),
+            stop_stage=StopStage.intake,
         )
     ]
 

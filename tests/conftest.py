@@ -38,7 +38,7 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """``redis://`` URL of a fresh Redis server (no persistence)."""
+    """``redis://`` URL of a fresh Redis server (with its append-only file, as the stack runs it)."""
     port = processes.free_port()
     data = tmp_path_factory.mktemp("redis")
     proc = processes.spawn(

@@ -10,6 +10,7 @@ where they enter, with ``raise ... from exc``::
     │   └── UnsupportedSchemaVersion   newer major version than this build understands
     ├── ValidationError          a request or batch line the user sent is invalid
     ├── StackError               a local-stack service failed to start, stop or answer
+    │   └── ServiceUnavailable   (tokenmill.stack.errors) Redis or Kafka lost under a request
     ├── LedgerError              the ledger database refused an operation
     ├── EngineError              an inference engine failed (recoverable per request)
     │   └── EngineDeadError      the engine is gone; the worker must restart it

@@ -60,6 +60,12 @@ def attempts(request_id: str) -> str:
     return f"{PREFIX}attempts:{request_id}"
 
 
+def dispatched(request_id: str) -> str:
+    """Set by the scheduler when it hands the request to a worker pool (a week's TTL):
+    a re-read request is skipped, and a lost broker cannot have taken it with it."""
+    return f"{PREFIX}dispatched:{request_id}"
+
+
 def owner(request_id: str) -> str:
     return f"{PREFIX}owner:{request_id}"
 

@@ -4,14 +4,20 @@ anyone waited, announcements lost (trimmed), and tenants kept apart."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
+import pytest
 import redis.asyncio as aredis
 from tokenmill.producers import waiter as waiter_mod
 from tokenmill.producers.waiter import ResultWaiter
 from tokenmill.workers import keys
 from tokenmill.workers.results import ResultStore
 
+from tokenmill.stack import processes
+from tokenmill.stack.errors import ServiceUnavailable
 from tokenmill.wire import EventKind, Result, ResultStatus, TokenEvent
 
 
@@ -31,7 +37,9 @@ async def test_announced_results_reach_their_waiters(redis_url: str, unique: str
         # Out of order and in a few batches, as workers commit them.
         for start in range(0, 300, 70):
             chunk = ids[start : start + 70][::-1]
-            assert await store.commit_many([outcome(r, f"t-{unique}") for r in chunk]) == [True] * len(chunk)
+            assert await store.commit_many([outcome(r, f"t-{unique}") for r in chunk]) == [
+                True
+            ] * len(chunk)
         got = await asyncio.gather(*waits)
         assert [r.request_id for r in got] == ids
         assert not waiter._pending
@@ -40,7 +48,9 @@ async def test_announced_results_reach_their_waiters(redis_url: str, unique: str
         await client.aclose()
 
 
-async def test_a_result_stored_before_the_wait_is_found_at_once(redis_url: str, unique: str) -> None:
+async def test_a_result_stored_before_the_wait_is_found_at_once(
+    redis_url: str, unique: str
+) -> None:
     client = aredis.Redis.from_url(redis_url)
     store, waiter = ResultStore(client), ResultWaiter(client, f"t-{unique}")
     try:
@@ -89,4 +99,90 @@ async def test_announcements_are_per_tenant(redis_url: str, unique: str) -> None
         assert not await store.commit(*outcome(f"{unique}-a", f"a-{unique}"))
         assert await client.xlen(keys.done(f"a-{unique}")) == 1
     finally:
+        await client.aclose()
+
+
+# -- a lost Redis ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[Callable[[], tuple[str, subprocess.Popen[bytes]]]]:
+    """Start Redis servers of this test's own (it kills them), each on a new port."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start() -> tuple[str, subprocess.Popen[bytes]]:
+        port = processes.free_port()
+        data = tmp_path / f"redis-{port}"
+        data.mkdir()
+        proc = processes.spawn(
+            "redis",
+            processes.redis_argv(port, data),
+            data / "log",
+            lambda: processes.redis_ready(port),
+        )
+        started.append(proc)
+        return f"redis://{processes.LOOPBACK}:{port}/0", proc
+
+    yield start
+    for proc in started:
+        proc.kill()
+        proc.wait(5)
+
+
+async def test_a_lost_redis_fails_every_wait_within_seconds_naming_it(
+    own_redis: Callable[[], tuple[str, subprocess.Popen[bytes]]], unique: str
+) -> None:
+    url, server = own_redis()
+    client = aredis.Redis.from_url(url, socket_connect_timeout=1)
+    waiter = ResultWaiter(client, f"t-{unique}")
+    try:
+        waits = [asyncio.create_task(waiter.wait(f"{unique}-{i}", timeout=120)) for i in range(20)]
+        await asyncio.sleep(0.3)  # registered, the follower blocked on the stream
+        server.kill()
+        killed = time.monotonic()
+        outcomes = await asyncio.wait_for(asyncio.gather(*waits, return_exceptions=True), 10)
+        took = time.monotonic() - killed
+        assert all(isinstance(o, ServiceUnavailable) and o.service == "Redis" for o in outcomes), (
+            outcomes
+        )
+        assert "Redis is unreachable" in str(outcomes[0])
+        assert waiter_mod.UNREACHABLE_S <= took < waiter_mod.UNREACHABLE_S + 2
+        # While it stays away, a new wait fails at once instead of waiting its timeout.
+        started = time.monotonic()
+        with pytest.raises(ServiceUnavailable, match="Redis"):
+            await waiter.wait(f"{unique}-late", timeout=120)
+        assert time.monotonic() - started < 1.5
+    finally:
+        await waiter.close()
+        await client.aclose()
+
+
+async def test_the_waiter_reads_from_redis_again_at_its_new_address(
+    own_redis: Callable[[], tuple[str, subprocess.Popen[bytes]]], unique: str
+) -> None:
+    url, server = own_redis()
+    current = {"url": url}
+    client = aredis.Redis.from_url(url, socket_connect_timeout=1)
+    waiter = ResultWaiter(
+        client, f"t-{unique}", reconnect=lambda: aredis.Redis.from_url(current["url"])
+    )
+    try:
+        lost = asyncio.create_task(waiter.wait(f"{unique}-lost", timeout=120))
+        await asyncio.sleep(0.3)
+        server.kill()
+        current["url"], _ = own_redis()  # the stack restarted it elsewhere
+        with pytest.raises(ServiceUnavailable):
+            await asyncio.wait_for(lost, 10)
+
+        back = aredis.Redis.from_url(current["url"])
+        try:
+            found = asyncio.create_task(waiter.wait(f"{unique}-new", timeout=10))
+            await asyncio.sleep(0.3)
+            await ResultStore(back).commit(*outcome(f"{unique}-new", f"t-{unique}"))
+            got = await asyncio.wait_for(found, 5)
+            assert got is not None and got.request_id == f"{unique}-new"
+        finally:
+            await back.aclose()
+    finally:
+        await waiter.close()
         await client.aclose()

@@ -6,6 +6,6 @@ processes as :class:`ServiceSpec` (see :mod:`tokenmill.stack.spec`).
 """
 
 from .endpoints import Endpoints, endpoints
-from .spec import Launch, ServiceSpec, register_factory
+from .spec import Launch, ServiceSpec, StopStage, register_factory
 
-__all__ = ["Endpoints", "Launch", "ServiceSpec", "endpoints", "register_factory"]
+__all__ = ["Endpoints", "Launch", "ServiceSpec", "StopStage", "endpoints", "register_factory"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from . import processes
-from .spec import ServiceSpec
+from .spec import ServiceSpec, StopStage
 from .urls import normalize_kafka_url
 
 if TYPE_CHECKING:
@@ -18,6 +18,9 @@ if TYPE_CHECKING:
 KAFKA = "kafka"
 REDIS = "redis"
 DATABASE = "database"
+#: the embedded services whose death restarts the whole stack: the broker kept its
+#: topics in memory, and every service's connections and addresses point at both
+HOLDS_DATA = (KAFKA, REDIS)
 #: health probe of each infrastructure service, by name
 PROBE_OF = {KAFKA: "kafka", REDIS: "redis", DATABASE: "database"}
 
@@ -29,17 +32,22 @@ def kafka_service() -> ServiceSpec:
         argv=lambda launch: processes.kafka_argv(launch.port),
         address=lambda launch: f"{processes.LOOPBACK}:{launch.port}",
         probe="kafka",  # ready when it answers a metadata request, not merely listens
+        stop_stage=StopStage.infrastructure,
     )
 
 
 def redis_service() -> ServiceSpec:
-    """A Redis server without persistence on a private loopback port."""
+    """A Redis server on a private loopback port, its append-only file in
+    ``<home>/data/redis`` (see :func:`processes.redis_argv`)."""
     return ServiceSpec(
         name=REDIS,
         argv=lambda launch: processes.redis_argv(launch.port, launch.data_dir),
         address=lambda launch: f"redis://{processes.LOOPBACK}:{launch.port}/0",
         probe="redis",
         ready=lambda launch: processes.redis_ready(launch.port),
+        # Reloading a large AOF takes a while; it answers PING only once loaded.
+        start_timeout_s=120.0,
+        stop_stage=StopStage.infrastructure,
     )
 
 

@@ -49,6 +49,9 @@ def up_command(
 ) -> None:
     """Start the local stack (broker, Redis, services) in the background; no-op if up.
 
+    A service that died is started again on its own; a dead broker or Redis restarts
+    everything (Redis reloads its append-only file from the state directory).
+
     Services with a configured URL (TOKENMILL_KAFKA_URL, _REDIS_URL, _DATABASE_URL)
     are used as they are, not started.
     """
@@ -58,9 +61,13 @@ def up_command(
     for col in ("service", "state", "address", "pid"):
         table.add_column(col)
     for record in result.state.services:
+        if record.name in result.restarted:
+            how = f"restarted ({record.restarts})"
+        else:
+            how = "started" if record.name in result.started else "already running"
         table.add_row(
             record.name,
-            "started" if record.name in result.started else "already running",
+            how,
             mask_url(record.address),
             str(record.pid),
         )
@@ -76,7 +83,9 @@ def up_command(
 
 
 def down_command() -> None:
-    """Stop everything tokenmill up started and forget it."""
+    """Stop everything tokenmill up started and forget it: intake first (gateway, batch
+    runner, scheduler), then workers and webhooks, then the stream processors once they
+    drained, then the broker and Redis (whose append-only file stays for the next up)."""
     stopped = manager.down(_settings())
     if stopped:
         console.print(f"stopped: {', '.join(stopped)}")
@@ -94,12 +103,12 @@ def status_command(
         sys.stdout.write(json.dumps(result.as_dict(), indent=2) + "\n")
     else:
         table = Table(title=f"tokenmill stack in {result.home}")
-        for col in ("service", "address", "pid", "health"):
+        for col in ("service", "address", "pid", "restarts", "health"):
             table.add_column(col)
         for s in result.services:
             pid = str(s.pid) if s.pid else "-"
             health = "[green]ok[/]" if s.healthy else f"[red]down[/]: {s.detail}"
-            table.add_row(s.name, s.address, pid, health)
+            table.add_row(s.name, s.address, pid, str(s.restarts) if s.managed else "-", health)
         console.print(table)
     if not result.healthy:
         raise typer.Exit(code=1)

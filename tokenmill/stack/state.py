@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import StackError
 from . import processes
+from .spec import StopStage
 
 STATE_FILE = "stack.json"
 LOCK_FILE = "stack.lock"
@@ -47,6 +48,11 @@ class ServiceRecord(BaseModel):
     log: str
     depends_on: tuple[str, ...] = ()
     stop_timeout_s: float = 10.0
+    stop_stage: StopStage = StopStage.processing
+    #: the loopback port it was given, offered to it again when it is restarted
+    port: int | None = None
+    #: times ``up`` started it again after it had died
+    restarts: int = 0
     started_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
 
     def alive(self) -> bool:

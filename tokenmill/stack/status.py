@@ -27,6 +27,7 @@ class ServiceStatus:
     healthy: bool
     detail: str  #: "ok" or why not
     log: str | None = None
+    restarts: int = 0  #: times ``up`` started it again after it had died
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ def check_stack(settings: Settings, *, timeout_s: float = health.DEFAULT_TIMEOUT
     def run(item: tuple[str, str, str, ServiceRecord | None]) -> ServiceStatus:
         name, address, kind, record = item
         if record is not None and not record.alive():
-            reason: str | None = "process not running (stale: run `tokenmill up`)"
+            reason: str | None = "process not running (`tokenmill up` restarts it)"
         else:
             reason = health.check(kind, address, timeout_s=timeout_s)
         return ServiceStatus(
@@ -80,6 +81,7 @@ def check_stack(settings: Settings, *, timeout_s: float = health.DEFAULT_TIMEOUT
             healthy=reason is None,
             detail=reason or "ok",
             log=record.log if record else None,
+            restarts=record.restarts if record else 0,
         )
 
     with ThreadPoolExecutor(max_workers=min(len(checks), 8)) as pool:
