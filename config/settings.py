@@ -7,7 +7,6 @@ the file, the key and the reason (:class:`~tokenmill.errors.ConfigError`).
 
 from __future__ import annotations
 
-import bisect
 import hmac
 import os
 import tomllib
@@ -25,6 +24,7 @@ from pydantic_settings import (
 )
 
 from ..errors import ConfigError
+from ..pricing import PriceBook
 from .models import (
     BatchSettings,
     GatewaySettings,
@@ -139,6 +139,13 @@ class Settings(BaseSettings):
         for i, card in enumerate(self.price_cards):
             if card.model not in self.models:
                 raise ValueError(f"price_cards.{i}.model: unknown model {card.model!r}")
+        starts: dict[tuple[str, datetime], int] = {}
+        for i, card in enumerate(self.price_cards):
+            first = starts.setdefault((card.model, card.effective_from), i)
+            if first != i:  # which would be in force there is undefined
+                raise ValueError(
+                    f"price_cards.{i}: same model and effective_from as price_cards.{first}"
+                )
         for name in self.models:
             if not any(c.model == name for c in self.price_cards):
                 raise ValueError(f"models.{name}: no price card for this model")
@@ -157,24 +164,20 @@ class Settings(BaseSettings):
         return self.models[model].pool or model
 
     def price_card(self, model: str, at: datetime) -> PriceCard:
-        """The card in force for ``model`` at ``at`` (the latest that started before)."""
-        starts, cards = self._cards_by_model.get(model, ((), ()))
-        i = bisect.bisect_right(starts, at)  # the scheduler asks this once per request
-        if i == 0:
+        """The card in force for ``model`` at ``at`` (see :class:`~tokenmill.pricing.PriceBook`).
+
+        Raises:
+            ConfigError: no card for the model had started by then.
+        """
+        card = self.price_book.in_force(model, at)  # the scheduler asks once per request
+        if card is None:
             raise ConfigError(f"no price card for model {model!r} in force at {at.isoformat()}")
-        return cards[i - 1]
+        return card
 
     @cached_property
-    def _cards_by_model(self) -> dict[str, tuple[tuple[datetime, ...], tuple[PriceCard, ...]]]:
-        """Per model: its cards' start times, ascending, and the cards in that order."""
-        by_model: dict[str, list[PriceCard]] = {}
-        for card in self.price_cards:
-            by_model.setdefault(card.model, []).append(card)
-        out = {}
-        for model, cards in by_model.items():
-            cards.sort(key=lambda c: c.effective_from)
-            out[model] = (tuple(c.effective_from for c in cards), tuple(cards))
-        return out
+    def price_book(self) -> PriceBook[PriceCard]:
+        """The configured price cards, looked up by model and instant."""
+        return PriceBook(self.price_cards)
 
     def tenant_for_key(self, api_key: str) -> str | None:
         """The tenant holding ``api_key``: its digest is compared with every stored one

@@ -3,17 +3,20 @@
 Rounding follows the one rule in :mod:`.money`: entries are exact to 10 decimal
 places, sums are exact, and only invoice lines and totals are rounded (half-even,
 to cents), with the rounding difference shown. An entry belongs to the period that
-holds its ``created_at`` (the billed event's time, not the time it was written).
+holds its ``created_at`` (the billed event's time, not the time it was written): invoices
+and :func:`spend_by_tenant` (budgets) place entries alike.
+
+Entries are written only by the ledger sink (:mod:`.streams.sink`); this module reads
+them and keeps the price card versions.
 """
 
 from __future__ import annotations
 
 import calendar
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
-from typing import NamedTuple
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -21,12 +24,13 @@ from tokenmill.config import PriceCard
 from tokenmill.config.models import BudgetPeriod
 
 from tokenmill.errors import LedgerError, NotFound
+from tokenmill.pricing import PriceBook
 
 from .errors import translated
 from .models import EntryKind, LedgerEntry, PriceCardVersion
 from .money import ZERO, exact, to_minor_unit
 from .types import utc, utcnow
-from .upsert import insert_ignore, insert_ignore_many
+from .upsert import insert_ignore
 
 
 @dataclass(frozen=True)
@@ -66,14 +70,17 @@ class Period:
 
 @dataclass(frozen=True)
 class InvoiceLine:
-    """A tenant's net spend on one model in a period."""
+    """A tenant's entries of one kind for one model in a period: completed requests
+    (``charge``), work done on requests that did not finish (``partial``), refunds or
+    adjustments."""
 
     model: str
-    #: number of charged requests
+    kind: EntryKind
+    #: number of entries (one per request)
     requests: int
     prompt_tokens: int
     completion_tokens: int
-    #: exact sum of the model's entries (charges, refunds, adjustments)
+    #: exact sum of the entries
     amount: Decimal
     #: ``amount`` rounded half-even to the currency's minor unit
     amount_rounded: Decimal
@@ -139,152 +146,43 @@ def sync_price_cards(session: Session, cards: Iterable[PriceCard]) -> int:
     return added
 
 
+@dataclass(frozen=True)
+class Card:
+    """A stored price card version, detached from any session (what
+    :func:`tokenmill.pricing.cost` and :class:`~tokenmill.pricing.PriceBook` need)."""
+
+    id: int
+    model: str
+    effective_from: datetime
+    currency: str
+    input_per_million: Decimal
+    output_per_million: Decimal
+    batch_discount: Decimal
+
+
 @translated
-def price_card_version_for(session: Session, model: str, at: datetime) -> PriceCardVersion:
-    """The price card version in force for ``model`` at ``at`` (the latest that started
-    at or before it).
+def load_price_book(session: Session) -> PriceBook[Card]:
+    """Every stored price card version, for lookups by model and instant."""
+    rows = session.execute(select(PriceCardVersion)).scalars()
+    return PriceBook(
+        Card(r.id, r.model, r.effective_from, r.currency, r.input_per_million,
+             r.output_per_million, r.batch_discount)
+        for r in rows
+    )  # fmt: skip
+
+
+@translated
+def price_card_version_for(session: Session, model: str, at: datetime) -> Card:
+    """The stored version in force for ``model`` at ``at`` (see
+    :meth:`~tokenmill.pricing.PriceBook.in_force`).
 
     Raises:
         NotFound: no card for the model had started by then.
     """
-    version = session.execute(
-        select(PriceCardVersion)
-        .where(PriceCardVersion.model == model, PriceCardVersion.effective_from <= utc(at))
-        .order_by(PriceCardVersion.effective_from.desc())
-        .limit(1)
-    ).scalar_one_or_none()
-    if version is None:
+    card = load_price_book(session).in_force(model, utc(at))
+    if card is None:
         raise NotFound(f"no price card for model {model!r} in force at {utc(at).isoformat()}")
-    return version
-
-
-@translated
-def record_charge(
-    session: Session,
-    request_id: str,
-    tenant: str,
-    model: str,
-    amount: Decimal,
-    price_card_version_id: int | None,
-    *,
-    kind: EntryKind = EntryKind.charge,
-    prompt_tokens: int = 0,
-    completion_tokens: int = 0,
-    currency: str | None = None,
-    at: datetime | None = None,
-) -> bool:
-    """Append a ledger entry for a request once; a replay is a no-op.
-
-    Parameters:
-        session: the caller's transaction; commit it before acknowledging the event.
-        request_id: the request; at most one entry of each ``kind`` exists per id.
-        tenant, model: whom and what for.
-        amount: exact to 10 places (see :func:`tokenmill.pricing.cost`); >= 0 for a
-            charge, <= 0 for a refund, either sign for an adjustment.
-        price_card_version_id: the version priced with (required for a charge).
-        kind: charge, refund or adjustment.
-        prompt_tokens, completion_tokens: the tokens billed.
-        currency: defaults to the price card version's.
-        at: when the billed event happened, which decides the period (default: now).
-
-    Raises:
-        LedgerError: a float or inexact amount, a wrong sign, an unknown price card
-            version, or no currency.
-        NotFound: ``price_card_version_id`` does not exist.
-
-    Returns:
-        True if the entry is new.
-    """
-    kind = EntryKind(kind)
-    amount = exact(amount)
-    if (kind is EntryKind.charge and amount < 0) or (kind is EntryKind.refund and amount > 0):
-        raise LedgerError(f"{kind.value} of {amount} has the wrong sign (request {request_id})")
-    if kind is EntryKind.charge and price_card_version_id is None:
-        raise LedgerError(f"charge for request {request_id} names no price card version")
-    if currency is None:
-        if price_card_version_id is None:
-            raise LedgerError(f"{kind.value} for request {request_id} needs a currency")
-        version = session.get(PriceCardVersion, price_card_version_id)
-        if version is None:
-            raise NotFound(f"price card version {price_card_version_id} not found")
-        currency = version.currency
-    return insert_ignore(
-        session,
-        LedgerEntry,
-        {
-            "request_id": request_id,
-            "kind": kind,
-            "tenant": tenant,
-            "model": model,
-            "amount": amount,
-            "currency": currency,
-            "price_card_version_id": price_card_version_id,
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "created_at": utc(at) if at is not None else utcnow(),
-        },
-        ["request_id", "kind"],
-    )
-
-
-class ChargeItem(NamedTuple):
-    """One request's charge, as :func:`record_charges_new` takes it."""
-
-    request_id: str
-    tenant: str
-    model: str
-    #: exact cost from :func:`tokenmill.pricing.cost` under the version below
-    amount: Decimal
-    price_card_version_id: int
-    currency: str
-    prompt_tokens: int
-    completion_tokens: int
-    #: when the billed event happened (the request's finish): decides the period
-    at: datetime
-
-
-@translated
-def record_charges_new(session: Session, items: Iterable[ChargeItem]) -> set[str]:
-    """Append many charges with multi-row inserts; a request already charged (a replay,
-    or a repeat within ``items``: the first wins) is skipped.
-
-    Parameters:
-        session: the caller's transaction; commit it before acknowledging the events.
-        items: the charges; rows are inserted in request-id order (see
-            :func:`~.upsert.insert_ignore_many`).
-
-    Raises:
-        LedgerError: a float, inexact or negative amount, or an unknown price card
-            version (the whole transaction fails: keep the batch small or retry the
-            items one by one to find the culprit).
-
-    Returns:
-        The request ids charged by this call.
-    """
-    unique: dict[str, ChargeItem] = {}
-    for item in items:
-        unique.setdefault(item.request_id, item)
-    rows = []
-    for rid in sorted(unique):
-        item = unique[rid]
-        amount = exact(item.amount)
-        if amount < 0:
-            raise LedgerError(f"charge of {amount} has the wrong sign (request {rid})")
-        rows.append(
-            {
-                "request_id": rid,
-                "kind": EntryKind.charge,
-                "tenant": item.tenant,
-                "model": item.model,
-                "amount": amount,
-                "currency": item.currency,
-                "price_card_version_id": item.price_card_version_id,
-                "prompt_tokens": item.prompt_tokens,
-                "completion_tokens": item.completion_tokens,
-                "created_at": utc(item.at),
-            }
-        )
-    return insert_ignore_many(session, LedgerEntry, rows, ["request_id", "kind"], "request_id")
+    return card
 
 
 def _single_currency(currencies: set[str], tenant: str) -> str:
@@ -296,30 +194,50 @@ def _single_currency(currencies: set[str], tenant: str) -> str:
 
 
 @translated
-def tenant_spend(
-    session: Session, tenant: str, period_start: datetime, period_end: datetime
-) -> Decimal:
-    """A tenant's exact net spend with ``period_start <= created_at < period_end``.
+def spend_by_tenant(
+    session: Session,
+    start: datetime,
+    end: datetime,
+    tenants: Collection[str] | None = None,
+) -> dict[str, Decimal]:
+    """Each tenant's exact net spend in ``[start, end)``: the sum of all its entries
+    (charges, partial work, refunds, adjustments) placed by ``created_at``, the
+    timestamp :func:`invoice` places them by, so a budget restored from this always
+    agrees with the invoice. Tenants without entries are absent (not zero).
+
+    Parameters:
+        tenants: only these tenants (``None``: every tenant; empty: none).
 
     Raises:
-        LedgerError: the entries are in more than one currency.
+        LedgerError: a tenant's entries are in more than one currency.
     """
-    rows = session.execute(
-        select(LedgerEntry.currency, func.sum(LedgerEntry.amount))
-        .where(
-            LedgerEntry.tenant == tenant,
-            LedgerEntry.created_at >= utc(period_start),
-            LedgerEntry.created_at < utc(period_end),
-        )
-        .group_by(LedgerEntry.currency)
-    ).all()
-    _single_currency({currency for currency, _ in rows}, tenant)
-    return rows[0][1] if rows else ZERO
+    if tenants is not None and not tenants:
+        return {}
+    query = (
+        select(LedgerEntry.tenant, LedgerEntry.currency, func.sum(LedgerEntry.amount))
+        .where(LedgerEntry.created_at >= utc(start), LedgerEntry.created_at < utc(end))
+        .group_by(LedgerEntry.tenant, LedgerEntry.currency)
+    )
+    if tenants is not None:
+        query = query.where(LedgerEntry.tenant.in_(sorted(set(tenants))))
+    spend: dict[str, Decimal] = {}
+    currencies: dict[str, set[str]] = {}
+    for tenant, currency, amount in session.execute(query).all():
+        currencies.setdefault(tenant, set()).add(currency)
+        _single_currency(currencies[tenant], tenant)
+        spend[tenant] = amount
+    return spend
+
+
+#: the order of an invoice's lines for one model
+_LINE_ORDER = {kind: i for i, kind in enumerate(
+    (EntryKind.charge, EntryKind.partial, EntryKind.refund, EntryKind.adjustment))}  # fmt: skip
 
 
 @translated
 def invoice(session: Session, tenant: str, period: Period) -> Invoice:
-    """A tenant's invoice for ``period``: one line per model, rounded per :mod:`.money`.
+    """A tenant's invoice for ``period``: one line per model and entry kind (so work
+    billed for unfinished requests is a line of its own), rounded per :mod:`.money`.
 
     Raises:
         LedgerError: the entries are in more than one currency.
@@ -327,14 +245,14 @@ def invoice(session: Session, tenant: str, period: Period) -> Invoice:
     Returns:
         The invoice; its ``total`` is exactly the sum of the period's entries.
     """
-    is_charge = LedgerEntry.kind == EntryKind.charge
     rows = session.execute(
         select(
             LedgerEntry.currency,
             LedgerEntry.model,
-            func.count().filter(is_charge),
-            func.coalesce(func.sum(LedgerEntry.prompt_tokens).filter(is_charge), 0),
-            func.coalesce(func.sum(LedgerEntry.completion_tokens).filter(is_charge), 0),
+            LedgerEntry.kind,
+            func.count(),
+            func.coalesce(func.sum(LedgerEntry.prompt_tokens), 0),
+            func.coalesce(func.sum(LedgerEntry.completion_tokens), 0),
             func.sum(LedgerEntry.amount),
         )
         .where(
@@ -342,20 +260,25 @@ def invoice(session: Session, tenant: str, period: Period) -> Invoice:
             LedgerEntry.created_at >= period.start,
             LedgerEntry.created_at < period.end,
         )
-        .group_by(LedgerEntry.currency, LedgerEntry.model)
-        .order_by(LedgerEntry.model)
+        .group_by(LedgerEntry.currency, LedgerEntry.model, LedgerEntry.kind)
     ).all()
     currency = _single_currency({row[0] for row in rows}, tenant)
     lines = tuple(
-        InvoiceLine(
-            model=model,
-            requests=int(requests),
-            prompt_tokens=int(prompt),
-            completion_tokens=int(completion),
-            amount=amount,
-            amount_rounded=to_minor_unit(amount, currency),
+        sorted(
+            (
+                InvoiceLine(
+                    model=model,
+                    kind=EntryKind(kind),
+                    requests=int(requests),
+                    prompt_tokens=int(prompt),
+                    completion_tokens=int(completion),
+                    amount=amount,
+                    amount_rounded=to_minor_unit(amount, currency),
+                )
+                for _, model, kind, requests, prompt, completion, amount in rows
+            ),
+            key=lambda ln: (ln.model, _LINE_ORDER[ln.kind]),
         )
-        for _, model, requests, prompt, completion, amount in rows
     )
     total = sum((line.amount for line in lines), ZERO)
     total_rounded = to_minor_unit(total, currency)

@@ -46,11 +46,16 @@ from .types import ExactDecimal, StateType, UtcDateTime, utcnow
 
 
 class EntryKind(StrEnum):
-    """Kinds of ledger entries. Charges are >= 0, refunds <= 0, adjustments either."""
+    """Kinds of ledger entries. Charges and partials are >= 0, refunds <= 0,
+    adjustments either."""
 
+    #: a finished request's tokens
     charge = "charge"
     refund = "refund"
     adjustment = "adjustment"
+    #: the work done for a request cancelled, expired or failed after the engine
+    #: started it (its prompt and the tokens generated so far)
+    partial = "partial"
 
 
 class FilePurpose(StrEnum):
@@ -286,12 +291,13 @@ class LedgerEntry(Base):
     __table_args__ = (
         UniqueConstraint("request_id", "kind"),
         CheckConstraint(
-            "(kind = 'charge' AND amount >= 0) OR (kind = 'refund' AND amount <= 0)"
-            " OR kind = 'adjustment'",
+            "(kind IN ('charge', 'partial') AND amount >= 0)"
+            " OR (kind = 'refund' AND amount <= 0) OR kind = 'adjustment'",
             name="amount_sign",
         ),
         CheckConstraint(
-            "kind <> 'charge' OR price_card_version_id IS NOT NULL", name="charge_priced"
+            "kind NOT IN ('charge', 'partial') OR price_card_version_id IS NOT NULL",
+            name="charge_priced",
         ),
         CheckConstraint("prompt_tokens >= 0 AND completion_tokens >= 0", name="tokens"),
         Index(None, "tenant", "created_at"),

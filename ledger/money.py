@@ -4,8 +4,8 @@
    both databases (see :class:`~.types.ExactDecimal`). A charge is computed once, by
    :func:`tokenmill.pricing.cost` (the same function prices the scheduler's budget
    reservations); price cards are validated so that it never needs to round.
-   Nothing rounds an amount that is stored: :func:`exact` (used by
-   ``record_charge``) refuses one with more places.
+   Nothing rounds an amount that is stored: :func:`exact` (used for stored price
+   cards) and the sink's encoder refuse one with more places.
 2. **Sums are exact**: spend and invoice totals are plain sums of stored amounts.
 3. **Only invoices round to the currency's minor unit** (cents, for USD), half-even:
    each line once, and the total once, from the exact total. The difference between

@@ -126,7 +126,9 @@ def usage_report(
 
 
 def invoice_report(session: Session, tenant: str, period: Period) -> dict[str, Any]:
-    """A tenant's invoice for ``period``, one line per model.
+    """A tenant's invoice for ``period``, one line per model and entry kind (``charge``:
+    finished requests; ``partial``: work done on requests cancelled, expired or failed
+    after the engine started them; ``refund``, ``adjustment``).
 
     The total is the exact sum of the ledger entries, rounded once (half-even) to the
     currency's minor unit; the rounding adjustment reconciles it with the rounded lines.
@@ -136,7 +138,8 @@ def invoice_report(session: Session, tenant: str, period: Period) -> dict[str, A
         "object": "tokenmill.invoice", "tenant": inv.tenant,
         "period": {"start": _iso(inv.period.start), "end": _iso(inv.period.end)},
         "currency": inv.currency,
-        "lines": [{"model": ln.model, "requests": ln.requests, "input_tokens": ln.prompt_tokens,
+        "lines": [{"model": ln.model, "kind": ln.kind.value, "requests": ln.requests,
+                   "input_tokens": ln.prompt_tokens,
                    "output_tokens": ln.completion_tokens, "amount": _money(ln.amount),
                    "amount_rounded": _money(ln.amount_rounded)} for ln in inv.lines],
         "total": _money(inv.total), "total_rounded": _money(inv.total_rounded),

@@ -1,11 +1,12 @@
-"""SLA measurements, one record per finished request."""
+"""SLA measurements, one record per finished request (written by the ledger sink,
+:mod:`.streams.sink`): the report queries."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import Any
 
 from sqlalchemy import case, func, or_, select
 from sqlalchemy.orm import Session
@@ -13,107 +14,6 @@ from sqlalchemy.orm import Session
 from .errors import translated
 from .models import SlaRecord
 from .types import utc
-from .upsert import insert_ignore, insert_ignore_many
-
-
-@translated
-def record_sla(
-    session: Session,
-    *,
-    request_id: str,
-    tenant: str,
-    tier: str,
-    model: str,
-    sla_class: str,
-    queue_ms: float | None,
-    ttft_ms: float | None,
-    tpot_ms: float | None,
-    e2e_ms: float | None,
-    met: bool,
-    finished_at: datetime,
-) -> bool:
-    """Record a request's SLA figures once; a replay is a no-op.
-
-    Parameters:
-        session: the caller's transaction.
-        request_id: the request; at most one record per id.
-        tenant, tier, model, sla_class: what the figures are measured against.
-        queue_ms, ttft_ms, tpot_ms, e2e_ms: the measurements (None where not applicable,
-            e.g. no first token on a failure).
-        met: whether every target of the SLA class was met.
-        finished_at: when the request finished.
-
-    Raises:
-        LedgerError: the database refused the write.
-
-    Returns:
-        True if the record is new.
-    """
-    return insert_ignore(
-        session,
-        SlaRecord,
-        {
-            "request_id": request_id,
-            "tenant": tenant,
-            "tier": tier,
-            "model": model,
-            "sla_class": sla_class,
-            "queue_ms": queue_ms,
-            "ttft_ms": ttft_ms,
-            "tpot_ms": tpot_ms,
-            "e2e_ms": e2e_ms,
-            "met": met,
-            "finished_at": utc(finished_at),
-        },
-        ["request_id"],
-    )
-
-
-class SlaItem(NamedTuple):
-    """One finished request's SLA figures, as :func:`record_sla_new` takes them."""
-
-    request_id: str
-    tenant: str
-    tier: str
-    model: str
-    sla_class: str
-    queue_ms: float | None
-    ttft_ms: float | None
-    tpot_ms: float | None
-    e2e_ms: float | None
-    met: bool
-    finished_at: datetime
-
-
-@translated
-def record_sla_new(session: Session, items: Iterable[SlaItem]) -> set[str]:
-    """Record many requests' SLA figures with multi-row inserts; replays (and repeats
-    within ``items``: the first wins) are no-ops.
-
-    Returns:
-        The request ids recorded by this call.
-    """
-    unique: dict[str, SlaItem] = {}
-    for item in items:
-        unique.setdefault(item.request_id, item)
-    rows = [
-        {
-            "request_id": rid,
-            "tenant": unique[rid].tenant,
-            "tier": unique[rid].tier,
-            "model": unique[rid].model,
-            "sla_class": unique[rid].sla_class,
-            "queue_ms": unique[rid].queue_ms,
-            "ttft_ms": unique[rid].ttft_ms,
-            "tpot_ms": unique[rid].tpot_ms,
-            "e2e_ms": unique[rid].e2e_ms,
-            "met": unique[rid].met,
-            "finished_at": utc(unique[rid].finished_at),
-        }
-        for rid in sorted(unique)
-    ]
-    return insert_ignore_many(session, SlaRecord, rows, ["request_id"], "request_id")
-
 
 # -- reports -------------------------------------------------------------------------
 

@@ -1,14 +1,14 @@
 """Metered usage: one record per request, rolled up per tenant, model and minute.
 
-The roll-up (``usage_minutes``) is updated in the same transaction as the usage
-record, and only when that record was newly inserted, so a replayed ``finished``
-event changes neither: counts are exact under at-least-once delivery.
+The ledger sink (:mod:`.streams.sink`) writes the records and adds to the roll-up
+(``usage_minutes``) in the same transaction, only for records newly inserted, so a
+replayed event changes neither: counts are exact under at-least-once delivery. This
+module holds the roll-up's upsert and the queries that read it.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -16,13 +16,10 @@ from typing import Any
 from sqlalchemy import Connection, func, select
 from sqlalchemy.orm import Session
 
-from tokenmill.wire import Priority
-
-from .bulk import bind_processor, upsert_add
+from .bulk import upsert_add
 from .errors import translated
-from .models import UsageMinute, UsageRecord
-from .types import utc, utcnow
-from .upsert import insert_ignore_many
+from .models import UsageMinute
+from .types import utc
 
 
 @dataclass(frozen=True)
@@ -36,119 +33,6 @@ class UsageTotals:
     @property
     def total_tokens(self) -> int:
         return self.input_tokens + self.output_tokens
-
-
-def minute_of(at: datetime | float) -> datetime:
-    """The UTC minute bucket holding ``at``."""
-    return utc(at).replace(second=0, microsecond=0)
-
-
-@dataclass(frozen=True)
-class UsageItem:
-    """The metered usage of one finished request, as :func:`record_usage_many` takes it."""
-
-    request_id: str
-    tenant: str
-    model: str
-    priority: Priority
-    prompt_tokens: int
-    completion_tokens: int
-    #: when the request finished; picks the minute bucket
-    at: datetime
-
-
-@translated
-def record_usage(
-    session: Session,
-    *,
-    request_id: str,
-    tenant: str,
-    model: str,
-    priority: Priority,
-    prompt_tokens: int,
-    completion_tokens: int,
-    at: datetime,
-) -> bool:
-    """Record a finished request's usage once; a replay is a no-op.
-
-    Parameters:
-        session: the caller's transaction; commit it before acknowledging the event.
-        request_id: the request; at most one usage record exists per id.
-        tenant, model, priority: what to attribute the usage to.
-        prompt_tokens, completion_tokens: the engine's final counts.
-        at: when the request finished; picks the minute bucket.
-
-    Raises:
-        LedgerError: the database refused the write (e.g. negative counts).
-
-    Returns:
-        True if this was new (and was added to the per-minute roll-up).
-    """
-    item = UsageItem(request_id, tenant, model, priority, prompt_tokens, completion_tokens, at)
-    return record_usage_many(session, [item]) == 1
-
-
-@translated
-def record_usage_many(session: Session, items: Iterable[UsageItem]) -> int:
-    """Record many requests' usage in one go; replays (and repeats within ``items``) are
-    no-ops. See :func:`record_usage_new`.
-
-    Returns:
-        How many items were new.
-    """
-    return len(record_usage_new(session, items))
-
-
-@translated
-def record_usage_new(session: Session, items: Iterable[UsageItem]) -> set[str]:
-    """Record many requests' usage with multi-row inserts; replays (and repeats within
-    ``items``: the first wins) are no-ops.
-
-    Rows are locked in one global order (usage records by request id, then roll-up
-    rows by key), so concurrent consumers replaying overlapping sets cannot deadlock
-    on PostgreSQL, and the roll-up takes one statement, counting only the records this
-    call inserted.
-
-    Parameters:
-        session: the caller's transaction; commit it before acknowledging the events.
-        items: the usage to record.
-
-    Raises:
-        LedgerError: the database refused a write (e.g. negative counts).
-
-    Returns:
-        The request ids whose usage was new.
-    """
-    rollup: dict[tuple[str, str, datetime], list[int]] = defaultdict(lambda: [0, 0, 0])
-    now = utcnow()
-    unique: dict[str, UsageItem] = {}
-    for item in items:
-        unique.setdefault(item.request_id, item)  # a repeat within ``items``: first wins
-    ordered = [unique[rid] for rid in sorted(unique)]
-    rows: list[dict[str, Any]] = [
-        {
-            "request_id": item.request_id,
-            "tenant": item.tenant,
-            "model": item.model,
-            "priority": Priority(item.priority),
-            "minute": minute_of(item.at),
-            "prompt_tokens": item.prompt_tokens,
-            "completion_tokens": item.completion_tokens,
-            "recorded_at": now,
-        }
-        for item in ordered
-    ]
-    inserted = insert_ignore_many(session, UsageRecord, rows, ["request_id"], "request_id")
-    for row in rows:
-        if row["request_id"] in inserted:
-            sums = rollup[(row["tenant"], row["model"], row["minute"])]
-            sums[0] += 1
-            sums[1] += row["prompt_tokens"]
-            sums[2] += row["completion_tokens"]
-    conn = session.connection()
-    encode = bind_processor(UsageMinute.__table__.c.minute.type, conn.dialect)
-    add_to_minutes(conn, {(t, m, encode(minute)): sums for (t, m, minute), sums in rollup.items()})
-    return inserted
 
 
 #: the key and the counters of a ``usage_minutes`` row

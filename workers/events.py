@@ -9,7 +9,10 @@ Event semantics (all events of one attempt share ``attempt``; ``seq`` orders the
 * ``first_token`` when the engine produced its first token(s);
 * ``progress`` coalesced: after ``progress_tokens`` new tokens or ``progress_interval_s``;
 * one terminal event: ``finished`` (engine's own prompt/completion counts), ``failed``
-  (``reason``) or ``cancelled``.
+  (``reason``) or ``cancelled``. A failed or cancelled (or expired: ``failed`` with
+  reason ``expired: …``) request carries the work the engine had done for it — its
+  prompt once admitted, the tokens generated — which the ledger bills as partial work;
+  one that never reached the engine carries zero counts and costs nothing.
 
 ``delta_tokens`` is the number of tokens since the previous event of the attempt, so
 the deltas of an attempt sum to its final ``completion_tokens``.

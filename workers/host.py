@@ -17,7 +17,9 @@ For each request it:
    requests;
 5. commits the outcome (result + terminal event, first outcome wins) and then
    delivers the terminal event: ``finished``, ``failed`` (with the reason — an
-   engine failure is never dropped) or ``cancelled``.
+   engine failure is never dropped) or ``cancelled``; the last two (and the Result's
+   usage) carry the engine's counts of the work done so far (see ``Engine.abort``),
+   zero for a request the engine never had.
 
 Once a second (``maintenance_interval_s``) it publishes the worker's heartbeat,
 renews its leases and its messages' broker visibility; every ``cancel_poll_s`` it
@@ -457,7 +459,10 @@ class EngineHost:
             return
         run.cancel_requested = True
         try:
-            await self.engine.abort(run.request.id)
+            done = await self.engine.abort(run.request.id)
+            if done is not None:  # the work done, delivered or not, is what is billed
+                run.prompt_tokens = max(run.prompt_tokens, done.prompt_tokens)
+                run.completion_tokens = max(run.completion_tokens, done.completion_tokens)
         finally:
             if run.gen_task is not None and not run.gen_task.done():
                 run.gen_task.cancel()

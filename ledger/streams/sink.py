@@ -1,14 +1,24 @@
-"""The ledger sink: one batch of token events → one database transaction.
+"""The ledger sink: one batch of token events → one database transaction. It is the
+only writer of usage, charges and SLA records.
 
-For every ``finished`` event the transaction inserts, each keyed by request id with
-``ON CONFLICT DO NOTHING``: the usage record (and adds it to the per-minute roll-up only
-if it was new), the charge priced with the price-card version in force at the
-request's finish, and the SLA record. A replayed batch therefore changes nothing, so
-the stream can be at-least-once: the caller acknowledges the events (lets the consumer
-commit their offsets) only after :meth:`LedgerSink.write` returned.
+A request is billed once, by the first terminal event that carries work:
 
-Failed and cancelled requests are not billed and have no usage (the scheduler releases
-their budget reservations at zero cost); progress events carry nothing to record.
+* ``finished``: a usage record, a ``charge`` and (for a known tenant) an SLA record;
+* ``cancelled`` or ``failed`` with token counts (the engine had admitted the prompt or
+  generated tokens before the request was cancelled, expired or failed): a usage record
+  and a ``partial`` entry, priced like a charge; no SLA record (it did not finish).
+  With no counts (refused or cancelled before the engine had it) nothing is recorded.
+
+Each is priced with the price-card version in force at the event's finish
+(:class:`~tokenmill.pricing.PriceBook`). The usage record is keyed by request id and
+inserted with ``ON CONFLICT DO NOTHING``; the entry, the roll-up and the SLA record are
+written only for the requests whose usage record is new in this transaction, so a
+replayed batch changes nothing and a request with both a partial and a finished event
+(a race, a redelivery, a reconciler's repair) is billed once. The stream can therefore
+be at-least-once: the caller commits the events' offsets only after
+:meth:`LedgerSink.write` (or :meth:`LedgerSink.commit`) returned.
+
+Progress events carry nothing to record.
 """
 
 from __future__ import annotations
@@ -19,55 +29,45 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
 from tokenmill.config import Settings, SlaClass
 
 from tokenmill import pricing
 from tokenmill.errors import LedgerError
+from tokenmill.pricing import PriceBook
 from tokenmill.wire import EventKind, Priority, TokenEvent
 
-from ..billing import sync_price_cards
+from ..billing import Card, load_price_book, sync_price_cards
 from ..bulk import Encoder, insert_new, insert_rows
 from ..db import run_transaction, transaction
 from ..errors import LedgerConflict, translated
-from ..models import EntryKind, LedgerEntry, PriceCardVersion, SlaRecord, UsageRecord
+from ..models import EntryKind, LedgerEntry, SlaRecord, UsageRecord
 from ..types import utcnow
 from ..usage import add_to_minutes
 from .measure import Measurement, measure
 from .rates import Rates, precision_limit, rates_for, units_to_decimal
 
-#: finishes from here on (the year 2242; inf) take the datetime path, which refuses what
-#: is not a time
-_FAR_FUTURE = 2.0**33
+#: terminal kinds billed for the work done when they carry token counts
+PARTIAL_KINDS = frozenset({EventKind.cancelled, EventKind.failed})
+#: what a partial record has for SLA figures: none (it did not finish; no SLA record)
+UNMEASURED = Measurement(None, None, None, 0.0, ())
 
 
 class LedgerUnavailable(LedgerError):
     """The database cannot be reached (or stays locked): retry the same batch later."""
 
 
-@dataclass(frozen=True)
-class Card:
-    """A stored price-card version (what :func:`tokenmill.pricing.cost` needs)."""
-
-    id: int
-    model: str
-    effective_from: datetime
-    currency: str
-    input_per_million: Decimal
-    output_per_million: Decimal
-    batch_discount: Decimal
-
-
 @dataclass(slots=True)
 class Recorded:
-    """A finished request as the sink saw it."""
+    """A billed request as the sink saw it: finished (``kind`` charge) or partial."""
 
     event: TokenEvent
     tier: str | None
     sla_class: str | None
     targets: SlaClass | None
+    #: its SLA figures (:data:`UNMEASURED` for a partial record)
     measurement: Measurement
     currency: str
     card_id: int
@@ -77,6 +77,10 @@ class Recorded:
     priced: Decimal | None = None
     #: whether this batch inserted its usage (False: a replay or a duplicate)
     new: bool = False
+    #: the ledger entry's kind: ``charge`` (finished) or ``partial``
+    kind: EntryKind = EntryKind.charge
+    #: when it ended (POSIX seconds): picks the price card, the minute and the period
+    ended: float = 0.0
 
     @property
     def cost(self) -> Decimal:
@@ -88,9 +92,8 @@ class Recorded:
 
     @property
     def at(self) -> datetime:
-        """Its finish (UTC), which picks the price card, the minute and the billing period."""
-        assert self.event.finished_at is not None
-        return datetime.fromtimestamp(self.event.finished_at, UTC)
+        """When it ended (UTC), which picks the price card, the minute and the period."""
+        return datetime.fromtimestamp(self.ended, UTC)
 
 
 @dataclass
@@ -99,18 +102,27 @@ class BatchOutcome:
 
     #: finished events recorded now or before (replays), in input order
     recorded: list[Recorded] = field(default_factory=list)
+    #: cancelled/failed events with token counts, billed as partial work now or before
+    partial: list[Recorded] = field(default_factory=list)
     #: (index into the input, reason) of events that cannot be recorded
     rejected: list[tuple[int, str]] = field(default_factory=list)
-    #: events of other kinds (validated, nothing to record)
+    #: events with nothing to record (progress, or terminal without token counts)
     skipped: int = 0
 
     @property
     def new(self) -> list[Recorded]:
+        """Finished events this batch billed."""
         return [r for r in self.recorded if r.new]
 
     @property
     def duplicates(self) -> int:
+        """Finished events already billed (a replay, or the request was billed before)."""
         return sum(1 for r in self.recorded if not r.new)
+
+    @property
+    def new_partial(self) -> list[Recorded]:
+        """Partial work this batch billed."""
+        return [r for r in self.partial if r.new]
 
 
 class LedgerSink:
@@ -126,9 +138,7 @@ class LedgerSink:
     def __init__(self, sessions: sessionmaker[Session], settings: Settings) -> None:
         self.sessions = sessions
         self.settings = settings
-        self._cards: dict[str, list[Card]] = {}
-        #: model → its latest card and that card's start as a timestamp
-        self._latest: dict[str, tuple[Card, float]] = {}
+        self._book: PriceBook[Card] = PriceBook(())
         self._tiers: dict[str, tuple[str | None, str | None, SlaClass | None]] = {}
         #: (card id, priority) → its exact rates, None if it has none
         self._rates: dict[tuple[int, Priority], Rates | None] = {}
@@ -146,35 +156,12 @@ class LedgerSink:
 
     def _load_cards(self) -> None:
         with transaction(self.sessions) as session:
-            rows = session.execute(
-                select(PriceCardVersion).order_by(PriceCardVersion.effective_from)
-            ).scalars()
-            cards: dict[str, list[Card]] = {}
-            for r in rows:
-                cards.setdefault(r.model, []).append(
-                    Card(r.id, r.model, r.effective_from, r.currency, r.input_per_million,
-                         r.output_per_million, r.batch_discount)
-                )  # fmt: skip
-        self._cards = cards
-        self._latest = {m: (cs[-1], cs[-1].effective_from.timestamp()) for m, cs in cards.items()}
+            self._book = load_price_book(session)
 
-    def _card_at(self, model: str, finished_at: float) -> Card | None:
-        """:meth:`card_for` the finish ``datetime.fromtimestamp(finished_at, UTC)``,
-        without making the datetime where the model's latest card clearly applies."""
-        latest = self._latest.get(model)
-        # A finish a whole 10 µs past the latest card's start is past it also once
-        # rounded to the microsecond (a timestamp's ulp is ~0.2 µs); closer: decide exactly.
-        if latest is not None and latest[1] + 1e-5 <= finished_at < _FAR_FUTURE:
-            return latest[0]
-        return self.card_for(model, datetime.fromtimestamp(finished_at, UTC))
-
-    def card_for(self, model: str, at: datetime) -> Card | None:
-        """The version in force for ``model`` at ``at``: the latest that started by then."""
-        found = None
-        for card in self._cards.get(model, ()):
-            if card.effective_from <= at:
-                found = card
-        return found
+    @property
+    def price_book(self) -> PriceBook[Card]:
+        """The stored price card versions it prices with (loaded by :meth:`prepare`)."""
+        return self._book
 
     def _tier_of(self, tenant: str) -> tuple[str | None, str | None, SlaClass | None]:
         found = self._tiers.get(tenant)
@@ -189,8 +176,8 @@ class LedgerSink:
         return found
 
     def write(self, events: Sequence[TokenEvent]) -> BatchOutcome:
-        """Record the ``finished`` events of ``events`` in one transaction
-        (:meth:`plan`, then :meth:`commit`).
+        """Record the billable events of ``events`` in one transaction (:meth:`plan`,
+        then :meth:`commit`).
 
         Returns:
             What was recorded, what was a replay, and which events were rejected (no
@@ -203,40 +190,45 @@ class LedgerSink:
         return self.commit(self.plan(events))
 
     def plan(self, events: Sequence[TokenEvent]) -> Plan:
-        """Price and measure the ``finished`` events of ``events`` and build their rows:
+        """Price and measure the billable events of ``events`` and build their rows:
         all of a batch's work but the database's (no I/O, except reloading the price
         cards when an event has none)."""
-        outcome = BatchOutcome()
+        skipped = 0
+        rejected: list[tuple[int, str]] = []
         planned: list[tuple[int, Recorded]] = []
         reloaded = False
         limit = precision_limit()
-        finished = EventKind.finished
+        finished, partial_kinds = EventKind.finished, PARTIAL_KINDS
+        charge, partial = EntryKind.charge, EntryKind.partial
         all_rates, tiers = self._rates, self._tiers
         # Per event only lookups and integer arithmetic: no datetime, no Decimal where
         # whole-unit rates apply (both made later only if asked for, see Recorded), and
-        # the usual case of _card_at and _tier_of inline.
+        # the usual case of _tier_of inline.
         for i, ev in enumerate(events):
-            if ev.kind is not finished:
-                outcome.skipped += 1
-                continue
-            finished_at = ev.finished_at
-            assert finished_at is not None  # decode.parse guarantees it
-            latest = self._latest.get(ev.model)
-            if latest is not None and latest[1] + 1e-5 <= finished_at < _FAR_FUTURE:
-                card: Card | None = latest[0]
+            kind = ev.kind
+            pt, ct = ev.prompt_tokens, ev.completion_tokens
+            if kind is finished:
+                entry = charge
+                ended = ev.finished_at
+                assert ended is not None  # decode.parse guarantees it
+            elif kind in partial_kinds and (pt or ct):
+                entry = partial
+                ended = ev.finished_at if ev.finished_at is not None else ev.ts
             else:
-                try:
-                    card = self._card_at(ev.model, finished_at)
-                    if card is None and not reloaded:
-                        self._load_cards()  # another process may have stored a newer card
-                        reloaded = True
-                        card = self._card_at(ev.model, finished_at)
-                except (ValueError, OverflowError, OSError) as exc:  # inf, nan: not a time
-                    outcome.rejected.append((i, f"ValueError: finished_at {finished_at}: {exc}"))
-                    continue
+                skipped += 1
+                continue
+            try:
+                card = self._book.in_force_at(ev.model, ended)
+                if card is None and not reloaded:
+                    self._load_cards()  # another process may have stored a newer card
+                    reloaded = True
+                    card = self._book.in_force_at(ev.model, ended)
+            except (ValueError, OverflowError, OSError) as exc:  # inf, nan: not a time
+                rejected.append((i, f"ValueError: finished_at {ended}: {exc}"))
+                continue
             if card is None:
-                at = datetime.fromtimestamp(finished_at, UTC)
-                outcome.rejected.append(
+                at = datetime.fromtimestamp(ended, UTC)
+                rejected.append(
                     (i, f"NotFound: no price card for model {ev.model!r} at {at.isoformat()}")
                 )
                 continue
@@ -246,15 +238,15 @@ class LedgerSink:
                 rates = all_rates[key]
             except KeyError:
                 rates = all_rates[key] = rates_for(card, ev.priority)
-            pt, ct = ev.prompt_tokens, ev.completion_tokens
             try:
                 units = None if rates is None else rates.units(pt, ct, limit)
                 priced = None if units is not None else pricing.cost(card, pt, ct, ev.priority)
-                m = measure(ev, targets)
+                m = measure(ev, targets) if entry is charge else UNMEASURED
             except ValueError as exc:
-                outcome.rejected.append((i, f"ValueError: {exc}"))
+                rejected.append((i, f"ValueError: {exc}"))
                 continue
-            rec = Recorded(ev, tier, sla_class, targets, m, card.currency, card.id, units, priced)
+            rec = Recorded(ev, tier, sla_class, targets, m, card.currency, card.id, units, priced,
+                           False, entry, ended)  # fmt: skip
             planned.append((i, rec))
         rows: Rows | LedgerError | None = None
         if planned:
@@ -262,7 +254,7 @@ class LedgerSink:
                 rows = build_rows(self._encoder(), [r for _, r in planned])
             except LedgerError as exc:  # e.g. an amount out of range: commit finds which
                 rows = exc
-        return Plan(outcome.skipped, outcome.rejected, planned, rows)
+        return Plan(skipped, rejected, planned, rows)
 
     def commit(self, plan: Plan) -> BatchOutcome:
         """Write a :meth:`plan` in one transaction (blocking; safe on another thread than
@@ -294,20 +286,20 @@ class LedgerSink:
                 except LedgerError as exc:
                     outcome.rejected.append((i, f"LedgerError: {exc}"))
             planned = kept
+        outcome.rejected.sort()
         # Keep the batch's order; the first delivery of a request id in it is the new one.
+        charge = EntryKind.charge
         if len(new) == len(planned):  # the usual case: all new, so no id repeats
             for _, rec in planned:
                 rec.new = True
-            outcome.recorded = [rec for _, rec in planned]
-            outcome.rejected.sort()
+                (outcome.recorded if rec.kind is charge else outcome.partial).append(rec)
             return outcome
         seen: set[str] = set()
         for _, rec in planned:
             rid = rec.event.request_id
             rec.new = rid in new and rid not in seen
             seen.add(rid)
-            outcome.recorded.append(rec)
-        outcome.rejected.sort()
+            (outcome.recorded if rec.kind is charge else outcome.partial).append(rec)
         return outcome
 
     def _transact(self, rows: Rows) -> set[str]:
@@ -338,7 +330,7 @@ CHARGE_COLS = ("request_id", "kind", "tenant", "model", "amount", "currency",
                "price_card_version_id", "prompt_tokens", "completion_tokens", "created_at")  # fmt: skip
 SLA_COLS = ("request_id", "tenant", "tier", "model", "sla_class", "queue_ms", "ttft_ms",
             "tpot_ms", "e2e_ms", "met", "finished_at")  # fmt: skip
-_CHARGE = EntryKind.charge.value
+_ENTRY_TEXT = {k: k.value for k in EntryKind}
 #: a dict lookup: an enum's ``.value`` is a Python-level property call
 _PRIORITY_TEXT = {p: p.value for p in Priority}
 
@@ -371,8 +363,8 @@ class Plan:
 
 
 def build_rows(enc: Encoder, recs: Sequence[Recorded]) -> Rows:
-    """The usage, charge and SLA rows of ``recs`` as driver-ready tuples, built in one
-    pass, in request-id order; the first of repeated request ids wins.
+    """The usage, ledger-entry and SLA rows of ``recs`` as driver-ready tuples, built in
+    one pass, in request-id order; the first of repeated request ids wins.
 
     Raises:
         LedgerError: an amount that cannot be stored exactly.
@@ -384,25 +376,28 @@ def build_rows(enc: Encoder, recs: Sequence[Recorded]) -> Rows:
     usage, charges, slas, minutes = rows.usage, rows.charges, rows.slas, rows.minutes
     assert minutes is not None
     stamp, money, money_units = enc.finish_stamp, enc.money, enc.money_units
+    charge = EntryKind.charge
     for rid in sorted(unique):
         r = unique[rid]
         ev = r.event
         tenant, model, pt, ct = ev.tenant, ev.model, ev.prompt_tokens, ev.completion_tokens
-        assert ev.finished_at is not None
-        at, minute = stamp(ev.finished_at)
+        at, minute = stamp(r.ended)
         units = r.units
         amount = money(r.cost) if units is None else money_units(units)
         usage.append((rid, tenant, model, _PRIORITY_TEXT[ev.priority], minute, pt, ct))
         _count(minutes, (tenant, model, minute), pt, ct)
-        charges.append((rid, _CHARGE, tenant, model, amount, r.currency, r.card_id, pt, ct, at))
-        if r.tier is not None:
+        charges.append((rid, _ENTRY_TEXT[r.kind], tenant, model, amount, r.currency, r.card_id,
+                        pt, ct, at))  # fmt: skip
+        if r.tier is not None and r.kind is charge:
             m = r.measurement
             slas.append((rid, tenant, r.tier, model, r.sla_class, m.queue_ms, m.ttft_ms,
                          m.tpot_ms, m.e2e_ms, not m.missed, at))  # fmt: skip
     return rows
 
 
-def _count(sums: dict[tuple[str, str, Any], list[int]], key: tuple[str, str, Any], pt: int, ct: int) -> None:
+def _count(
+    sums: dict[tuple[str, str, Any], list[int]], key: tuple[str, str, Any], pt: int, ct: int
+) -> None:
     """Add one request of ``pt`` prompt and ``ct`` completion tokens to ``sums[key]``."""
     s = sums.get(key)
     if s is None:
@@ -414,23 +409,30 @@ def _count(sums: dict[tuple[str, str, Any], list[int]], key: tuple[str, str, Any
 
 @translated
 def write_rows(conn: Connection, rows: Rows, recorded_at: Any) -> set[str]:
-    """Insert ``rows`` (replays are no-ops; usage records stamped with the driver-ready
-    ``recorded_at``) and add the usage records new to the ledger to the per-minute
-    roll-up: a few multi-row statements per table.
+    """Insert the usage records of ``rows`` (stamped with the driver-ready
+    ``recorded_at``; replays are no-ops) and, for those new to the ledger only, their
+    ledger entries, roll-up counts and SLA records: a few multi-row statements per
+    table. A request whose usage is already recorded (by an earlier finished or partial
+    event) is never billed again.
 
     Returns:
         The request ids whose usage was new.
     """
     usage = [(*row, recorded_at) for row in rows.usage]
     new: set[str] = insert_new(conn, UsageRecord, USAGE_COLS, usage, "request_id")
-    sums: dict[tuple[str, str, Any], list[int]] = {}
     if rows.minutes is not None and len(new) == len(rows.usage):
-        sums = rows.minutes  # every row new (the usual case): summed when planned
-    elif new:
+        # every row new (the usual case): summed when planned
+        sums, charges, slas = rows.minutes, rows.charges, rows.slas
+    else:
+        sums = {}
         for rid, tenant, model, _prio, minute, pt, ct in rows.usage:
             if rid in new:
                 _count(sums, (tenant, model, minute), pt, ct)
+        charges = [row for row in rows.charges if row[0] in new]
+        slas = [row for row in rows.slas if row[0] in new]
     add_to_minutes(conn, sums)
-    insert_rows(conn, LedgerEntry, CHARGE_COLS, rows.charges, conflict=("request_id", "kind"))
-    insert_rows(conn, SlaRecord, SLA_COLS, rows.slas, conflict=("request_id",))
+    # ON CONFLICT still: an entry without its usage record (written by an older
+    # version) must not fail the batch.
+    insert_rows(conn, LedgerEntry, CHARGE_COLS, charges, conflict=("request_id", "kind"))
+    insert_rows(conn, SlaRecord, SLA_COLS, slas, conflict=("request_id",))
     return new

@@ -1,4 +1,5 @@
-"""Ledger fixtures: every test runs against SQLite and a real PostgreSQL server.
+"""Ledger fixtures: every test runs against SQLite and a real PostgreSQL server; the
+ledger's one write path (``sink``) on it.
 
 PostgreSQL is started once per session from Debian's server binaries (as the
 ``postgres`` user when we are root, which postgres refuses to run as), on a free
@@ -14,6 +15,7 @@ import glob
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -23,9 +25,14 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
+from tokenmill.config import EXAMPLE_CONFIG, Settings
 from tokenmill.ledger import make_engine, migrate, session_factory
+from tokenmill.ledger.streams import LedgerSink
 
 from tokenmill.stack import processes
+
+sys.path.insert(0, str(Path(__file__).parent))  # ledger_events
+from ledger_events import CARDS
 
 TEMPLATE_DB = "tm_ledger_template"
 
@@ -173,3 +180,19 @@ def engine(ledger_url: str) -> Iterator[Engine]:
 @pytest.fixture
 def sessions(engine: Engine) -> sessionmaker[Session]:
     return session_factory(engine)
+
+
+@pytest.fixture
+def settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Settings:
+    """The example config (tenants alpha/beta/gamma: tiers gold/silver/bronze), with
+    the price cards of :data:`ledger_events.CARDS` (sim's price changes on March 1st)."""
+    monkeypatch.setenv("TOKENMILL_CONFIG", str(EXAMPLE_CONFIG))
+    return Settings(home=tmp_path / "home", price_cards=CARDS)
+
+
+@pytest.fixture
+def sink(sessions: sessionmaker[Session], settings: Settings) -> LedgerSink:
+    """The ledger's one write path, on the test's database, its price cards stored."""
+    s = LedgerSink(sessions, settings)
+    s.prepare()
+    return s

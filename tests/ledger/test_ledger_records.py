@@ -1,10 +1,11 @@
-"""SLA records, webhook deliveries, the tenant mirror, the package's API and commands."""
+"""SLA records (written by the ledger sink), webhook deliveries, the tenant mirror, the package's API and commands."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from ledger_events import event
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from tokenmill.config import EXAMPLE_CONFIG, Settings
@@ -15,11 +16,11 @@ from tokenmill.ledger import (
     WebhookAttempt,
     WebhookDelivery,
     enqueue_webhook,
-    record_sla,
     record_webhook_attempt,
     sync_tenants,
     transaction,
 )
+from tokenmill.ledger.streams import LedgerSink
 
 from tokenmill import ledger
 from tokenmill.errors import LedgerError, NotFound
@@ -27,18 +28,20 @@ from tokenmill.errors import LedgerError, NotFound
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
 
-def test_sla_replays_are_no_ops(sessions: sessionmaker[Session]) -> None:
-    kw = {
-        "request_id": "req_1", "tenant": "alpha", "tier": "gold", "model": "sim",
-        "sla_class": "gold", "queue_ms": 12.5, "ttft_ms": 80.0, "tpot_ms": 9.5,
-        "e2e_ms": 900.0, "met": True, "finished_at": T0,
-    }  # fmt: skip
-    with transaction(sessions) as s:
-        assert record_sla(s, **kw) is True
-        assert record_sla(s, **{**kw, "met": False}) is False
+def test_sla_records_once_per_finished_request(
+    sink: LedgerSink, sessions: sessionmaker[Session]
+) -> None:
+    first = event("req_1", T0, tenant="alpha", ttft_s=0.08, tpot_s=0.0095, completion_tokens=21)
+    slow = event("req_1", T0, tenant="alpha", ttft_s=4.0, completion_tokens=21)  # would miss
+    unknown = event("req_2", T0, tenant="nobody")  # no tier: billed, not measured
+    assert len(sink.write([first, unknown]).new) == 2
+    assert sink.write([slow]).duplicates == 1
     with transaction(sessions) as s:
         row = s.scalars(select(SlaRecord)).one()
-        assert (row.met, row.ttft_ms, row.finished_at) == (True, 80.0, T0)
+    assert (row.request_id, row.tenant, row.tier, row.sla_class, row.met) == (
+        "req_1", "alpha", "gold", "gold", True)  # fmt: skip
+    assert row.ttft_ms == pytest.approx(80.0) and row.tpot_ms == pytest.approx(9.5)
+    assert row.e2e_ms == pytest.approx(80.0 + 20 * 9.5) and row.finished_at == T0
 
 
 def test_webhook_delivery_lifecycle(sessions: sessionmaker[Session]) -> None:

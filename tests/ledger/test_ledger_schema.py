@@ -16,13 +16,13 @@ from tokenmill.ledger import (
     LedgerEntry,
     PriceCardVersion,
     RequestRow,
+    UsageRecord,
     downgrade,
     make_engine,
     migrate,
     normalize_url,
-    record_charge,
-    record_usage,
     schema_diff,
+    session_factory,
     transaction,
 )
 
@@ -43,6 +43,40 @@ def test_migrations_apply_match_models_and_round_trip(empty_url: str) -> None:
         assert set(inspect(engine).get_table_names()) == {"alembic_version"}
         migrate(engine)
         assert schema_diff(engine) == []
+    finally:
+        engine.dispose()
+
+
+def test_partial_entries_migration_keeps_entries_and_append_only(empty_url: str) -> None:
+    """0004 rebuilds ledger_entries on SQLite: rows, ids and triggers survive; partial
+    entries are accepted after it, and a downgrade refuses to drop them."""
+    engine = make_engine(empty_url)
+    try:
+        migrate(engine, "0003")
+        with engine.begin() as conn:
+            conn.execute(text(
+                "INSERT INTO price_card_versions (id, model, effective_from, currency,"
+                " input_per_million, output_per_million, batch_discount, created_at)"
+                " VALUES (7, 'm', :at, 'USD', 1, 1, 0, :at)"), {"at": T0})  # fmt: skip
+            conn.execute(text(
+                "INSERT INTO ledger_entries (id, request_id, kind, tenant, model, amount,"
+                " currency, price_card_version_id, prompt_tokens, completion_tokens, created_at)"
+                " VALUES (41, 'r1', 'charge', 'a', 'm', 15, 'USD', 7, 3, 4, :at)"), {"at": T0})  # fmt: skip
+        migrate(engine)
+        assert schema_diff(engine) == []
+        sessions = session_factory(engine)
+        with transaction(sessions) as s:
+            [old] = s.scalars(select(LedgerEntry)).all()
+            assert (old.id, old.request_id, old.kind, old.price_card_version_id) == (
+                41, "r1", EntryKind.charge, 7)  # fmt: skip
+            assert (old.prompt_tokens, old.completion_tokens, old.created_at) == (3, 4, T0)
+            s.add(LedgerEntry(request_id="r2", kind=EntryKind.partial, tenant="a", model="m",
+                              amount=Decimal(1), currency="USD", price_card_version_id=7,
+                              created_at=T0))  # fmt: skip
+        with pytest.raises(LedgerError, match="append-only"), transaction(sessions) as s:
+            s.execute(text("DELETE FROM ledger_entries"))
+        with pytest.raises(LedgerError, match="(?i)check"):
+            downgrade(engine, "0003")
     finally:
         engine.dispose()
 
@@ -106,16 +140,15 @@ def test_unsupported_urls_are_ledger_errors(url: str) -> None:
 
 
 def test_database_refusals_become_ledger_errors(sessions: sessionmaker[Session]) -> None:
-    with pytest.raises(LedgerError, match="record_usage"), transaction(sessions) as s:
-        record_usage(
-            s, request_id="r", tenant="a", model="m", priority=Priority.standard,
-            prompt_tokens=-1, completion_tokens=0, at=T0,
-        )  # fmt: skip
+    def usage(**kw: object) -> UsageRecord:
+        return UsageRecord(**{"request_id": "r", "tenant": "a", "model": "m",
+                              "priority": Priority.standard, "minute": T0, "prompt_tokens": 1,
+                              "completion_tokens": 0, **kw})  # fmt: skip
+
+    with pytest.raises(LedgerError, match="transaction: IntegrityError"), transaction(sessions) as s:
+        s.add(usage(prompt_tokens=-1))
     with pytest.raises(LedgerError, match="naive datetime"), transaction(sessions) as s:
-        record_usage(
-            s, request_id="r", tenant="a", model="m", priority=Priority.standard,
-            prompt_tokens=1, completion_tokens=0, at=datetime(2026, 1, 1),
-        )  # fmt: skip
+        s.add(usage(minute=datetime(2026, 1, 1)))
 
 
 def _price_version(s: Session) -> int:
@@ -129,10 +162,15 @@ def _price_version(s: Session) -> int:
     return version.id
 
 
+def _entry(rid: str, amount: Decimal, version: int | None, *, kind: EntryKind = EntryKind.charge,
+           at: datetime = T0) -> LedgerEntry:  # fmt: skip
+    return LedgerEntry(request_id=rid, kind=kind, tenant="a", model="m", amount=amount,
+                       currency="USD", price_card_version_id=version, created_at=at)  # fmt: skip
+
+
 def test_ledger_entries_are_append_only(sessions: sessionmaker[Session]) -> None:
     with transaction(sessions) as s:
-        vid = _price_version(s)
-        record_charge(s, "r1", "a", "m", Decimal("1.5"), vid)
+        s.add(_entry("r1", Decimal("1.5"), _price_version(s)))
     for sql in ("UPDATE ledger_entries SET amount = 0", "DELETE FROM ledger_entries"):
         with pytest.raises(LedgerError, match="append-only") as info, transaction(sessions) as s:
             s.execute(text(sql))
@@ -141,14 +179,35 @@ def test_ledger_entries_are_append_only(sessions: sessionmaker[Session]) -> None
         assert s.scalars(select(LedgerEntry.amount)).all() == [Decimal("1.5")]
 
 
+@pytest.mark.parametrize(
+    ("kind", "amount", "priced"),
+    [
+        (EntryKind.charge, Decimal(-1), True),
+        (EntryKind.partial, Decimal("-0.0000000001"), True),
+        (EntryKind.refund, Decimal(1), True),
+        (EntryKind.charge, Decimal(1), False),
+        (EntryKind.partial, Decimal(1), False),
+    ],
+)
+def test_entry_signs_and_pricing_are_checked(
+    sessions: sessionmaker[Session], kind: EntryKind, amount: Decimal, priced: bool
+) -> None:
+    """Charges and partial work are >= 0 and name their price card; refunds are <= 0."""
+    with transaction(sessions) as s:
+        vid = _price_version(s)
+        s.add(_entry("ok", Decimal(0), vid, kind=kind))
+    with pytest.raises(LedgerError, match="IntegrityError"), transaction(sessions) as s:
+        s.add(_entry("r1", amount, vid if priced else None, kind=kind))
+
+
 def test_money_and_time_round_trip_exactly(sessions: sessionmaker[Session]) -> None:
     big = Decimal("912345678.0123456789")  # 19 significant digits: a float would lose them
     at = datetime(2026, 3, 1, 14, 30, 15, 123456, tzinfo=timezone(timedelta(hours=2)))
     with transaction(sessions) as s:
         vid = _price_version(s)
-        record_charge(s, "r1", "a", "m", big, vid, at=at)
-        record_charge(s, "r1", "a", "m", Decimal("-0.0000000001"), None,
-                      kind=EntryKind.adjustment, currency="USD", at=at)  # fmt: skip
+        s.add(_entry("r1", big, vid, at=at))
+        s.flush()
+        s.add(_entry("r1", Decimal("-0.0000000001"), None, kind=EntryKind.adjustment, at=at))
     with transaction(sessions) as s:
         rows = s.scalars(select(LedgerEntry).order_by(LedgerEntry.id)).all()
         assert [r.amount for r in rows] == [big, Decimal("-0.0000000001")]
@@ -170,9 +229,11 @@ def test_out_of_range_money_is_a_ledger_error(
     # Beyond SQLite's int64 of 1e-10 units; beyond NUMERIC(20,10) on PostgreSQL.
     too_big = Decimal(922337204) if backend == "sqlite" else Decimal("1E10")
     with pytest.raises(LedgerError), transaction(sessions) as s:
-        record_charge(s, "r1", "a", "m", too_big, vid)
+        s.add(_entry("r1", too_big, vid))
     with transaction(sessions) as s:
-        assert record_charge(s, "r1", "a", "m", too_big - 1, vid)
+        s.add(_entry("r1", too_big - 1, vid))
+    with transaction(sessions) as s:
+        assert s.scalars(select(LedgerEntry.amount)).all() == [too_big - 1]
 
 
 def test_state_check_constraint(sessions: sessionmaker[Session]) -> None:

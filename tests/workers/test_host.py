@@ -6,9 +6,23 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 import redis
+from sqlalchemy import select
+from tokenmill.config import EXAMPLE_CONFIG, Settings
+from tokenmill.ledger import (
+    EntryKind,
+    LedgerEntry,
+    UsageRecord,
+    make_engine,
+    migrate,
+    session_factory,
+    transaction,
+)
+from tokenmill.ledger.streams import LedgerSink
 from tokenmill.workers import keys
 from tokenmill.workers.cancel import request_cancel
 from tokenmill.workers.engines.base import EngineStep
@@ -20,6 +34,7 @@ from tokenmill.workers.results import stream_events, wait_result
 from workers_helpers import chat_request, completion_request, dispatches, kinds, wait_for
 
 from tokenmill.errors import EngineError
+from tokenmill.pricing import cost
 from tokenmill.wire import (
     Dispatch,
     EventKind,
@@ -99,6 +114,8 @@ def test_cancel_before_start_never_reaches_the_engine(make_host: HostFactory, rc
     [outcome] = host.run_slice(dispatches([req]))
     assert outcome.status == "cancelled"
     assert kinds(sink.events, req.id) == [EventKind.cancelled]
+    # no work done, nothing to bill
+    assert (sink.events[-1].prompt_tokens, sink.events[-1].completion_tokens) == (0, 0)
     result = wait_result(rclient, req.id, timeout_s=5)
     assert result is not None and result.status is ResultStatus.cancelled
     assert result.error is not None and result.error.code == "cancelled"
@@ -117,9 +134,58 @@ def test_cancel_aborts_a_running_request(make_host: HostFactory, rclient: redis.
     assert outcomes == {victim.id: "cancelled", bystander.id: "succeeded"}
     cancelled = [e for e in sink.events if e.request_id == victim.id][-1]
     assert cancelled.kind is EventKind.cancelled and 0 < cancelled.completion_tokens < 2000
+    assert cancelled.prompt_tokens == 2 + 4 + 2  # the engine's count: "hello world", chat
     result = wait_result(rclient, victim.id, timeout_s=5)
     assert result is not None and result.usage is not None
-    assert result.usage.completion_tokens == cancelled.completion_tokens
+    assert (result.usage.prompt_tokens, result.usage.completion_tokens) == (
+        cancelled.prompt_tokens, cancelled.completion_tokens)  # fmt: skip
+
+
+def test_cancel_mid_generation_bills_exactly_the_work_done(
+    make_host: HostFactory, rclient: redis.Redis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request cancelled while the engine generates is billed, on a real ledger, the
+    prompt and exactly the tokens the engine had generated when it stopped it."""
+    engine = SimEngine(SimTiming(decode_ms_per_step=5.0), capacity=8)
+    host, sink = make_host(engine=engine)
+    victim = chat_request("sim", "one two three four five", max_tokens=5000)
+    fut = host.submit_slice(dispatches([victim]))
+    wait_for(lambda: any(e.kind is EventKind.progress for e in sink.events
+                         if e.request_id == victim.id), 5, "tokens being generated")  # fmt: skip
+    seq = engine._by_id[victim.id]
+    request_cancel(rclient, victim.id)
+    assert [o.status for o in fut.result(10)] == ["cancelled"]
+    cancelled = [e for e in sink.events if e.request_id == victim.id][-1]
+    assert cancelled.kind is EventKind.cancelled
+    # the engine's own counts when it stopped: every token it generated, the prompt
+    assert (cancelled.prompt_tokens, cancelled.completion_tokens) == (
+        seq.prompt_tokens, seq.generated)  # fmt: skip
+    assert 0 < seq.generated < 5000 and seq.prompt_tokens == 5 + 4 + 2
+    result = wait_result(rclient, victim.id, timeout_s=5)
+    assert result is not None and result.usage == Usage(
+        prompt_tokens=cancelled.prompt_tokens, completion_tokens=cancelled.completion_tokens)
+
+    monkeypatch.setenv("TOKENMILL_CONFIG", str(EXAMPLE_CONFIG))
+    settings = Settings(home=tmp_path / "home")
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    migrate(url)
+    db = make_engine(url)
+    try:
+        ledger = LedgerSink(session_factory(db), settings)
+        ledger.prepare()
+        events = [e for e in sink.events if e.request_id == victim.id]
+        assert [len(ledger.write(events).new_partial) for _ in range(2)] == [1, 0]  # replayed
+        with transaction(session_factory(db)) as s:
+            [entry] = s.scalars(select(LedgerEntry)).all()
+            usage = s.get(UsageRecord, victim.id)
+        card = settings.price_card("sim", datetime.fromtimestamp(cancelled.ts, UTC))
+        assert (entry.kind, entry.prompt_tokens, entry.completion_tokens) == (
+            EntryKind.partial, cancelled.prompt_tokens, cancelled.completion_tokens)  # fmt: skip
+        assert entry.amount == cost(card, cancelled.prompt_tokens, cancelled.completion_tokens,
+                                    victim.priority)  # fmt: skip
+        assert usage is not None and usage.completion_tokens == seq.generated
+    finally:
+        db.dispose()
 
 
 class _FailingEngine:

@@ -6,7 +6,7 @@ import asyncio
 import time
 
 import pytest
-from tokenmill.workers.engines.base import EngineStep
+from tokenmill.workers.engines.base import EngineStep, WorkDone
 from tokenmill.workers.engines.sim import SimEngine, SimTiming, count_prompt_tokens
 from workers_helpers import chat_request, completion_request
 
@@ -115,6 +115,37 @@ async def test_abort_ends_only_that_request() -> None:
     await engine.shutdown()
     assert v_time < 0.5 and all(s.finish_reason is None for s in v_steps)
     assert o_steps[-1].completion_tokens == 20
+
+
+async def test_abort_reports_the_work_done() -> None:
+    """The prompt counts once admitted to a step (its prefill is paid there), and every
+    token generated counts, delivered or not; a request still waiting cost nothing."""
+    engine = await _engine(decode_ms_per_step=5.0, capacity=1)
+    running = completion_request("sim", "one two three four", max_tokens=1000)
+    waiting = completion_request("sim", max_tokens=10)
+    gen = engine.generate(running)
+    first = await gen.__anext__()
+    queued = asyncio.create_task(_run(engine, waiting))
+    await asyncio.sleep(0.05)  # more steps run while nobody reads them
+    seq = engine._by_id[running.id]
+    assert seq.generated > first.completion_tokens
+    done = await engine.abort(running.id)
+    assert done is not None and done.prompt_tokens == first.prompt_tokens == 4
+    assert done.completion_tokens == seq.generated
+    assert await engine.abort(running.id) is None  # gone: nothing more to tell
+    await gen.aclose()
+    await asyncio.wait_for(queued, 2.0)  # it runs once the slot is free
+    gen2 = engine.generate(completion_request("sim", max_tokens=1000))
+    gen3_req = completion_request("sim", "a b", max_tokens=1000)
+    gen3 = engine.generate(gen3_req)
+    step = asyncio.create_task(gen2.__anext__())
+    pending = asyncio.create_task(gen3.__anext__())  # capacity 1: waits, never admitted
+    await step
+    assert await engine.abort(gen3_req.id) == WorkDone(prompt_tokens=0, completion_tokens=0)
+    with pytest.raises(StopAsyncIteration):
+        await asyncio.wait_for(pending, 1.0)
+    await gen2.aclose()
+    await engine.shutdown()
 
 
 async def test_closing_the_iterator_aborts() -> None:

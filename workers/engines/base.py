@@ -17,7 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 from ...errors import ValidationError
 from ...wire import Endpoint, InferenceRequest
 
-__all__ = ["Engine", "EngineStep", "SamplingOptions", "prompt_of", "sampling_options"]
+__all__ = ["Engine", "EngineStep", "SamplingOptions", "WorkDone", "prompt_of", "sampling_options"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +38,17 @@ class EngineStep:
         return self.finish_reason is not None
 
 
+@dataclass(frozen=True, slots=True)
+class WorkDone:
+    """What an engine had done for a request when it stopped it: billed as partial work
+    when the request does not finish (see ``tokenmill.ledger.streams.sink``)."""
+
+    #: the prompt's tokens once the engine admitted it (prefill paid), else 0
+    prompt_tokens: int
+    #: tokens generated so far, delivered or not
+    completion_tokens: int
+
+
 @runtime_checkable
 class Engine(Protocol):
     """An inference engine: one per worker process, many requests in flight."""
@@ -55,8 +66,13 @@ class Engine(Protocol):
     def generate(self, request: InferenceRequest) -> AsyncIterator[EngineStep]:
         """Run ``request``; closing the iterator early aborts it."""
 
-    async def abort(self, request_id: str) -> None:
-        """Stop ``request_id`` now; its ``generate`` iterator ends without a final step."""
+    async def abort(self, request_id: str) -> WorkDone | None:
+        """Stop ``request_id`` now; its ``generate`` iterator ends without a final step.
+
+        Returns:
+            The work done for it so far, or None if the engine cannot tell (not running
+            it, or finished): then the counts of the last step stand.
+        """
 
     async def shutdown(self) -> None:
         """Release the model and every resource; requests in flight end."""

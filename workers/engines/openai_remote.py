@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ...config.models import ModelConfig
 from ...errors import EngineError, ValidationError
 from ...wire import Endpoint, InferenceRequest
-from .base import EngineStep, sampling_options
+from .base import EngineStep, WorkDone, sampling_options
 
 __all__ = ["OpenAIRemoteEngine", "RemoteArgs"]
 
@@ -124,11 +124,14 @@ class OpenAIRemoteEngine:
             await self._client.aclose()
             self._client = None
 
-    async def abort(self, request_id: str) -> None:
+    async def abort(self, request_id: str) -> WorkDone | None:
+        """Close the response; the remote server's counts are not known (its usage comes
+        only with the last chunk), so the counts of the chunks received stand."""
         self._aborted.add(request_id)
         resp = self._open.pop(request_id, None)
         if resp is not None:
             await resp.aclose()
+        return None
 
     def payload(self, request: InferenceRequest) -> dict[str, Any]:
         """The body to send: the client's, with our model name, limits and streaming."""

@@ -22,7 +22,8 @@ Token counts: the prompt counts one token per whitespace-separated word (chat: o
 every message's content, plus 4 per message and 2 for the reply's header);
 the completion is ``min(max_tokens, output_tokens)`` tokens (``output_tokens``
 unset: ``max_tokens``), each one filler word; ``finish_reason`` is ``length``
-when ``max_tokens`` ends it, else ``stop``.
+when ``max_tokens`` ends it, else ``stop``. An abort reports the work done: the prompt
+once admitted to a step (its prefill is paid there) and the tokens generated so far.
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ from dataclasses import dataclass, field
 from pydantic import BaseModel, ConfigDict, Field
 
 from ...errors import EngineDeadError
+from ...tokens import sim_prompt_tokens
 from ...wire import InferenceRequest
-from .base import EngineStep, prompt_of, sampling_options
+from .base import EngineStep, WorkDone, prompt_of, sampling_options
 
 __all__ = ["SimEngine", "SimTiming", "count_prompt_tokens"]
 
@@ -66,12 +68,9 @@ class SimTiming(BaseModel):
 
 
 def count_prompt_tokens(request: InferenceRequest) -> int:
-    """The simulated prompt length (see the module docstring)."""
-    prompt = prompt_of(request)
-    if isinstance(prompt, str):
-        return max(1, len(prompt.split()))
-    words = sum(len(str(m.get("content") or "").split()) + 4 for m in prompt)
-    return words + 2
+    """The simulated prompt length: :func:`tokenmill.tokens.sim_prompt_tokens`, the
+    count budgets reserve with (see the module docstring)."""
+    return sim_prompt_tokens(prompt_of(request))
 
 
 @dataclass(eq=False)
@@ -81,6 +80,8 @@ class _Seq:
     finish_reason: str
     generated: int = 0
     pending: list[str] = field(default_factory=list)
+    #: taken from the waiting queue into a step: its prefill is paid
+    admitted: bool = False
     finished: bool = False
     aborted: bool = False
     ready: asyncio.Event = field(default_factory=asyncio.Event)
@@ -114,10 +115,11 @@ class SimEngine:
         for rid in list(self._by_id):
             await self.abort(rid)
 
-    async def abort(self, request_id: str) -> None:
+    async def abort(self, request_id: str) -> WorkDone | None:
         seq = self._by_id.pop(request_id, None)
         if seq is None or seq.finished:
-            return
+            return None
+        done = WorkDone(seq.prompt_tokens if seq.admitted else 0, seq.generated)
         seq.aborted = True
         if seq in self._running:
             self._running.remove(seq)
@@ -127,6 +129,7 @@ class SimEngine:
             except ValueError:
                 pass
         seq.ready.set()
+        return done
 
     async def generate(self, request: InferenceRequest) -> AsyncIterator[EngineStep]:
         if self._dead is not None or self._loop_task is None:
@@ -177,6 +180,7 @@ class SimEngine:
                 admitted_tokens = 0
                 while self._waiting and len(self._running) < self.capacity:
                     seq = self._waiting.popleft()
+                    seq.admitted = True
                     self._running.append(seq)
                     admitted_tokens += seq.prompt_tokens
                 step_s = self.timing.step_s(len(self._running), admitted_tokens)

@@ -114,11 +114,11 @@ def start_engine(engine_args: dict[str, Any]) -> Any:
         from vllm.v1.engine.llm_engine import LLMEngine
 
         engine = LLMEngine.from_engine_args(EngineArgs(**engine_args))
-    except BaseException as exc:  # noqa: BLE001 - reported to the caller
+    except BaseException as exc:
         raise EngineError(f"vLLM failed to start: {exc!r}") from exc
     try:
         _warm_up(engine)
-    except BaseException as exc:  # noqa: BLE001
+    except BaseException as exc:
         raise EngineError(f"vLLM warm-up failed: {exc!r}") from exc
     return engine
 

@@ -38,7 +38,7 @@ from ...config.models import ModelConfig
 from ...errors import EngineDeadError, EngineError, ValidationError
 from ...logs import get_logger
 from ...wire import InferenceRequest
-from .base import EngineStep, prompt_of, sampling_options
+from .base import EngineStep, WorkDone, prompt_of, sampling_options
 from .vllm_cores import Delta, InprocCore, ProcessCore, delta_of, render, sampling_params
 
 __all__ = ["VllmEngine"]
@@ -98,6 +98,8 @@ class VllmEngine:
         self.batch_interval = batch_interval
         self._core: InprocCore | ProcessCore | None = None
         self._async_llm: Any = None
+        #: per request being generated: the work its outputs so far report
+        self._work: dict[str, WorkDone] = {}
 
     @classmethod
     def from_config(cls, model: str, cfg: ModelConfig, *, home: Path) -> VllmEngine:
@@ -143,11 +145,13 @@ class VllmEngine:
             self._async_llm.shutdown()
             self._async_llm = None
 
-    async def abort(self, request_id: str) -> None:
+    async def abort(self, request_id: str) -> WorkDone | None:
+        done = self._work.pop(request_id, None)
         if self._core is not None:
             self._core.abort(request_id)
         elif self._async_llm is not None:
             await self._async_llm.abort(request_id)
+        return done
 
     # -- requests -------------------------------------------------------------------
 
@@ -186,19 +190,24 @@ class VllmEngine:
         else:
             raise EngineDeadError("vLLM engine is not running")
         completion = 0
-        async for out in outputs:
-            completion += out.new_tokens
-            finish = out.finish_reason if out.finished else None
-            if finish == "abort":
-                return  # aborted: ends without a final step
-            yield EngineStep(
-                text=out.text,
-                completion_tokens=completion,
-                prompt_tokens=out.prompt_tokens,
-                finish_reason=finish,
-            )
-            if out.finished:
-                return
+        try:
+            async for out in outputs:
+                completion += out.new_tokens
+                # what abort() reports: every output the engine sent, delivered or not
+                self._work[request.id] = WorkDone(out.prompt_tokens, completion)
+                finish = out.finish_reason if out.finished else None
+                if finish == "abort":
+                    return  # aborted: ends without a final step
+                yield EngineStep(
+                    text=out.text,
+                    completion_tokens=completion,
+                    prompt_tokens=out.prompt_tokens,
+                    finish_reason=finish,
+                )
+                if out.finished:
+                    return
+        finally:
+            self._work.pop(request.id, None)
 
     async def _async_generate(self, rid: str, prompt: Any, params: Any) -> AsyncIterator[Delta]:
         from vllm.v1.engine.exceptions import EngineDeadError as VllmDead
