@@ -6,11 +6,17 @@ or ``--database-url``):
 
 1. publish ``--events`` varied ``finished`` events (a backlog);
 2. baseline: drain the backlog with a bare aiokafka consumer (``raw_consume_per_s``);
-3. start a worker and time it draining the same backlog into the ledger, from the first
-   ledger row to the last (``events_per_s``; its CPU time per event too);
-4. with the worker caught up, publish at ``--lag-rate`` events/s for ``--lag-seconds``,
+3. baseline: a faust agent on faust's public API only (``stream.take_events``, each
+   batch through the same :class:`BatchProcessor` into a ledger of its own) drains the
+   backlog (``faust_public_events_per_s``; ``--no-faust`` skips it);
+4. start a ``tokenmill streams`` worker (a group of its own, a fresh ledger) and time it
+   draining the same backlog into the ledger, from the first ledger row to the last
+   (``events_per_s``; its CPU time per event too; ``ratio_to_faust_public``);
+   3 and 4 alternate ``--runs`` times (default 3); the medians are reported;
+5. with the last worker caught up, publish at ``--lag-rate`` events/s for ``--lag-seconds``,
    each stamped ``finished_at`` = its send time, and poll the ledger every 20 ms: lag is
-   the time a row became visible minus its ``finished_at`` (``ledger_lag_p50_ms``/``p99``).
+   the time a row became visible minus its ``finished_at`` (``ledger_lag_p50_ms``/``p99``);
+6. ``bench/reconcile.py`` over a 100k-request ledger (``reconcile_requests_per_s``).
 
     python bench/streams.py [--events 50000] [--lag-rate 1000] [--lag-seconds 10]
 
@@ -26,16 +32,19 @@ import os
 import shutil
 import sqlite3
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
-from tokenmill.ledger.streams import testing as t
-
 from tokenmill import kafka
 from tokenmill.stack import processes
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "streams"))
+import streams_helpers as t
 
 TOPIC = "bench.token-events"
 
@@ -145,16 +154,141 @@ async def lag_phase(bootstrap: str, poller: LedgerPoller, rate: int, seconds: fl
     return [(seen[rid] - at) * 1000.0 for rid, at in sent.items() if rid in seen]
 
 
+def drain(
+    procs: list[Any], url: str, n: int, prefix: str, timeout_s: float
+) -> tuple[float, float, LedgerPoller]:
+    """Wait until ``n`` rows with ``prefix`` are in the ledger at ``url``; returns the
+    rate (events/s, first row to last), the processes' CPU µs per event, and the poller."""
+    poller: LedgerPoller | None = None
+    db_file = Path(url.split("sqlite:///", 1)[1]) if url.startswith("sqlite") else None
+    first = cpu0 = None
+    count = first_count = 0
+    deadline = time.monotonic() + timeout_s
+    while count < n:
+        for p in procs:
+            if not p.alive():
+                raise SystemExit("consumer died:\n" + p.log()[-3000:])
+        if time.monotonic() > deadline:
+            raise SystemExit(f"recorded {count} of {n} in {timeout_s:.0f} s")
+        if poller is None and (db_file is None or db_file.exists()):
+            poller = LedgerPoller(url)
+        if poller is not None:
+            try:
+                count = poller.poll(prefix)
+            except Exception:  # noqa: BLE001  (tables not migrated yet)
+                count = 0
+        if count and first is None:
+            first, first_count = time.perf_counter(), count
+            cpu0 = sum(cpu_seconds(p.pid) for p in procs)
+        time.sleep(0.02)
+    assert first is not None and cpu0 is not None and poller is not None
+    elapsed = time.perf_counter() - first
+    rate = (n - first_count) / elapsed if elapsed > 0 else float("nan")
+    cpu_us = (sum(cpu_seconds(p.pid) for p in procs) - cpu0) / max(n - first_count, 1) * 1e6
+    return rate, cpu_us, poller
+
+
+def faust_drain(
+    work: Path, bootstrap: str, n: int, run: int, timeout_s: float
+) -> tuple[float, float]:
+    """The faust public-API baseline drains the backlog into a ledger of its own."""
+    url = f"sqlite:///{work / f'faust-home{run}' / 'ledger.db'}"
+    env = t.worker_env(home=work / f"faust-home{run}", bootstrap=bootstrap, database_url=url,
+                       app_id=f"bench-faust-{run}", topic=TOPIC)  # fmt: skip
+    agent = FaustAgent(env, work / f"faust{run}.log").start()
+    try:
+        rate, cpu_us, _ = drain([agent], url, n, "bench-", timeout_s)
+    finally:
+        agent.stop()
+    return rate, cpu_us
+
+
+class FaustAgent(t.WorkerProcess):
+    """This script as a child running :func:`faust_agent_main`."""
+
+    def start(self) -> FaustAgent:
+        self.proc = processes.start([sys.executable, __file__, "--faust-agent"], self.log_path,
+                                    env=self.env)  # fmt: skip
+        return self
+
+
+def faust_agent_main() -> None:
+    """The baseline: the cheapest consumer faust's public API offers for this job, an
+    agent taking events in batches (``stream.take_events``), each batch recorded through
+    the stream processor's own :class:`BatchProcessor` (one transaction per batch; faust
+    acknowledges a batch's events when the agent asks for the next). Configured from the
+    worker's environment (``TOKENMILL_*``, as :func:`streams_helpers.worker_env` sets it)."""
+    import faust
+    from faust.worker import Worker
+    from tokenmill.config import load_settings
+    from tokenmill.ledger.db import make_engine, migrate, session_factory
+    from tokenmill.ledger.streams import BatchProcessor, LedgerSink, Record, StreamsConfig
+    from tokenmill.ledger.streams.app import KafkaPublisher
+
+    from tokenmill.stack import endpoints
+
+    settings = load_settings()
+    ends = endpoints(settings)
+    config = StreamsConfig()
+    engine = make_engine(ends.database_url)
+    migrate(engine)
+    sink = LedgerSink(session_factory(engine), settings)
+    sink.prepare()
+    bootstrap = ends.kafka_bootstrap
+    app = faust.App(
+        config.app_id, broker=f"kafka://{bootstrap}", datadir=str(settings.home / "faust"),
+        autodiscover=False, web_enabled=False, store="memory://",
+        processing_guarantee="at_least_once", topic_replication_factor=1,
+        topic_disable_leader=True, topic_partitions=config.partitions,
+        broker_session_timeout=6, broker_rebalance_timeout=6, broker_heartbeat_interval=0.5,
+        broker_max_poll_records=config.batch_max, consumer_auto_offset_reset="earliest",
+    )  # fmt: skip
+    topic = app.topic(config.topic, key_serializer="raw", value_serializer="raw")
+    processor = BatchProcessor(sink, config, KafkaPublisher(bootstrap))
+
+    @app.agent(topic)
+    async def ledger(stream: Any) -> None:
+        async for events in stream.take_events(config.batch_max, within=0.2):
+            await processor.process([Record(e.message.topic, e.message.partition,
+                                            e.message.offset, e.message.key, e.message.value)
+                                     for e in events])  # fmt: skip
+
+    Worker(app, loglevel="warn", quiet=True).execute_from_commandline()
+
+
+def reconcile_figures() -> dict[str, Any]:
+    """``bench/reconcile.py`` (its one home) over a 100k-request ledger: its JSON line."""
+    out = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("reconcile.py")), "--no-results", "--repeat", "3"],
+        check=True, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    figures: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"reconcile over {figures['requests']:,} requests: {figures['reconcile_requests_per_s']:,} "
+          f"requests/s ({figures['ratio_to_per_row']}× one query per request)", flush=True)  # fmt: skip
+    return figures
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--events", type=int, default=50_000)
     ap.add_argument("--lag-rate", type=int, default=1000)
     ap.add_argument("--lag-seconds", type=float, default=10.0)
     ap.add_argument("--workers", type=int, default=1, help="stream-processor processes (one group)")
+    ap.add_argument("--runs", type=int, default=3,
+                    help="faust/processor drain pairs, alternated; medians reported")  # fmt: skip
+    ap.add_argument("--no-faust", action="store_true", help="skip the faust public-API baseline")
+    ap.add_argument("--faust-timeout", type=float, default=300.0,
+                    help="give up on the faust baseline after this many seconds")  # fmt: skip
+    ap.add_argument("--faust-agent", action="store_true", help=argparse.SUPPRESS)  # the child
     ap.add_argument(
         "--database-url", default=None, help="an empty or migrated ledger (default: SQLite)"
     )
     args = ap.parse_args()
+    if args.database_url and args.runs != 1:
+        ap.error("--database-url needs --runs 1: each run drains into a fresh ledger")
+    if args.faust_agent:
+        faust_agent_main()
+        return
 
     load = os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="tm-bench-streams-"))
@@ -162,7 +296,7 @@ def main() -> None:
     broker = processes.spawn("kafka broker", processes.kafka_argv(port), work / "broker.log",
                              lambda: processes.port_open(port))  # fmt: skip
     bootstrap = f"{processes.LOOPBACK}:{port}"
-    url = args.database_url or f"sqlite:///{work / 'home' / 'ledger.db'}"
+    base_url = args.database_url or f"sqlite:///{work / 'home' / 'ledger.db'}"
     workers: list[t.WorkerProcess] = []
     try:
         events = t.mixed_events(args.events, prefix="bench", finished_at=time.time())
@@ -174,59 +308,60 @@ def main() -> None:
         raw = asyncio.run(raw_consume(bootstrap, args.events))
         print(f"baseline: bare aiokafka consumer drains {raw:,.0f} msgs/s", flush=True)
 
-        env = t.worker_env(home=work / "home", bootstrap=bootstrap, database_url=url,
-                           app_id="bench-streams", topic=TOPIC)  # fmt: skip
-        workers = [
-            t.WorkerProcess(env, work / f"worker{i}.log").start() for i in range(args.workers)
-        ]
+        # A/B/A/B: the machine's speed drifts, so each pair runs back to back and the
+        # medians are reported (per-run figures too).
+        runs: list[tuple[float, float]] = []
+        faust_runs: list[tuple[float, float]] = []
         poller: LedgerPoller | None = None
-        db_file = Path(url.split("sqlite:///", 1)[1]) if url.startswith("sqlite") else None
-        first = cpu0 = None
-        count = 0
-        deadline = time.monotonic() + 600
-        while count < args.events:
-            for w in workers:
-                if not w.alive():
-                    raise SystemExit("worker died:\n" + w.log()[-3000:])
-            if time.monotonic() > deadline:
-                raise SystemExit(f"worker recorded {count} of {args.events} in time")
-            if poller is None and (db_file is None or db_file.exists()):
-                poller = LedgerPoller(url)
-            if poller is not None:
-                try:
-                    count = poller.poll("bench-")
-                except Exception:  # noqa: BLE001  (tables not migrated yet)
-                    count = 0
-            if count and first is None:
-                first, first_count = time.perf_counter(), count
-                cpu0 = sum(cpu_seconds(w.pid) for w in workers)
-            time.sleep(0.02)
-        assert first is not None and cpu0 is not None
-        elapsed = time.perf_counter() - first
-        rate = (args.events - first_count) / elapsed if elapsed > 0 else float("nan")
-        cpu_us = (
-            (sum(cpu_seconds(w.pid) for w in workers) - cpu0)
-            / max(args.events - first_count, 1)
-            * 1e6
-        )
+        for run in range(args.runs):
+            if not args.no_faust:
+                faust_runs.append(faust_drain(work, bootstrap, args.events, run,
+                                              args.faust_timeout))  # fmt: skip
+                print(f"baseline: faust public-API agent drains {faust_runs[-1][0]:,.0f} "
+                      f"events/s into the ledger ({faust_runs[-1][1]:.0f} µs CPU per event)",
+                      flush=True)  # fmt: skip
+            for w in workers:  # the previous run's (the last run's stay for the lag phase)
+                w.stop()
+            url = base_url if run == 0 else f"sqlite:///{work / f'home{run}' / 'ledger.db'}"
+            home = work / ("home" if run == 0 else f"home{run}")
+            env = t.worker_env(home=home, bootstrap=bootstrap, database_url=url,
+                               app_id=f"bench-streams-{run}", topic=TOPIC)  # fmt: skip
+            workers = [t.WorkerProcess(env, work / f"worker{run}-{i}.log").start()
+                       for i in range(args.workers)]  # fmt: skip
+            rate, cpu_us, poller = drain(workers, url, args.events, "bench-", 600)
+            runs.append((rate, cpu_us))
+            totals = t.ledger_totals(url)
+            assert totals.usage_records == totals.charges == args.events, totals
+            vs = f"; {rate / faust_runs[-1][0]:.1f}× the faust agent" if faust_runs else ""
+            print(f"stream processor: {rate:,.0f} events/s into the ledger "
+                  f"({rate / raw:.1%} of the raw consume rate{vs}; "
+                  f"{cpu_us:.0f} µs worker CPU per event)", flush=True)  # fmt: skip
         drained = [b for w in workers for b in w.batches()]
-        totals = t.ledger_totals(url)
-        assert totals.usage_records == totals.charges == args.events, totals
-        print(f"stream processor: {rate:,.0f} events/s into the ledger "
-              f"({rate / raw:.1%} of the raw consume rate; {cpu_us:.0f} µs worker CPU per event)",
-              flush=True)  # fmt: skip
-
+        rate = statistics.median(r for r, _ in runs)
+        cpu_us = statistics.median(c for _, c in runs)
+        faust_rate = statistics.median(r for r, _ in faust_runs) if faust_runs else None
+        faust_cpu_us = statistics.median(c for _, c in faust_runs) if faust_runs else None
         assert poller is not None
+
         lags = asyncio.run(lag_phase(bootstrap, poller, args.lag_rate, args.lag_seconds))
         lost = int(args.lag_rate * args.lag_seconds) - len(lags)
         p50, p99 = statistics.median(lags), pct(lags, 0.99)
         print(f"lag finished → ledger at {args.lag_rate:,}/s: p50 {p50:.0f} ms, p99 {p99:.0f} ms"
               + (f" ({lost} not seen in time)" if lost else ""), flush=True)  # fmt: skip
         batches = [b for w in workers for b in w.batches()]
+        reconciled = reconcile_figures()
         result = {
             "events_per_s": round(rate),
             "raw_consume_per_s": round(raw),
             "ratio_to_raw": round(rate / raw, 4),
+            "faust_public_events_per_s": None if faust_rate is None else round(faust_rate),
+            "faust_public_cpu_us_per_event": None
+            if faust_cpu_us is None
+            else round(faust_cpu_us, 1),
+            "ratio_to_faust_public": None if faust_rate is None else round(rate / faust_rate, 2),
+            "runs": args.runs,
+            "events_per_s_runs": [round(r) for r, _ in runs],
+            "faust_public_events_per_s_runs": [round(r) for r, _ in faust_runs],
             "ledger_lag_p50_ms": round(p50, 1),
             "ledger_lag_p99_ms": round(p99, 1),
             "worker_cpu_us_per_event": round(cpu_us, 1),
@@ -236,7 +371,8 @@ def main() -> None:
             "lag_rate_per_s": args.lag_rate,
             "mean_batch": round(sum(b["records"] for b in batches) / max(len(batches), 1)),
             "drain_mean_batch": round(sum(b["records"] for b in drained) / max(len(drained), 1)),
-            "database": url.split(":", 1)[0],
+            "database": base_url.split(":", 1)[0],
+            "reconcile_requests_per_s": reconciled["reconcile_requests_per_s"],
             "cpus": os.cpu_count(),
             "loadavg_1m_at_start": round(load, 2),
         }

@@ -1,13 +1,14 @@
-"""tokenmill.ledger.streams: faust stream processors from token events to the ledger.
+"""tokenmill.ledger.streams: stream processors from token events to the ledger.
 
 Usage (per tenant × model × minute), billing (one charge per finished request, priced
 with the price-card version in force) and SLA figures (TTFT, TPOT, end-to-end, queue
 wait; violations published) are written to the ledger in one transaction per batch,
 keyed by request id, before the batch's offsets may be committed: exact under
-at-least-once delivery, crashes and rebalances. See ``docs/streams.md``.
+at-least-once delivery, crashes and rebalances; on SIGTERM they drain to zero lag
+before stopping. See ``docs/streams.md``.
 """
 
-from .app import create_app, faust_settings
+from .app import EXIT_BATCH_FAILED, EXIT_DRAIN_TIMEOUT, StreamProcessor
 from .config import DEFAULT_METRICS_PORT, StreamsConfig
 from .decode import Rejected, parse
 from .measure import TARGETS, Measurement, measure
@@ -19,6 +20,8 @@ from .worker import run
 
 __all__ = [
     "DEFAULT_METRICS_PORT",
+    "EXIT_BATCH_FAILED",
+    "EXIT_DRAIN_TIMEOUT",
     "TARGETS",
     "BatchOutcome",
     "BatchProcessor",
@@ -33,9 +36,8 @@ __all__ = [
     "Rejected",
     "SlaViolation",
     "StreamMetrics",
+    "StreamProcessor",
     "StreamsConfig",
-    "create_app",
-    "faust_settings",
     "measure",
     "parse",
     "run",

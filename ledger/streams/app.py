@@ -1,52 +1,61 @@
-"""The faust app: faust's consumer, with whole fetches of the token-event topic handed
-to a :class:`~.processor.BatchProcessor`, which writes each batch in one transaction.
+"""The stream processor's consumer: a plain aiokafka batch loop, token events → ledger.
 
-**Why not an agent.** A faust agent receives one event at a time: the consumer wraps
-every record in an ``Event``, routes it through the conductor, a channel queue and the
-stream's iterator, with a couple of asyncio tasks per record. Measured on this
-machine that costs ~200 µs of CPU per record before any work is done. So
-:class:`BatchConsumer` keeps everything faust's consumer does (group membership and
-rebalances in its consumer thread, fetch, read-offset and gap bookkeeping,
-acknowledgement tracking, periodic offset commits, seeking back to the committed
-offsets after a rebalance) and replaces the per-record delivery, for the topics
-registered as batch topics, by one per fetch: aiokafka's records are handed over as
-they are (no faust message object, no per-record sensor call), tracked and acknowledged
-as one :class:`Fetched` (~3 µs per record in all). Any other topic of the app still
-goes to its agents.
+**Why not faust.** A faust agent receives one event at a time: faust wraps every record
+in an ``Event`` and routes it through the conductor, a channel queue and the stream's
+iterator, with a couple of asyncio tasks per record. ``bench/streams.py`` measures an
+agent on faust's public API (``stream.take_events``) into the same sink as the
+baseline: it stays far below the 20,000 events/s target on this 2-core machine, and
+the only way past that was to reimplement faust's private consumer internals, which
+any faust release may change. So this module uses aiokafka's public API alone:
+:class:`StreamProcessor` joins the consumer group (settings from
+:mod:`tokenmill.kafka`), takes whole fetches with ``getmany`` and hands each to a
+:class:`~.processor.BatchProcessor` (one transaction per batch), as the scheduler
+consumes its topics.
 
-**Pipelining.** While a batch's transaction runs on a worker thread (SQLite's work
-runs without the GIL), the loop decodes and prices the next fetch; the next
-transaction starts only when the previous one has committed and been acknowledged.
+**Pipelining.** While a batch's transaction runs on a worker thread (SQLite's work runs
+without the GIL), the loop decodes and prices the next fetch; the next transaction
+starts only when the previous one has committed.
 
 **Exactness.** The ledger's unique keys make a replayed record a no-op, so delivery may
-be at-least-once: a batch is acknowledged, hence its offsets committable, only after its
-transaction committed. faust commits, per partition, only the consecutive run of
-acknowledged offsets above the committed one, and batches are written and
-acknowledged one at a time in fetch order, so a commit never passes a record that is
-not in the ledger. A batch
-that fails with anything but an unreachable database (retried until it comes back)
-ends the process without acknowledging it, to be restarted and replay it. No faust
-tables, no ``exactly_once`` (Tansu has no transactions): every figure lives in the
-ledger, which survives restarts and rebalances.
+be at-least-once; what must never happen is a committed offset past a record that is
+not in the ledger. Batches are written one at a time in fetch order, and a batch's
+offsets (one past its last record, per partition) join the committable offsets only
+once its transaction has committed; they are committed to the group every
+``commit_interval_s``, when partitions are revoked, and at stop. A rebalance
+(``on_partitions_revoked``) first lets the batch in flight finish (or, if it cannot
+within :data:`FINISH_ON_REVOKE_S`, leaves its offsets uncommitted), commits, and drops
+whatever was fetched but not yet written: aiokafka starts every assigned partition
+again from its committed offset, so those records are read again, by this or another
+member. A batch that fails with anything but an unreachable database (retried until
+it comes back) ends the process at once (:data:`EXIT_BATCH_FAILED`) without committing
+anything more, to be restarted and replay it. No broker transactions (Tansu has none):
+every figure lives in the ledger, which survives restarts and rebalances.
+
+**Drain on stop.** The first SIGTERM (or SIGINT) makes the processor consume until its
+assigned partitions have no lag, then commit and exit 0, so that ``tokenmill down``,
+which stops producers and workers first, leaves no token event in the broker (the
+embedded one keeps its data in memory only). Lag is the highwater mark of a fetch
+response received after the signal minus the consumer's position; Tansu's
+``end_offsets`` (ListOffsets) is wrong (it answers the base offset of a partition's last
+record batch), the highwater of its fetch responses is right. The drain is bounded by
+``drain_timeout_s``; past it the processor commits what it wrote and exits
+:data:`EXIT_DRAIN_TIMEOUT`. A second signal stops at once (the batch in flight is
+finished and committed).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import time
 from collections.abc import Awaitable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-import faust
-from faust.transport.consumer import CONSUMER_FETCHING
-from faust.transport.drivers import aiokafka as faust_aiokafka
-from faust.types.tuples import ack_lock
-from mode.utils.futures import notify
-from tokenmill.config import Settings
+from aiokafka import ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError
 
 from tokenmill import kafka
 from tokenmill.logs import get_logger
@@ -60,192 +69,29 @@ from .sink import LedgerSink
 
 log = get_logger(__name__)
 
-#: exit status when a batch could not be recorded (the batch is not acknowledged)
+#: exit status when a batch could not be recorded (its offsets are not committed)
 EXIT_BATCH_FAILED = 70
-#: how long shutdown waits for a batch in flight before exiting without acknowledging it
+#: exit status when a drain on stop ran out of time with events still unconsumed
+EXIT_DRAIN_TIMEOUT = 75
+#: how long stopping waits for the batch in flight before exiting without committing it
 FINISH_ON_STOP_S = 30.0
-#: fetched batches waiting for the processor (each up to ``broker_max_poll_records``)
-QUEUED_FETCHES = 4
-#: longest a fetch waits at the broker for records (as in tokenmill.kafka.CONSUMER_DEFAULTS)
-#: lag target is 2 s; each fetch costs the broker CPU even when empty, so not shorter
+#: how long a rebalance waits for the batch in flight before leaving its offsets
+#: uncommitted (within the group's rebalance timeout, 3 s in tokenmill.kafka)
+FINISH_ON_REVOKE_S = 2.0
+#: longest a fetch waits at the broker for records. Tansu holds a fetch that long even
+#: with records waiting, and each fetch costs its CPU even when empty: 200 ms keeps
+#: finished → ledger well inside the 2 s target without spinning the broker.
 FETCH_MAX_WAIT_MS = 200
-
-
-class BatchRouter:
-    """The batch topics of an app and the queue their fetches wait in."""
-
-    def __init__(self, topics: set[str]) -> None:
-        self.topics = topics
-        self._queue: asyncio.Queue[Fetched] | None = None
-
-    @property
-    def queue(self) -> asyncio.Queue[Fetched]:
-        if self._queue is None:  # created on the loop that runs the app
-            self._queue = asyncio.Queue(QUEUED_FETCHES)
-        return self._queue
-
-
-@dataclass(eq=False)
-class Fetched:
-    """The records of one fetch of the batch topics (aiokafka's ``ConsumerRecord`` objects),
-    tracked by the consumer as one unacknowledged message (so a rebalance waits for it)
-    until :meth:`BatchConsumer.ack_fetched`."""
-
-    records: list[Any]
-    #: partition → offsets, in fetch order
-    offsets: dict[Any, list[int]] = field(default_factory=dict)
-    acked: bool = False
-    refcount: int = 1  # read by faust's wait_empty log line
-
-
-class BatchConsumer(faust_aiokafka.Consumer):
-    """faust's aiokafka consumer, delivering each fetch of the batch topics as one
-    :class:`Fetched` (see the module docstring); a transcription of faust's
-    ``Consumer.getmany`` and ``_drain_messages`` with the per-record message objects,
-    sensor calls and acknowledgements replaced, for those topics, by one per fetch."""
-
-    def _new_consumer_thread(self) -> Any:
-        return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
-
-    async def _drain_messages(self, fetcher: Any) -> None:  # pragma: no cover - via workers
-        router: BatchRouter | None = getattr(self.app, "batch_router", None)
-        if router is None:
-            await super()._drain_messages(fetcher)
-            return
-        consumer_should_stop = self._stopped.is_set
-        fetcher_should_stop = fetcher._stopped.is_set
-        commit_every = self._commit_every
-        queue = router.queue
-        try:
-            while not (consumer_should_stop() or fetcher_should_stop()):
-                self.diag.set_flag(CONSUMER_FETCHING)
-                fetched = await self._fetch(router)
-                self.diag.unset_flag(CONSUMER_FETCHING)
-                if commit_every is not None and self._n_acked >= commit_every:
-                    self._n_acked = 0
-                    await self.commit()
-                if fetched is not None:
-                    await queue.put(fetched)
-                else:
-                    await asyncio.sleep(0)
-        except self.consumer_stopped_errors:
-            if self.transport.app.should_stop:
-                return
-            raise
-        except asyncio.CancelledError:
-            # Stopping (also in the middle of a rebalance's seek): end quietly, as faust's
-            # own drain does; nothing fetched here has been acknowledged.
-            if self.transport.app.should_stop or consumer_should_stop() or fetcher_should_stop():
-                return
-            raise
-        finally:
-            self.diag.unset_flag(CONSUMER_FETCHING)
-
-    async def _fetch(self, router: BatchRouter) -> Fetched | None:
-        """One fetch: the batch topics' new records as a tracked :class:`Fetched`; any
-        other topic's records go to their agents, one by one, as faust does."""
-        records, active = await self._wait_next_records(1.0)
-        if records is None or self.should_stop:
-            return None
-        if not self.flow_active:
-            try:
-                await self.perform_seek()  # as faust's getmany: back to the committed offsets
-            except Exception as exc:  # noqa: BLE001
-                self.log.warning(f"exception performing seek when flow not active {exc}")
-            return None
-        generation_id = self.app.consumer_generation_id
-        batch = Fetched([])
-        for tp, tp_records in records.items():
-            if not self.flow_active or self.app.consumer_generation_id != generation_id:
-                break  # a rebalance began: drop the rest, it will be fetched again
-            if active is not None and tp not in active and tp not in self._buffered_partitions:
-                continue
-            self.app.monitor.track_tp_end_offset(tp, self.highwater(tp))
-            batch_topic = tp.topic in router.topics
-            acks = self.app.topics.acks_enabled_for(tp.topic)
-            r_offset = self._read_offset[tp]
-            offsets: list[int] = []
-            for record in tp_records:
-                offset = record.offset
-                if r_offset is not None and offset < r_offset:
-                    continue  # already read (faust drops these too)
-                if r_offset and offset - r_offset > 1 and acks:
-                    await self._add_gap(tp, r_offset + 1, offset)
-                if batch_topic:
-                    batch.records.append(record)
-                    offsets.append(offset)
-                else:
-                    message = self._to_message(tp, record)
-                    await self.wait_first(self.callback(message), self.suspend_flow.wait())
-                r_offset = offset
-                self._read_offset[tp] = offset
-            if offsets:
-                batch.offsets[tp] = offsets
-        if not batch.records:
-            return None
-        self._unacked_messages.add(batch)  # type: ignore[arg-type]
-        return batch
-
-    def ack_fetched(self, batch: Fetched) -> None:
-        """Acknowledge every record of ``batch`` (faust's ``ack`` for each, in one go)."""
-        with ack_lock:
-            if batch.acked:
-                return
-            batch.acked = True
-            acked_now = 0
-            for tp, offsets in batch.offsets.items():
-                if not self.app.topics.acks_enabled_for(tp.topic):
-                    continue
-                committed = self._committed_offset[tp]
-                index, acked = self._acked_index[tp], self._acked[tp]
-                for offset in offsets:
-                    if (committed is None or offset >= committed) and offset not in index:
-                        index.add(offset)
-                        acked.append(offset)
-                        acked_now += 1
-            self._n_acked += acked_now
-            self._unacked_messages.discard(batch)  # type: ignore[arg-type]
-            notify(self._waiting_for_ack)
-
-
-class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
-    def _create_worker_consumer(self, transport: Any) -> Any:
-        consumer = super()._create_worker_consumer(transport)
-        # faust hard-codes fetch_max_wait_ms=1500; Tansu holds a fetch that long even
-        # with records waiting, which would add ~1 s of latency to every event.
-        consumer._fetch_max_wait_ms = FETCH_MAX_WAIT_MS
-        return consumer
-
-
-class _Transport(faust_aiokafka.Transport):
-    Consumer = BatchConsumer
-
-
-class BatchApp(faust.App):
-    """A faust app whose consumer can deliver topics in batches (:meth:`batch_topic`)."""
-
-    batch_router: BatchRouter | None = None
-
-    def _new_transport(self) -> Any:
-        return _Transport(self.conf.broker_consumer, self, loop=self.loop)
-
-    def batch_topic(self, name: str) -> Any:
-        """Subscribe to ``name``; its records go to :attr:`batch_router`'s queue as
-        :class:`Fetched` batches, to be acknowledged with ``app.consumer.ack_fetched``."""
-        if self.batch_router is None:
-            self.batch_router = BatchRouter(set())
-        self.batch_router.topics.add(name)
-        topic = self.topic(name, key_serializer="raw", value_serializer="raw")
-        self.topics.add(topic)
-        return topic
+#: how long one ``getmany`` waits for records when none are buffered
+POLL_MS = 200
+#: most bytes fetched per partition at once (aiokafka's default is 1 MiB, ~2,300 events):
+#: under a backlog a fetch should fill a whole ``batch_max`` batch (as faust's 4 MiB did)
+MAX_PARTITION_FETCH_BYTES = 4 << 20
 
 
 class KafkaPublisher:
-    """Publishes dead letters and violations with an aiokafka producer (``acks=all``).
-
-    Not faust's producer: it sends and awaits one message at a time (measured: ~5 ms a
-    message), while this one batches whatever a batch of events produces.
-    """
+    """Publishes dead letters and violations with an aiokafka producer (``acks=all``),
+    batching whatever a batch of events produces."""
 
     def __init__(self, bootstrap: str) -> None:
         self.bootstrap = bootstrap
@@ -266,108 +112,242 @@ class KafkaPublisher:
             await producer.stop()
 
 
-def faust_settings(config: StreamsConfig, bootstrap: str, datadir: Path) -> dict[str, Any]:
-    """faust settings that are reliable on Tansu and Apache Kafka alike (see
-    ARCHITECTURE.md). ``producer_max_batch_size=1`` is left out: it only protects table
-    changelogs, and this app has no tables."""
-    return {
-        "broker": [f"kafka://{hp.strip()}" for hp in bootstrap.split(",") if hp.strip()],
-        "datadir": str(datadir),
-        "autodiscover": False,
-        "web_enabled": False,
-        "store": "memory://",
-        "processing_guarantee": "at_least_once",
-        "topic_replication_factor": 1,
-        "topic_disable_leader": True,
-        "topic_partitions": config.partitions,
-        "broker_session_timeout": 6,
-        "broker_rebalance_timeout": 6,
-        "broker_heartbeat_interval": 0.5,
-        "broker_commit_interval": config.commit_interval_s,
-        "broker_max_poll_records": config.batch_max,
-        "consumer_auto_offset_reset": "earliest",
-        "producer_acks": -1,
-    }
+@dataclass(eq=False)
+class _Writing:
+    """A batch handed to the database."""
+
+    #: the rebalance generation it was fetched in (its offsets count only in that one)
+    generation: int
+    #: per partition, one past the batch's last offset
+    ends: dict[TopicPartition, int]
+    task: asyncio.Future[BatchReport]
 
 
-def create_app(
-    settings: Settings,
-    config: StreamsConfig,
-    bootstrap: str,
-    sink: LedgerSink,
-    metrics: StreamMetrics | None = None,
-) -> BatchApp:
-    """The stream-processor app (not started).
+class StreamProcessor(ConsumerRebalanceListener):  # type: ignore[misc]
+    """One member of the stream processors' consumer group (see the module docstring).
 
     Parameters:
-        settings: tenants, tiers, SLA classes.
-        config: topics, group, batching, metrics.
+        config: topic, group (``app_id``), batching, commits, drain timeout.
         bootstrap: Kafka ``host:port[,host:port]``.
-        sink: a prepared ledger sink (see :meth:`LedgerSink.prepare`).
+        sink: a prepared ledger sink (:meth:`LedgerSink.prepare`).
         metrics: counters and gauges to keep, if any.
     """
-    app = BatchApp(
-        config.app_id, **faust_settings(config, bootstrap, config.datadir_for(settings.home))
-    )
-    app.batch_topic(config.topic)
-    publisher = KafkaPublisher(bootstrap)
-    processor = BatchProcessor(sink, config, publisher, metrics)
 
-    async def ledger() -> None:
-        assert app.batch_router is not None
-        queue = app.batch_router.queue
+    def __init__(
+        self,
+        config: StreamsConfig,
+        bootstrap: str,
+        sink: LedgerSink,
+        metrics: StreamMetrics | None = None,
+    ) -> None:
+        self.config = config
+        self.sink = sink
+        self.metrics = metrics
+        self.publisher = KafkaPublisher(bootstrap)
+        self.processor = BatchProcessor(sink, config, self.publisher, metrics)
+        self.consumer = kafka.consumer(
+            bootstrap, group_id=config.app_id, fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
+            max_poll_records=config.batch_max, max_partition_fetch_bytes=MAX_PARTITION_FETCH_BYTES,
+        )  # fmt: skip
+        self._generation = 0
+        self._rebalancing = True  # until the first assignment
+        self._writing: _Writing | None = None
+        #: per partition, one past the last offset the ledger holds (committable)
+        self._written: dict[TopicPartition, int] = {}
+        self._committed: dict[TopicPartition, int] = {}
+        self._last_commit = time.monotonic()
+        #: time.time() in ms when draining began; None while not draining
+        self._drain_since_ms: int | None = None
+        self._drain_deadline = 0.0
+        self._stop_now = False
+
+    # -- control ------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """First call: drain to zero lag, then stop. Second: stop after the batch in flight."""
+        if self._drain_since_ms is None:
+            self._drain_since_ms = int(time.time() * 1000)
+            self._drain_deadline = time.monotonic() + self.config.drain_timeout_s
+            log.info("draining before stop", timeout_s=self.config.drain_timeout_s)
+        else:
+            self._stop_now = True
+            log.info("stopping now")
+
+    async def run(self) -> int:
+        """Consume until stopped; returns the exit status (0: stopped with no lag)."""
+        await kafka.start(self.consumer, "stream-processor consumer")
+        self.consumer.subscribe([self.config.topic], listener=self)
+        log.info("stream processor starting", group=self.config.app_id, topic=self.config.topic)
+        gauges = asyncio.ensure_future(self._refresh_gauges()) if self.metrics else None
         try:
-            await _consume(queue)
+            status = await self._consume()
+            if not await self._settle(FINISH_ON_STOP_S):
+                _die("batch unfinished at stop", TimeoutError(f"{FINISH_ON_STOP_S} s"))
+            await self._commit()
+            return status
         finally:
-            await publisher.close()
+            if gauges is not None:
+                gauges.cancel()
+            await self.consumer.stop()  # leaves the group: the others take its partitions
+            await self.publisher.close()
 
-    async def _consume(queue: asyncio.Queue[Fetched]) -> None:
-        writing: asyncio.Future[bool] | None = None  # the batch being written, then acked
-        try:
-            while True:
-                fetches = [await queue.get()]
-                size = len(fetches[0].records)
-                while not queue.empty() and size < config.batch_max:
-                    fetches.append(queue.get_nowait())  # coalesce what waits: one transaction
-                    size += len(fetches[-1].records)
-                records = fetches[0].records
-                for more in fetches[1:]:
-                    records = records + more.records
-                try:
-                    prepared = processor.prepare(records)  # while the previous one is written
-                except Exception as exc:  # noqa: BLE001
-                    _die("batch failed", exc)
-                if writing is not None and await asyncio.shield(writing):
-                    raise asyncio.CancelledError
-                # started here, not in the task: the next prepare may not yield first
-                writing = asyncio.ensure_future(_write(processor.start(prepared), fetches))
-        finally:
-            if writing is not None and not writing.done():
-                # Shutdown: let the batch in flight finish and be acknowledged (_finish
-                # ends the process if it cannot).
-                await asyncio.wait([writing], timeout=FINISH_ON_STOP_S + 5)
+    # -- the loop -----------------------------------------------------------------------
 
-    async def _write(work: Awaitable[BatchReport], fetches: list[Fetched]) -> bool:
-        stopping = await _finish(work)
-        consumer: BatchConsumer = app.consumer  # type: ignore[assignment]
-        for fetched in fetches:
-            consumer.ack_fetched(fetched)
-        return stopping
-
-    app.task(ledger)
-
-    if metrics is not None:
-
-        async def refresh_gauges() -> None:
+    async def _consume(self) -> int:
+        while not self._stop_now:
+            if self._drain_since_ms is not None and time.monotonic() > self._drain_deadline:
+                lag = {f"{tp.topic}[{tp.partition}]": n for tp, n in (await self._lag()).items()}
+                log.warning("drain timed out with events unconsumed; stopping", lag=lag)
+                return EXIT_DRAIN_TIMEOUT
+            fetched = await self._fetch()
+            generation = self._generation
+            if not fetched:
+                await self._settle()
+                if self._drain_since_ms is not None and await self._drained():
+                    log.info("drained: no lag on the assigned partitions; stopping")
+                    return 0
+                await self._commit_due()
+                continue
+            records = [rec for recs in fetched.values() for rec in recs]
+            ends = {tp: recs[-1].offset + 1 for tp, recs in fetched.items() if recs}
             try:
-                rows = await asyncio.to_thread(_attainment, sink, config.sla_window_s)
+                prepared = self.processor.prepare(records)  # while the previous one is written
+            except Exception as exc:  # noqa: BLE001
+                _die("batch failed", exc)
+            await self._settle()
+            if generation != self._generation:
+                continue  # partitions were revoked since the fetch: read again from the commit
+            # started here, not in a task: the transaction is on its thread before we yield
+            task = asyncio.ensure_future(self.processor.start(prepared))
+            self._writing = _Writing(generation, ends, task)
+            await self._commit_due()
+        return 0
+
+    async def _fetch(self) -> dict[TopicPartition, list[Any]]:
+        """The records fetched so far (up to ``batch_max``), waiting up to :data:`POLL_MS`."""
+        return await self.consumer.getmany(  # type: ignore[no-any-return]
+            timeout_ms=POLL_MS, max_records=self.config.batch_max
+        )
+
+    async def _settle(self, timeout_s: float | None = None) -> bool:
+        """Wait for the batch in flight, and make its offsets committable if it still
+        belongs to the current generation. Ends the process if the batch failed.
+
+        Returns:
+            False if ``timeout_s`` passed first.
+        """
+        writing = self._writing
+        if writing is None:
+            return True
+        try:
+            await asyncio.wait_for(asyncio.shield(writing.task), timeout_s)
+        except TimeoutError:
+            return False
+        except asyncio.CancelledError:
+            raise  # this wait was cancelled, not the batch (shielded)
+        except BaseException as exc:  # noqa: BLE001
+            _die("batch failed", exc)
+        if self._writing is writing:
+            self._writing = None
+        if writing.generation == self._generation:
+            self._written.update(writing.ends)
+        return True
+
+    # -- offsets ------------------------------------------------------------------------
+
+    async def _commit_due(self) -> None:
+        if time.monotonic() - self._last_commit >= self.config.commit_interval_s:
+            await self._commit()
+
+    async def _commit(self) -> None:
+        """Commit the offsets of what the ledger holds, for the partitions still assigned."""
+        self._last_commit = time.monotonic()
+        assigned = self.consumer.assignment()
+        offsets = {tp: off for tp, off in self._written.items()
+                   if tp in assigned and self._committed.get(tp) != off}  # fmt: skip
+        if not offsets:
+            return
+        try:
+            await self.consumer.commit(offsets)
+        except KafkaError as exc:  # a rebalance began, or the broker is away: replays are no-ops
+            log.warning("offset commit failed; events past the last commit will be read again",
+                        error=repr(exc))  # fmt: skip
+            return
+        self._committed.update(offsets)
+
+    # -- rebalances (aiokafka awaits these between leaving and rejoining the group) ------
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        self._rebalancing = True
+        if not await self._settle(FINISH_ON_REVOKE_S):
+            log.warning("a batch is still being written at a rebalance; its offsets stay "
+                        "uncommitted (its events will be read again, as no-ops)")  # fmt: skip
+        self._generation += 1  # drops what was fetched and not yet written
+        await self._commit()
+        for tp in revoked:
+            self._written.pop(tp, None)
+            self._committed.pop(tp, None)
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        # aiokafka positions each partition at its committed offset (earliest if none)
+        self._rebalancing = False
+        log.info("partitions assigned", generation=self._generation,
+                 partitions=sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))  # fmt: skip
+
+    # -- draining -----------------------------------------------------------------------
+
+    async def _lag(self) -> dict[TopicPartition, int | None]:
+        """Per assigned partition, highwater − position as of a fetch response received
+        since draining began; None where no such response has come yet."""
+        since = self._drain_since_ms or 0
+        out: dict[TopicPartition, int | None] = {}
+        for tp in self.consumer.assignment():
+            highwater, seen = self.consumer.highwater(tp), self.consumer.last_poll_timestamp(tp)
+            if highwater is None or seen is None or seen < since:
+                out[tp] = None
+                continue
+            try:
+                out[tp] = max(0, highwater - await self.consumer.position(tp))
+            except KafkaError:  # being reassigned
+                out[tp] = None
+        return out
+
+    async def _drained(self) -> bool:
+        """No lag on any assigned partition (and no rebalance under way). Called with
+        no batch in flight, so the position is also what the ledger holds."""
+        if self._rebalancing:
+            return False
+        return all(n == 0 for n in (await self._lag()).values())
+
+    # -- gauges -------------------------------------------------------------------------
+
+    async def _refresh_gauges(self) -> None:
+        assert self.metrics is not None
+        window = self.config.sla_window_s
+        while True:
+            await asyncio.sleep(self.config.gauge_interval_s)
+            try:
+                rows = await asyncio.to_thread(_attainment, self.sink, window)
             except Exception as exc:  # noqa: BLE001  (a gauge is not worth a crash; next tick retries)
                 log.warning("SLA gauges not refreshed", error=repr(exc))
-                return
-            metrics.set_window(rows, config.sla_window_s)
+                continue
+            self.metrics.set_window(rows, window)
 
-        app.timer(interval=config.gauge_interval_s, name=f"{config.app_id}.gauges")(refresh_gauges)
-    return app
+
+async def serve(
+    config: StreamsConfig, bootstrap: str, sink: LedgerSink, metrics: StreamMetrics | None = None
+) -> int:
+    """Run a :class:`StreamProcessor` until SIGTERM/SIGINT (see the module docstring);
+    returns the exit status."""
+    processor = StreamProcessor(config, bootstrap, sink, metrics)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, processor.request_stop)
+    try:
+        return await processor.run()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
 
 
 def _attainment(sink: LedgerSink, window_s: float) -> list[Any]:
@@ -376,31 +356,8 @@ def _attainment(sink: LedgerSink, window_s: float) -> list[Any]:
         return sla_attainment(session, since, sink.settings.sla)
 
 
-async def _finish(work: Awaitable[Any]) -> bool:
-    """Await a batch to its end; if it fails, or shutdown cannot wait for it, end the
-    process before anything acknowledges it.
-
-    Returns:
-        True if shutdown began meanwhile (acknowledge the batch, then stop).
-    """
-    task = asyncio.ensure_future(work)
-    try:
-        await asyncio.shield(task)
-        return False
-    except asyncio.CancelledError:
-        pass
-    except BaseException as exc:  # noqa: BLE001
-        _die("batch failed", exc)
-    try:  # shutdown: finish the batch, so that it can be acknowledged
-        await asyncio.wait_for(asyncio.shield(task), FINISH_ON_STOP_S)
-    except BaseException as exc:  # noqa: BLE001
-        _die("batch failed or unfinished at shutdown", exc)
-    return True
-
-
-def _die(what: str, exc: BaseException) -> None:
-    log.critical(
-        f"{what}; exiting without acknowledging it", error=repr(exc), exit=EXIT_BATCH_FAILED
-    )
+def _die(what: str, exc: BaseException) -> NoReturn:
+    log.critical(f"{what}; exiting without committing its offsets", error=repr(exc),
+                 exit=EXIT_BATCH_FAILED)  # fmt: skip
     time.sleep(0.05)  # let the log line out
     os._exit(EXIT_BATCH_FAILED)

@@ -25,7 +25,7 @@ class StreamsConfig(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="TOKENMILL_STREAMS__", extra="ignore", frozen=True)
 
-    #: the faust app id, which is also the Kafka consumer group of its workers
+    #: the Kafka consumer group of the stream processors
     app_id: str = Field(default="tokenmill-streams", min_length=1, max_length=200)
     topic: str = TOKEN_EVENTS_TOPIC
     dead_letter_topic: str = DEAD_LETTER_TOPIC
@@ -35,8 +35,11 @@ class StreamsConfig(BaseSettings):
     #: most events fetched at once, and (about) the most written in one transaction;
     #: a batch is whatever has arrived, so it stays small (and fast) under light load
     batch_max: int = Field(default=5000, gt=0)
-    #: how often faust commits the offsets of written (acknowledged) events
+    #: how often the offsets of events written to the ledger are committed (also at
+    #: every rebalance and at stop); a crash replays at most this much, as no-ops
     commit_interval_s: float = Field(default=2.0, gt=0)
+    #: on SIGTERM, how long to go on consuming to reach zero lag before stopping anyway
+    drain_timeout_s: float = Field(default=30.0, gt=0)
     #: Prometheus endpoint; port None: none, 0: a free port (written to ``metrics_port_file``)
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = Field(default=DEFAULT_METRICS_PORT, ge=0, le=65535)
@@ -45,11 +48,6 @@ class StreamsConfig(BaseSettings):
     sla_window_s: float = Field(default=300.0, gt=0)
     #: how often those gauges are refreshed
     gauge_interval_s: float = Field(default=10.0, gt=0)
-    #: faust's state directory; default ``<home>/faust``
-    datadir: Path | None = None
-
-    def datadir_for(self, home: Path) -> Path:
-        return (self.datadir or home / "faust").resolve()
 
     def port_file_for(self, home: Path) -> Path:
         return (

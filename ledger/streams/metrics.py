@@ -18,6 +18,7 @@ rest of the per-event work); the HTTP server's thread reads them.
 
 from __future__ import annotations
 
+import math
 from bisect import bisect_left, bisect_right
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Sequence
@@ -90,7 +91,7 @@ class _Histogram:
             entry = self.data[key] = [[0] * (len(self.bounds) + 1), 0.0]
         counts = entry[0]
         total = sum(values)
-        if total != total:  # a NaN (which sorts nowhere) among them: one by one
+        if math.isnan(total):  # a NaN (which sorts nowhere) among them: one by one
             for index, n in Counter(map(partial(bisect_left, self.bounds), values)).items():
                 counts[index] += n
         else:

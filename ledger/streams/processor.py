@@ -1,22 +1,22 @@
 """One batch of token-event records, end to end: decode, write to the ledger in one
 transaction, dead-letter what cannot be recorded, publish SLA violations, count.
 
-Independent of faust (the app in :mod:`.app` feeds it), so it can be driven and tested
-alone. The order is what makes the stream exact under at-least-once delivery:
+Independent of Kafka (the consumer loop in :mod:`.app` feeds it), so it can be driven
+and tested alone. The order is what makes the stream exact under at-least-once delivery:
 
 1. the database transaction commits (replays are no-ops: unique request ids);
 2. dead letters and violations are delivered (awaited);
 3. only then does :meth:`BatchProcessor.finish` (or ``process``) return, and the caller
-   acknowledges the records (the consumer commits their offsets later).
+   may commit the records' offsets.
 
 Decoding, pricing and building the rows (:meth:`BatchProcessor.prepare`) touch no
 state that the ledger's writes depend on, so the caller may prepare the next batch
 while the previous one is written (:meth:`BatchProcessor.start` hands the transaction to
 its thread at once, so that it runs meanwhile); batches are still written, and
-acknowledged, one at a time in fetch order.
+committed, one at a time in fetch order.
 
 A crash anywhere before 3 replays the batch. While the database is unreachable the
-batch is retried with backoff, holding the stream (nothing is acknowledged).
+batch is retried with backoff, holding the stream (nothing is committed).
 """
 
 from __future__ import annotations
@@ -164,7 +164,7 @@ class BatchProcessor:
 
         Raises:
             Exception: anything but an unreachable database (which is retried): the
-                caller must not acknowledge the batch.
+                caller must not commit the batch's offsets.
         """
         return await self.start(prepared)
 

@@ -1,8 +1,8 @@
 """SLA violations, published to ``tokenmill.sla-violations`` keyed by tenant.
 
 Publication is at-least-once: a violation is sent for every violating ``finished``
-event the processor handles, before the event is acknowledged, so a replayed event
-sends it again. Consumers deduplicate by ``request_id``.
+event the processor handles, before the event's offset may be committed, so a replayed
+event sends it again. Consumers deduplicate by ``request_id``.
 """
 
 from __future__ import annotations

@@ -11,12 +11,12 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+import streams_helpers as st
 import typer
 from tokenmill.config import Settings
 from tokenmill.ledger.commands import register, streams_services
 from tokenmill.ledger.reports import parse_span, parse_time
 from tokenmill.ledger.streams import LedgerSink
-from tokenmill.ledger.streams import testing as st
 from typer.testing import CliRunner
 
 from tokenmill.wire import TokenEvent
@@ -68,7 +68,9 @@ def test_usage_per_tenant_model_and_minute(cli: typer.Typer, recorded: list[dict
          "requests": 1, "input_tokens": 10, "output_tokens": 20}]  # fmt: skip
     table = run(cli, "usage", "--all-tenants", "--since", "1h")
     assert "alpha" in table and "smollm2" in table and "1,005" in table
-    assert "no usage" in run(cli, "usage", "--all-tenants", "--since", "2020-01-01", "--until", "2020-02-01")
+    assert "no usage" in run(
+        cli, "usage", "--all-tenants", "--since", "2020-01-01", "--until", "2020-02-01"
+    )
 
 
 def test_invoice_total_is_the_sum_of_its_entries(cli: typer.Typer, recorded: list[dict]) -> None:
@@ -106,7 +108,9 @@ def test_sla_percentiles_attainment_and_goodput(cli: typer.Typer, recorded: list
 
 
 @pytest.mark.parametrize("command", ["usage", "invoice", "sla", "webhooks"])
-def test_a_tenant_report_without_a_gateway_says_how_to_reach_one(cli: typer.Typer, command: str) -> None:
+def test_a_tenant_report_without_a_gateway_says_how_to_reach_one(
+    cli: typer.Typer, command: str
+) -> None:
     from tokenmill.producers.batch_commands import webhooks_command
 
     from tokenmill.errors import StackError
@@ -128,7 +132,10 @@ def test_times_are_iso_or_spans_back() -> None:
     with pytest.raises(ValidationError) as caught:
         parse_time("99999999999999d", now=now, field="since")  # past the calendar: no OverflowError
     assert caught.value.field == "since"
-    assert parse_span("2h", "1h", now=now) == (datetime(2026, 11, 3, 10, tzinfo=UTC), datetime(2026, 11, 3, 11, tzinfo=UTC))
+    assert parse_span("2h", "1h", now=now) == (
+        datetime(2026, 11, 3, 10, tzinfo=UTC),
+        datetime(2026, 11, 3, 11, tzinfo=UTC),
+    )
     with pytest.raises(ValidationError) as caught:
         parse_span("1h", "2h", now=now)
     assert caught.value.field == "until"

@@ -8,11 +8,11 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 
 import pytest
+import streams_helpers as st
 from hypothesis import assume, given
 from hypothesis import strategies as hs
 from tokenmill.ledger.streams import LedgerSink
 from tokenmill.ledger.streams import sink as sink_module
-from tokenmill.ledger.streams import testing as st
 from tokenmill.ledger.streams.decode import parse
 from tokenmill.ledger.streams.rates import precision_limit, rates_for, units_to_decimal
 
@@ -89,9 +89,9 @@ def test_integer_pricing_answers_for_every_card_the_config_accepts(
 
 
 def test_cards_without_whole_unit_rates_are_left_to_cost() -> None:
-    odd = Card(Decimal("0.00001"), Decimal("1"), Decimal(0))  # 10^-11 per token
+    odd = Card(Decimal("0.00001"), Decimal(1), Decimal(0))  # 10^-11 per token
     assert rates_for(odd, Priority.standard) is None
-    half = Card(Decimal("0.0001"), Decimal("1"), Decimal("0.5"))  # 0.00005 after discount
+    half = Card(Decimal("0.0001"), Decimal(1), Decimal("0.5"))  # 0.00005 after discount
     assert rates_for(half, Priority.batch) is None
     assert rates_for(half, Priority.standard) is not None
 

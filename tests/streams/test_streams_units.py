@@ -13,6 +13,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+import streams_helpers as st
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as hs
@@ -20,7 +21,14 @@ from prometheus_client import CollectorRegistry, generate_latest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 from tokenmill.config import PriceCard, Settings
-from tokenmill.ledger import make_engine, migrate, session_factory, sync_price_cards, transaction
+from tokenmill.ledger import (
+    Card,
+    make_engine,
+    migrate,
+    session_factory,
+    sync_price_cards,
+    transaction,
+)
 from tokenmill.ledger.models import LedgerEntry, SlaRecord, UsageMinute, UsageRecord
 from tokenmill.ledger.streams import (
     BatchProcessor,
@@ -33,9 +41,9 @@ from tokenmill.ledger.streams import (
     measure,
     parse,
 )
-from tokenmill.ledger.streams import testing as st
 from tokenmill.ledger.streams.metrics import LATENCY_BUCKETS, _Histogram
 
+from tokenmill.pricing import PriceBook
 from tokenmill.wire import EventKind, TokenEvent
 
 T_FINISH = datetime(2026, 11, 3, 12, 0, 30, tzinfo=UTC).timestamp()
@@ -163,11 +171,17 @@ def test_sink_picks_the_card_in_force_to_the_microsecond(
                                        output_per_million="0.80", batch_discount="0.5")])  # fmt: skip
     sink.prepare()
     t = start.timestamp()
-    for delta in (-1e-3, -2e-5, -1e-5, -1e-6, -6e-7, -5e-7, -4e-7, -1e-7, 0.0, 1e-7, 4e-7, 5e-7,
-                  6e-7, 1e-6, 9.99e-6, 1e-5, 1.01e-5, 2e-5, 1e-3, 1e6):  # fmt: skip
-        ts = t + delta
-        expected = sink.card_for("sim", datetime.fromtimestamp(ts, UTC))
-        assert sink._card_at("sim", ts) == expected, delta
+    deltas = (-1e-6, 0.0, 1e-6)
+    out = sink.write([ev(f"r{i}", prompt_tokens=10**6, completion_tokens=0, finished_at=t + d)
+                      for i, d in enumerate(deltas)])  # fmt: skip
+    with transaction(sessions) as s:
+        amounts = dict(s.execute(select(LedgerEntry.request_id, LedgerEntry.amount)).all())
+    # 0.10 before the new card's microsecond, 0.20 from it on
+    assert [amounts[f"r{i}"] for i in range(3)] == [Decimal("0.1"), Decimal("0.2"), Decimal("0.2")]
+    assert [r.card_id for r in out.new] == [
+        sink.price_book.in_force("sim", datetime.fromtimestamp(t + d, UTC)).id  # type: ignore[union-attr]
+        for d in deltas
+    ]
 
 
 def test_sink_dead_letters_a_finish_that_is_not_a_time(sink: LedgerSink) -> None:
@@ -183,23 +197,14 @@ def test_sink_reports_an_unreachable_database_as_retryable(
 ) -> None:
     engine = make_engine("postgresql://nobody@127.0.0.1:1/none")
     sink = LedgerSink(session_factory(engine), settings)
-    sink._cards = {"sim": [st_card()]}
+    sink._book = PriceBook([st_card()])
     with pytest.raises(LedgerUnavailable):
         sink.write([ev()])
 
 
-def st_card() -> Any:
-    from tokenmill.ledger.streams import Card
-
-    return Card(
-        1,
-        "sim",
-        datetime(2026, 1, 1, tzinfo=UTC),
-        "USD",
-        Decimal("0.1"),
-        Decimal("0.4"),
-        Decimal("0.5"),
-    )
+def st_card() -> Card:
+    return Card(1, "sim", datetime(2026, 1, 1, tzinfo=UTC), "USD", Decimal("0.1"),
+                Decimal("0.4"), Decimal("0.5"))  # fmt: skip
 
 
 @hsettings(

@@ -1,6 +1,6 @@
-"""Real broker, real ``tokenmill streams`` faust worker processes, SQLite and PostgreSQL:
-the ledger's totals are exact after redelivery, a SIGKILL mid-stream and two workers
-sharing the partitions; bad events are dead-lettered while processing goes on."""
+"""Real broker, real ``tokenmill streams`` worker processes, SQLite and PostgreSQL: the
+ledger's totals are exact after redelivery, a SIGKILL mid-batch, a rebalance between two
+workers and a drain on SIGTERM; bad events are dead-lettered while processing goes on."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ from datetime import UTC, datetime
 from decimal import Decimal
 
 import pytest
+import streams_helpers as st
 from streams_helpers import Workers
 from tokenmill.config import Settings
 from tokenmill.ledger import Period, invoice, make_engine, session_factory, transaction
-from tokenmill.ledger.streams import testing as st
+from tokenmill.ledger.streams import EXIT_DRAIN_TIMEOUT
 
 pytestmark = pytest.mark.slow
 
@@ -135,18 +136,24 @@ def test_sigkill_mid_stream_then_restart_is_exact(workers: Workers, settings: Se
 
 
 def test_two_workers_sharing_partitions_are_exact(workers: Workers, settings: Settings) -> None:
-    events = st.mixed_events(6_000, prefix="pair")
+    events = st.mixed_events(8_000, prefix="pair")
     workers.publish(events[:2_000], spread=True)
     one = workers.start(TOKENMILL_STREAMS__BATCH_MAX="200")
     st.wait_until(lambda: st.usage_count(workers.database_url) >= 200, timeout_s=90,
                   interval_s=0.1, what="the first worker running")  # fmt: skip
     two = workers.start(TOKENMILL_STREAMS__BATCH_MAX="200")  # joins: a rebalance mid-stream
     workers.wait_ready(two)
-    workers.publish(events[2_000:], spread=True)
+    workers.publish(events[2_000:6_000], spread=True)
     workers.wait_recorded(6_000)
-    assert_exact(workers.database_url, events, settings)
+    assert_exact(workers.database_url, events[:6_000], settings)
+    assert one.log().count('"event": "partitions assigned"') >= 2  # it was rebalanced
     assert sum(b["recorded"] for b in one.batches()) > 0
     assert sum(b["recorded"] for b in two.batches()) > 0, "the second worker got no partition"
+    # One leaves (drained, exit 0): the other takes all partitions from their commits.
+    assert one.stop() == 0, one.log()[-3000:]
+    workers.publish(events[6_000:], spread=True)
+    workers.wait_recorded(8_000)
+    assert_exact(workers.database_url, events, settings)
 
 
 @pytest.mark.parametrize("backend", ["sqlite"], indirect=True)  # the database plays no part
@@ -194,3 +201,37 @@ def test_bad_events_are_dead_lettered_and_processing_continues(
     assert reasons["bad-major"].startswith("UnsupportedSchemaVersion")
     assert "lacks submitted_at" in reasons["bad-times"]
     assert "no price card for model 'no-such-model'" in reasons["bad-model"]
+
+
+def test_sigterm_drains_to_zero_lag_then_exits_0(workers: Workers, settings: Settings) -> None:
+    # Small batches make the worker slow enough that SIGTERM finds most events unconsumed.
+    worker = workers.start(TOKENMILL_STREAMS__BATCH_MAX="20")
+    workers.wait_ready(worker)
+    events = st.mixed_events(8_000, prefix="drain")
+    workers.publish(events, spread=True)
+    st.wait_until(lambda: st.usage_count(workers.database_url) >= 200, timeout_s=60,
+                  interval_s=0.05, what="the worker consuming")  # fmt: skip
+    worker.proc.send_signal(15)  # type: ignore[union-attr]
+    assert st.usage_count(workers.database_url) < len(events), "too late to test the drain"
+    assert worker.proc.wait(60) == 0, worker.log()[-3000:]  # type: ignore[union-attr]
+    assert_exact(workers.database_url, events, settings)  # every event, once
+    assert '"event": "drained' in worker.log()
+
+
+def test_drain_timeout_exits_non_zero_and_a_restart_is_exact(
+    workers: Workers, settings: Settings
+) -> None:
+    events = st.mixed_events(6_000, prefix="slow")
+    workers.publish(events, spread=True)
+    first = workers.start(TOKENMILL_STREAMS__BATCH_MAX="10", TOKENMILL_STREAMS__DRAIN_TIMEOUT_S="1")
+    st.wait_until(lambda: st.usage_count(workers.database_url) >= 100, timeout_s=60,
+                  interval_s=0.05, what="the worker consuming")  # fmt: skip
+    assert first.stop(timeout_s=30) == EXIT_DRAIN_TIMEOUT, first.log()[-3000:]
+    workers.started.remove(first)  # its exit status is the one expected
+    assert st.usage_count(workers.database_url) < len(events)
+    assert "drain timed out" in first.log()
+    second = workers.start()
+    workers.wait_recorded(len(events))
+    assert_exact(workers.database_url, events, settings)
+    # It started from the committed offsets: at most the last uncommitted batch replays.
+    assert sum(b["duplicates"] for b in second.batches()) <= 10
