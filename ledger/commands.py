@@ -1,7 +1,7 @@
-"""``tokenmill streams | usage | invoice | sla`` (and the body of ``webhooks``): the
-stream processors and the reports they feed.
+"""``tokenmill streams | usage | invoice | sla | reconcile`` (and the body of
+``webhooks``): the stream processors, the reports they feed, and reconciliation.
 
-``streams`` runs a faust worker (``tokenmill up`` starts one as the ``streams`` service).
+``streams`` runs a stream processor (``tokenmill up`` starts one as the ``streams`` service).
 
 The reports are a tenant's own, asked of the gateway's account API
 (``/v1/tokenmill/…``) with its API key: ``--api-key`` or ``$TOKENMILL_API_KEY`` (on the
@@ -30,7 +30,7 @@ from tokenmill.config import Settings, load_settings
 from tokenmill.producers.commands import ApiKeyOpt, BaseUrlOpt, TenantOpt
 
 from tokenmill.errors import StackError, ValidationError
-from tokenmill.stack import ServiceSpec, endpoints, register_factory
+from tokenmill.stack import ServiceSpec, StopStage, endpoints, register_factory
 
 from .reports import (
     invoice_report,
@@ -132,7 +132,7 @@ def streams(
     no_metrics: Annotated[
         bool, typer.Option("--no-metrics", help="No Prometheus endpoint.")
     ] = False,
-    app_id: Annotated[str | None, typer.Option(help="faust app id = Kafka consumer group.")] = None,
+    app_id: Annotated[str | None, typer.Option(help="Kafka consumer group of the stream processors.")] = None,
 ) -> None:
     """Run a stream processor: token events → usage, billing and SLA in the ledger."""
     from .streams import StreamsConfig, run
@@ -161,8 +161,9 @@ def streams_services(settings: Settings, models: Sequence[str]) -> list[ServiceS
             ],
             address=lambda launch: f"http://127.0.0.1:{launch.port}/metrics",
             probe="http",
-            depends_on=("kafka",),
+            depends_on=("kafka", "redis"),  # redis: the start-up repair reads the result store
             start_timeout_s=60.0,
+            stop_stage=StopStage.drain,  # last: consumes every event of finished work first
         )
     ]
 
@@ -248,14 +249,15 @@ def invoice(
 def _invoice_table(doc: Mapping[str, Any], label: str) -> None:
     table = Table(title=f"Invoice {doc['tenant']} {label} ({doc['currency']})")
     table.add_column("model")
+    table.add_column("kind")  # charge: finished requests; partial: work done on the others
     for col in ("requests", "input tokens", "output tokens", "amount (exact)", doc["currency"]):
         table.add_column(col, justify="right")
     for ln in doc["lines"]:
-        table.add_row(ln["model"], f"{ln['requests']:,}", f"{ln['input_tokens']:,}",
+        table.add_row(ln["model"], ln["kind"], f"{ln['requests']:,}", f"{ln['input_tokens']:,}",
                       f"{ln['output_tokens']:,}", ln["amount"], ln["amount_rounded"])  # fmt: skip
     table.add_section()
-    table.add_row("rounding adjustment", "", "", "", "", doc["rounding_adjustment"])
-    table.add_row("[bold]total[/]", "", "", "", doc["total"], f"[bold]{doc['total_rounded']}[/]")
+    table.add_row("rounding adjustment", "", "", "", "", "", doc["rounding_adjustment"])
+    table.add_row("[bold]total[/]", "", "", "", "", doc["total"], f"[bold]{doc['total_rounded']}[/]")
     console.print(table)
 
 
@@ -346,6 +348,139 @@ def webhooks(
     console.print(table)
 
 
+# -- reconcile -------------------------------------------------------------------------
+
+
+def reconcile(
+    period: Annotated[
+        str | None,
+        typer.Option(help="YYYY-MM or YYYY-MM-DD: requests finished then (default: every period)."),
+    ] = None,
+    tenant: Annotated[str | None, typer.Option(help="Only this tenant's requests.")] = None,
+    repair: Annotated[
+        bool, typer.Option("--repair", help="Bill what is missing, exactly once (idempotent).")
+    ] = False,
+    ledger_only: Annotated[
+        bool,
+        typer.Option("--ledger-only", help="Facts from the ledger's requests alone (no Redis)."),
+    ] = False,
+    examples: Annotated[int, typer.Option(min=0, help="Request ids shown per category.")] = 10,
+    settle_s: Annotated[
+        float,
+        typer.Option(min=0.0, help="Leave out requests finished less than this many seconds ago."),
+    ] = 0.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Operator: compare the work done (the ledger's requests, the result store) with the
+    ledger's charges; print the differences (missing, duplicated, mispriced) and exit 1 on
+    any. --repair bills the missing ones first, through the stream processors' write path.
+
+    Reads the server's database (and Redis) like --all-tenants: needs the server's config.
+    """
+    from tokenmill.logs import configure
+
+    from . import reconcile as rc
+    from .db import make_engine, migrate, session_factory
+    from .streams import LedgerSink
+
+    settings = load_settings()
+    configure(settings.log_level)  # structured logs on stderr: stdout is the report
+    span = parse_period(period) if period is not None else None
+    results = None if ledger_only else _result_store(settings)
+    engine = make_engine(settings.ledger_url)
+    try:
+        migrate(engine)
+        sink = LedgerSink(session_factory(engine), settings)
+        sink.prepare()
+        with _progress() as progress:
+            repaired = None
+            if repair:
+                _, repaired = rc.repair(sink, results=results, period=span, tenant=tenant,
+                                        settle_s=settle_s, progress=progress)  # fmt: skip
+            report = rc.reconcile(sink, results=results, period=span, tenant=tenant,
+                                  examples=examples, settle_s=settle_s, progress=progress)  # fmt: skip
+    finally:
+        engine.dispose()
+        if results is not None:
+            results.close()
+    if as_json:
+        doc = report.to_dict()
+        if repaired is not None:
+            doc["repair"] = repaired.to_dict()
+        _print_json(doc)
+    else:
+        _reconcile_tables(report, repaired)
+    if not report.clean:
+        raise typer.Exit(1)
+
+
+def _result_store(settings: Settings) -> Any:
+    """A client of the result store's Redis, answering (else a StackError naming it)."""
+    import redis
+
+    from tokenmill.logs import mask_url
+
+    try:
+        url = settings.redis_url or endpoints(settings).redis_url
+    except StackError as exc:
+        raise StackError(f"{exc} (or reconcile the ledger alone: --ledger-only)") from None
+    client = redis.Redis.from_url(url, socket_timeout=60.0, socket_connect_timeout=5.0)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        client.close()
+        raise StackError(
+            f"the result store at {mask_url(url)} did not answer ({exc}); "
+            "reconcile the ledger alone with --ledger-only"
+        ) from None
+    return client
+
+
+@contextmanager
+def _progress() -> Iterator[Callable[[str, int, int | None], None]]:
+    """A progress callback drawing rich bars on a terminal's stderr (none otherwise)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    err = Console(stderr=True)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=err, transient=True,
+                  disable=not err.is_terminal) as bars:  # fmt: skip
+        tasks: dict[str, Any] = {}
+
+        def update(stage: str, done: int, total: int | None) -> None:
+            if stage not in tasks:
+                tasks[stage] = bars.add_task(stage, total=total)
+            bars.update(tasks[stage], completed=done, total=total)
+
+        yield update
+
+
+def _reconcile_tables(report: Any, repaired: Any) -> None:
+    scope = f"{report.tenant or 'every tenant'}, " + (
+        "every period" if report.period is None
+        else f"{report.period.start:%Y-%m-%d} .. {report.period.end:%Y-%m-%d}"
+    )  # fmt: skip
+    if repaired is not None:
+        console.print(
+            f"repair: {repaired.missing} missing, {repaired.repaired} billed now, "
+            f"{repaired.already} billed meanwhile, {len(repaired.rejected)} refused, "
+            f"{len(repaired.unrepairable)} without token counts, {repaired.remaining} left"
+        )
+        for rid, reason in [*repaired.rejected, *repaired.unrepairable][:10]:
+            console.print(f"  {rid}: {reason}")
+    table = Table(title=f"Reconciliation ({scope}; {', '.join(report.sources)})")
+    table.add_column("difference")
+    table.add_column("requests", justify="right")
+    table.add_column("first request ids")
+    for cat, n in report.counts.items():
+        ids = "\n".join(f"{d.request_id} ({d.tenant}): {d.detail}" for d in report.examples[cat])
+        table.add_row(cat.value, f"{n:,}", ids)
+    console.print(table)
+    verdict = "[green]no differences[/]" if report.clean else "[red]differences found[/]"
+    console.print(f"{report.facts:,} requests done, {report.charges:,} charges checked "
+                  f"in {report.seconds:.2f} s: {verdict}")  # fmt: skip
+
+
 def register(app: typer.Typer) -> None:
     """Add the ledger's commands to the ``tokenmill`` CLI and the ``streams`` service to
     ``tokenmill up``."""
@@ -353,4 +488,5 @@ def register(app: typer.Typer) -> None:
     app.command("usage")(usage)
     app.command("invoice")(invoice)
     app.command("sla")(sla)
+    app.command("reconcile")(reconcile)
     register_factory(streams_services)

@@ -41,13 +41,12 @@ from typing import Any
 from aiokafka.errors import KafkaError
 from redis.exceptions import RedisError
 
-from .. import kafka, wire
+from .. import kafka, tokens, wire
 from ..config import Settings
 from ..errors import TokenmillError
 from ..ledger import Outcome, settle_requests
 from ..logs import get_logger
 from ..redis_client import async_redis
-from ..scheduler.service import dispatched_key
 from ..stack import Endpoints
 from ..wire import Batch, BatchStatus, RequestCounts, RequestState, Result
 from ..workers import keys
@@ -264,7 +263,8 @@ class BatchRunner:
             return None
         with transaction(self.factory) as session:  # outcomes recorded in the file only
             pending = set(unfinished_batch_requests(session, batch.id)) & set(t.done)
-            settle_requests(session, [_outcome(rid, t.done[rid], None) for rid in sorted(pending)])
+            if pending:  # killed between the file's append and the ledger's commit
+                settle_requests(session, _recovered_outcomes(d, pending))
         self.trackers[batch.id] = t
         log.info("tracking batch", batch_id=batch.id, status=batch.status.value,
                  lines=len(t.lines), done=len(t.done))
@@ -329,7 +329,7 @@ class BatchRunner:
             pipe = self.redis.pipeline(transaction=False)
             pipe.mget([keys.result(r) for r in chunk])
             for r in chunk:
-                pipe.exists(dispatched_key(r))
+                pipe.exists(keys.dispatched(r))
             results, *marks = await pipe.execute()
             missing += [r for r, res, mark in zip(chunk, results, marks) if res is None and not mark]
         await self._publish(t, missing)
@@ -394,8 +394,9 @@ class BatchRunner:
             t.dir.results,
             (
                 {"line": t.lines[rid].line, "custom_id": t.lines[rid].custom_id, "request_id": rid,
-                 "status": status, "entry": entry}
-                for rid, status, entry, _ in outcomes
+                 "status": status, "entry": entry,
+                 "finished_at": None if result is None else result.finished_at}
+                for rid, status, entry, result in outcomes
             ),
         )
         for rid, status, _, _ in outcomes:
@@ -476,6 +477,26 @@ def _first(item: tuple[int, Any]) -> int:
     return item[0]
 
 
+def _recovered_outcomes(d: BatchDir, rids: set[str]) -> list[Outcome]:
+    """The ends of lines ``rids`` as ``results.jsonl`` recorded them: status, finish and
+    the usage of the output line, so the ledger gets the counts it would have got."""
+    found: dict[str, Outcome] = {}
+    for rec in read_jsonl(d.results):
+        rid = rec["request_id"]
+        if rid not in rids or rid in found:
+            continue
+        body = (rec["entry"].get("response") or {}).get("body") or {}
+        usage = body.get("usage") if isinstance(body, dict) else None
+        at = rec.get("finished_at")
+        found[rid] = Outcome(
+            rid, _STATE_OF[rec["status"]],
+            at=None if at is None else datetime.fromtimestamp(at, UTC),
+            prompt_tokens=usage.get("prompt_tokens") if usage else None,
+            completion_tokens=usage.get("completion_tokens") if usage else None,
+        )  # fmt: skip
+    return [found[rid] for rid in sorted(found)]
+
+
 def _outcome(rid: str, status: str, result: Result | None) -> Outcome:
     """A line's end for the ledger (:func:`~tokenmill.ledger.settle_requests`)."""
     if result is None:
@@ -493,6 +514,7 @@ async def serve(settings: Settings, endpoints: Endpoints, stop: asyncio.Event | 
     import signal
 
     stop = stop or asyncio.Event()
+    await asyncio.to_thread(tokens.load_counters, settings)  # exact counts from the start
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)

@@ -85,3 +85,30 @@ def test_recovery_from_a_torn_and_repeated_results_file(tmp_path: Path) -> None:
     assert [e["custom_id"] for e in output] == ["a", "b"]
     assert [(e["custom_id"], e["error"]["code"]) for e in errors] == [(None, "invalid_json"), ("c", "batch_expired")]
     assert all(json.dumps(e) for e in output + errors)
+
+
+def test_lines_recorded_in_the_file_only_reach_the_ledger_with_their_usage(tmp_path: Path) -> None:
+    """A runner killed between the results file's append and the ledger's commit: the
+    next one settles those lines with the usage and finish the file recorded, so the
+    ledger (and the reconciler reading it) has the counts the output file shows."""
+    from tokenmill.producers.batch_runner import _recovered_outcomes
+
+    from tokenmill.wire import RequestState
+
+    d = BatchDir.of(tmp_path, BID)
+    d.root.mkdir(parents=True)
+    done = result("a", ResultStatus.succeeded, body={"usage": {"prompt_tokens": 7, "completion_tokens": 11}},
+                  usage=Usage(prompt_tokens=7, completion_tokens=11), finished_at=1_800_000_000.5)
+    failed = result("b", ResultStatus.failed, error=ErrorInfo(code="engine_error", message="boom"))
+    recs = []
+    for line, cid, res in ((2, "a", done), (3, "b", failed)):
+        st, entry = outcome_entry(BID, line, cid, res)
+        recs.append({"line": line, "custom_id": cid, "request_id": res.request_id, "status": st,
+                     "entry": entry, "finished_at": res.finished_at})
+    append_lines(d.results, recs)
+    found = {o.request_id: o for o in _recovered_outcomes(d, {done.request_id, failed.request_id, "other"})}
+    a, b = found[done.request_id], found[failed.request_id]
+    assert (a.state, a.prompt_tokens, a.completion_tokens) == (RequestState.FINISHED, 7, 11)
+    assert a.at is not None and a.at.timestamp() == 1_800_000_000.5
+    assert (b.state, b.prompt_tokens, b.completion_tokens) == (RequestState.FAILED, None, None)
+    assert set(found) == {done.request_id, failed.request_id}
