@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
+from .. import tokens
 from ..config import Settings
 from ..stack import Endpoints
 from . import account, batches, completions, errors, files, ops, requests_api
@@ -22,6 +24,7 @@ def create_app(settings: Settings, ep: Endpoints) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await asyncio.to_thread(tokens.load_counters, settings)  # exact counts from the start
         app.state.backend = Backend(settings, ep)  # its clients belong to the server's loop
         await app.state.backend.start()
         try:

@@ -16,22 +16,10 @@ import pydantic
 
 from ..config import Settings
 from ..errors import ValidationError
+from ..tokens import prompt_tokens
 from ..wire import Endpoint, InferenceRequest, Priority, describe_validation_error, new_request_id
 from ..workers.webhook_targets import check_target
 from .bodies import SAMPLING_PARAMS, validate_body
-
-def estimate_prompt_tokens(body: Mapping[str, Any]) -> int:
-    """A cheap upper-ish estimate (≈4 characters a token, plus per-message overhead).
-
-    Only scheduling uses it; billing uses the engine's own count.
-    """
-    if "messages" in body:
-        chars = sum(len(str(m.get("content", ""))) for m in body["messages"] if isinstance(m, Mapping))
-        return chars // 4 + 4 * len(body["messages"]) + 2
-    prompt = body.get("prompt", "")
-    if isinstance(prompt, list):
-        return sum(len(p) // 4 + 1 if isinstance(p, str) else 1 for p in prompt)
-    return len(str(prompt)) // 4 + 1
 
 
 def max_tokens_of(body: Mapping[str, Any], default: int) -> int:
@@ -108,7 +96,7 @@ def build_request(
         ) from None
     unknown = set(sampling) - SAMPLING_PARAMS
     if unknown:
-        raise ValidationError(f"{sorted(unknown)[0]}: unknown parameter", field=sorted(unknown)[0])
+        raise ValidationError(f"{min(unknown)}: unknown parameter", field=min(unknown))
 
     if body is None:
         if (messages is None) == (prompt is None):
@@ -138,7 +126,9 @@ def build_request(
             endpoint=endpoint,
             body=dict(body),
             max_tokens=max_tokens_of(body, model_cfg.default_max_tokens),
-            prompt_tokens_estimate=estimate_prompt_tokens(body),
+            # Exact for sim and vLLM models, an upper bound otherwise: budgets reserve
+            # it with max_tokens, so the reservation bounds what the engine bills.
+            prompt_tokens_estimate=prompt_tokens(settings, model, body),
             submitted_at=now,
             deadline=deadline_of(deadline, now),
             webhook_url=check_webhook_url(webhook, settings, tenant) if webhook else None,

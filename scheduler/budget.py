@@ -1,10 +1,14 @@
 """Per-tenant spending budgets, reserved before dispatch and settled at completion.
 
 Invariant, per budget period: ``spent + reserved <= limit`` after every dispatch. A dispatch
-reserves the request's worst-case cost (at ``max_output_tokens``) and goes ahead only if it
-fits beside everything already reserved; completion swaps the reservation for the actual
-cost, which is no larger. So concurrent requests can never overshoot, however many are in
-flight. Money is ``Decimal`` throughout.
+reserves the request's worst-case cost (its prompt tokens plus ``max_output_tokens``) and
+goes ahead only if it fits beside everything already reserved; completion swaps the
+reservation for the actual cost. That is no larger as long as the declared prompt count is
+an upper bound of the engine's (``tokenmill.tokens`` makes it exact for sim and vLLM
+models, an upper bound for remote ones) and no dearer price card starts while the request
+is in flight. Then concurrent requests cannot overshoot, however many are in flight.
+``spent`` itself is read from the ledger by the service (:mod:`.spending`). Money is
+``Decimal`` throughout.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ and calls dominate CPython's cost, and the policy must make 100,000 decisions a 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from decimal import Decimal
 from heapq import heapify, heappop, heappush, heapreplace
 
@@ -32,7 +32,7 @@ from .errors import (
     UnknownModel,
     UnknownTenant,
 )
-from .snapshot import SchedulerSnapshot
+from .snapshot import InFlightRecord, SchedulerSnapshot
 from .tenant_queue import (
     DONE,
     IN_FLIGHT,
@@ -664,6 +664,29 @@ class Scheduler:
         return frozenset(self._models)
 
     # -- restart ----------------------------------------------------------------------------
+
+    def set_spending(self, spent: Mapping[str, Decimal], now: float) -> None:
+        """Set budgeted tenants' settled spending in the period current at ``now`` (read
+        from the ledger by the service); tenants absent or without a budget are left
+        as they are. Reservations are untouched."""
+        restart.set_spending(self, spent, now)
+
+    def forget(self, request_id: str) -> QueuedRequest | None:
+        """Drop an in-flight request whose cost the spending already holds (its ledger
+        entry was found before its completion arrived): its reservation is released,
+        nothing is spent, and a later completion finds nothing to settle.
+
+        Returns:
+            The request, or None if it is not in flight.
+        """
+        return restart.forget(self, request_id)
+
+    def in_flight_record(self, request_id: str) -> InFlightRecord | None:
+        """What a restart needs to settle an in-flight request (None: not in flight)."""
+        entry = self._entries.get(request_id)
+        if entry is None or entry.state != IN_FLIGHT:
+            return None
+        return InFlightRecord.of(entry)
 
     def snapshot(self) -> SchedulerSnapshot:
         """The state a restart needs besides the queued requests (which live in topics)."""

@@ -6,14 +6,14 @@ read its private state.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from decimal import Decimal
 from typing import TYPE_CHECKING
 
 from .budget import ZERO
 from .errors import InvalidPolicy
 from .snapshot import InFlightRecord, RateLevels, SchedulerSnapshot
-from .tenant_queue import IN_FLIGHT, QUEUED, RequestEntry
+from .tenant_queue import DONE, IN_FLIGHT, QUEUED, RequestEntry
 from .types import RANK, QueuedRequest, Rejection, RejectReason
 
 if TYPE_CHECKING:
@@ -22,7 +22,6 @@ if TYPE_CHECKING:
 
 def take_snapshot(s: Scheduler) -> SchedulerSnapshot:
     counters = {}
-    budgets = {}
     limits: dict[str, RateLevels] = {}
     for name, t in s._tenants.items():
         per_class = {
@@ -32,8 +31,6 @@ def take_snapshot(s: Scheduler) -> SchedulerSnapshot:
         }
         if per_class:
             counters[name] = per_class
-        if t.budget is not None:
-            budgets[name] = (t.budget.period, str(t.budget.spent))
         if t.limiter is not None:
             r, k = t.limiter.requests, t.limiter.tokens
             limits[name] = (
@@ -49,7 +46,6 @@ def take_snapshot(s: Scheduler) -> SchedulerSnapshot:
         class_waiting_since={cq.priority.value: cq.waiting_since for cq in s._classes},
         class_floor=s._class_last_left,
         dispatches=s._dispatches,
-        budgets=budgets,
         rate_limits=limits,
         in_flight=tuple(InFlightRecord.of(e) for e in s._entries.values() if e.state == IN_FLIGHT),
     )
@@ -64,16 +60,10 @@ def restore(
         per_class = snapshot.tenant_counters.get(name, {})
         for tc in tenant.classes:
             tc.counter, tc.last_served = per_class.get(tc.cq.priority.value, (0.0, 0))
-        if tenant.budget is not None and name in snapshot.budgets:
-            period, spent = snapshot.budgets[name]
-            budget = tenant.budget
-            budget.roll(now)  # the period current now
-            # Spending of an earlier period is over; anything else is kept, including a
-            # snapshot "ahead" of now (another period kind, or a clock that went back):
-            # keeping it can only hold a tenant back, never let it overspend.
-            over = period is not None and budget.period is not None and period < budget.period
-            budget.spent = ZERO if over else Decimal(spent)
-            budget.reserved = ZERO
+        if tenant.budget is not None:
+            # Spending comes from the ledger (set_spending); reservations from in flight.
+            tenant.budget.roll(now)
+            tenant.budget.reserved = ZERO
         if tenant.limiter is not None and name in snapshot.rate_limits:
             rl, rs, kl, ks = snapshot.rate_limits[name]
             r, k = tenant.limiter.requests, tenant.limiter.tokens
@@ -142,3 +132,26 @@ def _restore_in_flight(s: Scheduler, record: InFlightRecord) -> None:
         tenant.budget.reserve(record.reservation)
     tenant.in_flight += 1
     s._in_flight += 1
+
+
+def set_spending(s: Scheduler, spent: Mapping[str, Decimal], now: float) -> None:
+    for name, amount in spent.items():
+        tenant = s._tenants.get(name)
+        if tenant is None or tenant.budget is None:
+            continue
+        tenant.budget.roll(now)
+        tenant.budget.spent = amount
+
+
+def forget(s: Scheduler, request_id: str) -> QueuedRequest | None:
+    entry = s._entries.get(request_id)
+    if entry is None or entry.state != IN_FLIGHT:
+        return None
+    tenant = entry.mq.tc.tenant
+    if entry.reservation is not None and tenant.budget is not None:
+        tenant.budget.release(entry.reservation)
+    entry.state = DONE
+    del s._entries[request_id]
+    tenant.in_flight -= 1
+    s._in_flight -= 1
+    return entry.request

@@ -13,8 +13,13 @@ Restart safety (at-least-once, idempotent):
   right after its slice is sent; a re-read request with that mark is skipped, so
   nothing runs twice. (A crash between send and mark re-sends it; the worker's own
   result commit is ``SET NX``, so it is still reported once.)
-* counters, budgets and the in-flight set are snapshotted to Redis every 2 s and
-  restored at start.
+* each dispatched request's in-flight record (its reservation) is written to a Redis
+  hash in the same call as its dispatched mark, so a restart after SIGKILL still holds
+  every reservation; counters and rate-limit levels are snapshotted every 2 s.
+* budget spending is the ledger's (:mod:`.spending`): read at start and every 2 s,
+  plus what was settled here and is not in the ledger yet. A settled request's record
+  stays in the hash until the ledger holds its charge, so a restart re-reserves it in
+  the meantime.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import asyncio
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from decimal import Decimal
 
@@ -42,27 +47,44 @@ from ..workers import keys as worker_keys
 from ..workers.celery_app import celery_priority, create_app, send_slice_json
 from ..workers.heartbeat import live_workers_async
 from ..workers.results import ResultStore
-from .errors import BudgetExceeded, DuplicateRequest, SchedulerError
+from .errors import BudgetExceeded, DuplicateRequest, InvalidPolicy, SchedulerError
 from .offsets import OffsetTracker
 from .policy import Scheduler
-from .snapshot import SchedulerSnapshot
-from .types import Pool, Priority, QueuedRequest, Rejection, SchedulerConfig, TenantPolicy
+from .snapshot import InFlightRecord, SchedulerSnapshot
+from .spending import LedgerReader, Unbilled
+from .types import (
+    Completion,
+    Pool,
+    Priority,
+    QueuedRequest,
+    Rejection,
+    SchedulerConfig,
+    TenantPolicy,
+)
 
 log = get_logger(__name__)
 
 GROUP_ID = "tokenmill-scheduler"
 SETTLE_GROUP_ID = "tokenmill-scheduler-settle"
 SNAPSHOT_KEY = worker_keys.PREFIX + "scheduler:snapshot"
+#: request id -> its in-flight record (JSON), from dispatch until settled and billed
+IN_FLIGHT_KEY = worker_keys.PREFIX + "scheduler:in-flight"
+#: how often spending is re-read from the ledger
+SPENDING_REFRESH_S = 2.0
 #: set (short TTL, renewed by housekeeping) while a scheduler is consuming
 ALIVE_KEY = worker_keys.PREFIX + "scheduler:alive"
 ALIVE_TTL_S = 5
 #: long poll of the settle consumer: less idle broker CPU, ~25 ms later capacity
 IDLE_FETCH_WAIT_MS = 100
 DISPATCHED_TTL_S = 7 * 24 * 3600
-# KEYS: dispatched marks; ARGV: ttl. One call marks a whole slice.
+# KEYS: the in-flight hash, then the dispatched marks; ARGV: ttl, then (request id,
+# in-flight record) per mark. One call marks and records a whole slice.
 _MARK_DISPATCHED = """
-for _, key in ipairs(KEYS) do redis.call('SET', key, '1', 'EX', ARGV[1]) end
-return #KEYS
+for j = 1, #KEYS - 1 do
+  redis.call('SET', KEYS[j + 1], '1', 'EX', ARGV[1])
+  redis.call('HSET', KEYS[1], ARGV[2 * j], ARGV[2 * j + 1])
+end
+return #KEYS - 1
 """
 #: exact JSON of the non-terminal kinds: TokenEvent has no nested objects, and a quote
 #: inside a string value is escaped, so these bytes only ever occur as the kind field
@@ -72,10 +94,6 @@ _NOT_TERMINAL = tuple(
 #: a daily budget's period: UTC days (monthly ones run per UTC calendar month, the
 #: months the ledger's invoices cover)
 _DAY_S = 86_400.0
-
-
-def dispatched_key(request_id: str) -> str:
-    return worker_keys.PREFIX + "dispatched:" + request_id
 
 
 @dataclass
@@ -104,8 +122,16 @@ def build_policy(settings: Settings, clock: PricingClock | None = None) -> Sched
     def cost(
         tenant: str, model: str, input_tokens: int, output_tokens: int, prio: Priority
     ) -> Decimal:
-        card = settings.price_card(model, clock.now())
-        return price(card, input_tokens, output_tokens, _WIRE_PRIORITY[prio])
+        at = clock.now()
+        card = settings.price_card(model, at)
+        amount = price(card, input_tokens, output_tokens, _WIRE_PRIORITY[prio])
+        if clock.at is None:
+            # A reservation: a dearer card may start before the request finishes (and is
+            # billed at its finish), so reserve at the dearest of now's and the later ones.
+            for later in settings.price_book.versions(model):
+                if later.effective_from > at:
+                    amount = max(amount, price(later, input_tokens, output_tokens, _WIRE_PRIORITY[prio]))
+        return amount
 
     config = SchedulerConfig(
         w_in=s.w_in,
@@ -203,6 +229,14 @@ class SchedulerService:
         #: next offset of each token-events partition that the policy has applied
         self._event_positions: dict[TopicPartition, int] = {}
         self._wake = asyncio.Event()
+        #: settled here with a cost the ledger does not show yet
+        self.unbilled = Unbilled()
+        #: settled at no cost: their in-flight records go at the next checkpoint
+        self._settled_free: list[str] = []
+        #: in-flight records restored at start, not settled since (may be billed already)
+        self._restored: set[str] = set()
+        #: reads spending from the ledger (None: no tenant has a budget); set by run()
+        self.ledger: LedgerReader | None = None
         self.dispatched_total = 0
         self.slices_total = 0
 
@@ -214,6 +248,7 @@ class SchedulerService:
         self.redis = async_redis(self.endpoints.redis_url)
         self._mark_dispatched = self.redis.register_script(_MARK_DISPATCHED)
         self.store = ResultStore(self.redis)
+        self.ledger = _ledger_reader(self.settings)
         await self._restore()
         self.producer = kafka.producer(bootstrap)
         self.requests = kafka.consumer(
@@ -239,6 +274,7 @@ class SchedulerService:
             asyncio.create_task(self._watch_workers(stop), name="heartbeats"),
             asyncio.create_task(self._dispatch_loop(stop), name="dispatch"),
             asyncio.create_task(self._housekeeping(stop), name="housekeeping"),
+            asyncio.create_task(self._spending_loop(stop), name="spending"),
         ]
         try:
             done, _ = await asyncio.wait(
@@ -259,11 +295,21 @@ class SchedulerService:
             log.info("scheduler stopped", dispatched=self.dispatched_total)
 
     async def _restore(self) -> None:
+        """Counters from the snapshot, reservations from the in-flight hash, spending
+        from the ledger."""
         raw = await self.redis.get(SNAPSHOT_KEY)
-        if not raw:
-            return
-        snap = SchedulerSnapshot.from_dict(json.loads(raw))
-        self.policy.restore(snap, [], time.time())
+        snap = SchedulerSnapshot.from_dict(json.loads(raw)) if raw else self.policy.snapshot()
+        records = []
+        for value in (await self.redis.hgetall(IN_FLIGHT_KEY)).values():
+            try:
+                records.append(InFlightRecord.from_dict(json.loads(value)))
+            except (ValueError, KeyError, TypeError, InvalidPolicy) as exc:
+                log.error("unreadable in-flight record dropped", error=str(exc))
+        snap = replace(snap, in_flight=tuple(records))
+        now = time.time()
+        self.policy.restore(snap, [], now)
+        # Restored records may be billed already (settled before the restart): the
+        # first ledger read releases those.
         for rec in snap.in_flight:
             pool = (
                 self.settings.pool_of(rec.request.model)
@@ -273,6 +319,8 @@ class SchedulerService:
             if pool:
                 self.pools[pool].in_flight.add(rec.request.request_id)
                 self._pool_of_request[rec.request.request_id] = pool
+        self._restored = {r.request.request_id for r in records}
+        await self._refresh_spending(now)
         log.info("scheduler state restored", in_flight=len(snap.in_flight))
 
     # -- intake ---------------------------------------------------------------------
@@ -304,7 +352,7 @@ class SchedulerService:
         if not parsed:
             return
         # Skip what an earlier life of the scheduler already dispatched.
-        seen = await self.redis.mget([dispatched_key(req.id) for _, req in parsed])
+        seen = await self.redis.mget([worker_keys.dispatched(req.id) for _, req in parsed])
         now = time.time()
         for (rec, req), already in zip(parsed, seen):
             tp = TopicPartition(rec.topic, rec.partition)
@@ -417,8 +465,13 @@ class SchedulerService:
         # kombu's publish is synchronous and quick (one Redis round trip).
         send_slice_json(self.app, pool.name, payload, celery_priority(rank))
         self.slices_total += 1
-        await self._mark_dispatched(keys=[dispatched_key(q.request_id) for q in chunk],
-                                    args=[DISPATCHED_TTL_S])  # fmt: skip
+        args: list[object] = [DISPATCHED_TTL_S]
+        for q in chunk:
+            record = self.policy.in_flight_record(q.request_id)
+            args += [q.request_id, json.dumps(record.to_dict()) if record else "{}"]
+        await self._mark_dispatched(
+            keys=[IN_FLIGHT_KEY, *(worker_keys.dispatched(q.request_id) for q in chunk)], args=args
+        )
         for q, h in zip(chunk, held):
             pool.in_flight.add(q.request_id)
             self._pool_of_request[q.request_id] = pool.name
@@ -498,12 +551,54 @@ class SchedulerService:
             return False  # the stream processors dead-letter bad events
         if not ev.kind.is_terminal:
             return False
-        settle(self.policy, self.clock, ev, time.time())
-        pool = self._pool_of_request.pop(ev.request_id, None)
+        done = settle(self.policy, self.clock, ev, time.time())
+        if done is not None:
+            self._restored.discard(ev.request_id)
+            if done.cost:
+                self.unbilled.add(ev.request_id, ev.tenant, done.cost)
+            else:
+                self._settled_free.append(ev.request_id)
+        return self._free_slot(ev.request_id)
+
+    def _free_slot(self, request_id: str) -> bool:
+        pool = self._pool_of_request.pop(request_id, None)
         if pool is None:
             return False
-        self.pools[pool].in_flight.discard(ev.request_id)
+        self.pools[pool].in_flight.discard(request_id)
         return True
+
+    # -- spending ---------------------------------------------------------------------------
+
+    async def _refresh_spending(self, now: float) -> None:
+        """Spending := the ledger's sums + what is settled here and not billed there yet.
+
+        Raises:
+            LedgerError: the ledger cannot be read (at start; later reads log and retry).
+        """
+        if self.ledger is None:
+            return
+        asked = set(self.unbilled.costs) | self._restored
+        read = await asyncio.to_thread(self.ledger.read, now, asked)
+        self.unbilled.drop(read.billed)
+        freed = False
+        for rid in read.billed & self._restored:
+            # Settled and billed before the restart: the ledger's sum holds its cost.
+            self._restored.discard(rid)
+            self.policy.forget(rid)
+            freed |= self._free_slot(rid)
+        self.policy.set_spending(self.unbilled.spent(read.spend, self.ledger.periods), now)
+        if read.billed:
+            await self.redis.hdel(IN_FLIGHT_KEY, *read.billed)
+        if freed:
+            self._wake.set()
+
+    async def _spending_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await asyncio.sleep(SPENDING_REFRESH_S)
+            try:
+                await self._refresh_spending(time.time())
+            except TokenmillError as exc:  # keep the last spending (it only grows here)
+                log.error("ledger spending not refreshed", error=str(exc))
 
     # -- housekeeping --------------------------------------------------------------------------
 
@@ -531,11 +626,14 @@ class SchedulerService:
             backlog=self.policy.backlog(),
             held=self.offsets.held(),
         )
-        snapshot = self.policy.snapshot().to_dict()
+        snapshot = replace(self.policy.snapshot(), in_flight=()).to_dict()
         event_points = dict(self._event_positions)
+        free, self._settled_free = self._settled_free, []
         await self.redis.set(SNAPSHOT_KEY, json.dumps(snapshot))
         if event_points:
             await self.events.commit(event_points)
+        if free:  # their events are committed: a restart will not replay them
+            await self.redis.hdel(IN_FLIGHT_KEY, *free)
         await self._commit_offsets()
 
     async def _commit_offsets(self) -> None:
@@ -545,22 +643,37 @@ class SchedulerService:
             self.offsets.committed(points)
 
 
-def settle(policy: Scheduler, clock: PricingClock, ev: wire.TokenEvent, now: float) -> None:
-    """Apply a terminal event to the policy, priced as the ledger prices it."""
-    if ev.kind is wire.EventKind.finished:
-        clock.at = ev.finished_at if ev.finished_at is not None else ev.ts
-        try:
-            policy.complete(ev.request_id, ev.prompt_tokens, ev.completion_tokens, now)
-        except ConfigError as exc:  # no card in force then: price now (nothing changed yet)
-            log.error("request priced at settle time", request_id=ev.request_id, error=str(exc))
-            clock.at = None
-            policy.complete(ev.request_id, ev.prompt_tokens, ev.completion_tokens, now)
-        finally:
-            clock.at = None
-    else:
-        # Failed and cancelled requests are not billed (see the ledger), so they
-        # release their reservation at no cost.
-        policy.complete(ev.request_id, 0, 0, now)
+def settle(
+    policy: Scheduler, clock: PricingClock, ev: wire.TokenEvent, now: float
+) -> Completion | None:
+    """Apply a terminal event to the policy, priced as the ledger prices it.
+
+    Every terminal kind settles at the engine's token counts: a request cancelled,
+    expired or failed after it started is billed the work done (a partial line in the
+    ledger); one that ended before it ran carries zero counts and costs nothing.
+
+    Returns:
+        The settlement, or None if the request was not in flight here.
+    """
+    clock.at = ev.finished_at if ev.finished_at is not None else ev.ts
+    try:
+        return policy.complete(ev.request_id, ev.prompt_tokens, ev.completion_tokens, now)
+    except ConfigError as exc:  # no card in force then: price now (nothing changed yet)
+        log.error("request priced at settle time", request_id=ev.request_id, error=str(exc))
+        clock.at = None
+        return policy.complete(ev.request_id, ev.prompt_tokens, ev.completion_tokens, now)
+    finally:
+        clock.at = None
+
+
+def _ledger_reader(settings: Settings) -> LedgerReader | None:
+    """The ledger reader for the budgeted tenants (None: no tenant has a budget)."""
+    periods = {name: t.budget.period for name, t in settings.tenants.items() if t.budget}
+    if not periods:
+        return None
+    from ..ledger.db import shared_factory
+
+    return LedgerReader(shared_factory(settings.ledger_url), periods)
 
 
 def _held(q: QueuedRequest) -> Held:

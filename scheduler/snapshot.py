@@ -2,8 +2,8 @@
 
 Queued requests are not in it: they are re-read from the request topics. The snapshot
 holds the counters (so fairness resumes where it stopped instead of starting from zero),
-budget spending, rate-limit levels and the requests in flight (so their completions settle
-their reservations). :meth:`SchedulerSnapshot.to_dict` gives JSON-safe data (money as
+rate-limit levels and the requests in flight (so their completions settle their
+reservations). Budget spending is not in it: it is the ledger's (:mod:`.spending`). :meth:`SchedulerSnapshot.to_dict` gives JSON-safe data (money as
 strings); :meth:`SchedulerSnapshot.from_dict` reads it back.
 """
 
@@ -19,7 +19,9 @@ from .types import Priority, QueuedRequest
 if TYPE_CHECKING:
     from .tenant_queue import RequestEntry
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: versions read back (1 also held budget spending, now ignored: the ledger has it)
+_READABLE = (1, 2)
 
 RateLevels = tuple[float | None, float | None, float | None, float | None]
 
@@ -76,7 +78,7 @@ class InFlightRecord:
 
 @dataclass(frozen=True, slots=True)
 class SchedulerSnapshot:
-    """Counters, spending, rate-limit levels and in-flight requests of a scheduler."""
+    """Counters, rate-limit levels and in-flight requests of a scheduler."""
 
     #: tenant -> class value -> (virtual token counter, dispatch count at its last
     #: dispatch); tenants never served in a class are omitted.
@@ -91,8 +93,6 @@ class SchedulerSnapshot:
     class_floor: float
     #: Requests dispatched so far (orders ties between tenants).
     dispatches: int
-    #: tenant -> (budget period index, spent in it as a decimal string).
-    budgets: dict[str, tuple[int | None, str]]
     #: tenant -> (request bucket level, stamp, token bucket level, stamp).
     rate_limits: dict[str, RateLevels]
     in_flight: tuple[InFlightRecord, ...]
@@ -106,7 +106,6 @@ class SchedulerSnapshot:
             "class_waiting_since": self.class_waiting_since,
             "class_floor": self.class_floor,
             "dispatches": self.dispatches,
-            "budgets": {k: list(v) for k, v in self.budgets.items()},
             "rate_limits": {k: list(v) for k, v in self.rate_limits.items()},
             "in_flight": [r.to_dict() for r in self.in_flight],
         }
@@ -118,7 +117,7 @@ class SchedulerSnapshot:
         Raises:
             InvalidPolicy: unknown format version or malformed data.
         """
-        if data.get("version") != FORMAT_VERSION:
+        if data.get("version") not in _READABLE:
             raise InvalidPolicy(f"unsupported snapshot version {data.get('version')!r}")
         try:
             return cls(
@@ -131,7 +130,6 @@ class SchedulerSnapshot:
                 class_waiting_since={c: float(v) for c, v in data["class_waiting_since"].items()},
                 class_floor=float(data["class_floor"]),
                 dispatches=int(data["dispatches"]),
-                budgets={t: (v[0], str(v[1])) for t, v in data["budgets"].items()},
                 rate_limits={t: (v[0], v[1], v[2], v[3]) for t, v in data["rate_limits"].items()},
                 in_flight=tuple(InFlightRecord.from_dict(r) for r in data["in_flight"]),
             )

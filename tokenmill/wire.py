@@ -163,7 +163,9 @@ class InferenceRequest(WireModel):
     #: the OpenAI-compatible request body (``messages`` or ``prompt``, sampling params)
     body: dict[str, Any]
     max_tokens: int = Field(ge=1, le=1_000_000)
-    #: estimated prompt tokens, for scheduling only; billing uses the engine's count
+    #: prompt tokens as :mod:`tokenmill.tokens` counts them: exact for sim and vLLM
+    #: models, an upper bound for remote ones; budgets reserve it + ``max_tokens``
+    #: (billing uses the engine's count, which never exceeds it)
     prompt_tokens_estimate: int = Field(ge=0)
     submitted_at: float = Field(default_factory=time.time)
     #: absolute epoch seconds after which a queued request expires

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from tokenmill.config import load_settings
+from tokenmill.producers.requests import build_request
+from tokenmill.workers.engines.sim import count_prompt_tokens
+
 from tokenmill.errors import ValidationError
-from tokenmill.producers.requests import build_request, estimate_prompt_tokens
 from tokenmill.wire import Endpoint, InferenceRequest, Priority, decode
 
 S = load_settings()
@@ -52,12 +53,14 @@ def test_bad_arguments_name_the_field(kwargs: dict[str, object], field: str) -> 
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.lists(st.text(max_size=300), min_size=1, max_size=8))
-def test_estimate_grows_with_the_prompt(contents: list[str]) -> None:
+@given(st.lists(st.text(min_size=1, max_size=300), min_size=1, max_size=8))
+def test_prompt_tokens_are_the_sim_engines_own_count(contents: list[str]) -> None:
     msgs = [{"role": "user", "content": c} for c in contents]
-    small = estimate_prompt_tokens({"messages": msgs})
-    bigger = estimate_prompt_tokens({"messages": msgs + [{"role": "user", "content": "x" * 400}]})
-    assert 0 < small < bigger
+    req = build_request(S, tenant="alpha", model="sim", messages=msgs, max_tokens=4)
+    assert req.prompt_tokens_estimate == count_prompt_tokens(req)
+    prompt = " ".join(contents)
+    req = build_request(S, tenant="alpha", model="sim", prompt=prompt, max_tokens=4)
+    assert req.prompt_tokens_estimate == count_prompt_tokens(req) == max(1, len(prompt.split()))
 
 
 def test_a_webhook_needs_a_secret_to_sign_with() -> None:

@@ -304,6 +304,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             clone.restore(SchedulerSnapshot.from_dict(data), self.s.queued_requests(), self.now)
             == []
         )
+        clone.set_spending({"c": self.spent_now()}, self.now)  # the service reads the ledger
         self.clones.append(clone)
 
     # -- invariants ----------------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections import Counter
 from datetime import UTC, datetime
@@ -13,7 +12,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 from scheduler_helpers import ids, pool, price, req, scheduler
 from tokenmill.ledger.billing import Period
-from tokenmill.scheduler.budget import month_index
 from tokenmill.scheduler import (
     BudgetExceeded,
     DuplicateRequest,
@@ -31,6 +29,7 @@ from tokenmill.scheduler import (
     UnknownModel,
     UnknownTenant,
 )
+from tokenmill.scheduler.budget import month_index
 
 I, S, B = Priority.INTERACTIVE, Priority.STANDARD, Priority.BATCH
 
@@ -459,27 +458,31 @@ def test_snapshot_round_trips_through_json_and_settles_in_flight_work() -> None:
     assert done is not None and done.cost == price("a", "m", 10, 10, S)
 
 
-def test_restore_keeps_this_periods_spending_and_drops_a_past_ones() -> None:
-    policy = TenantPolicy("a", budget=Decimal("0.03"), budget_calendar_month=True)
+def test_spending_is_set_from_the_ledger_not_restored_from_the_snapshot() -> None:
+    policy = TenantPolicy("a", budget=Decimal("0.06"), budget_calendar_month=True)
     s = scheduler(policy)
     march = _utc(2026, 3, 20)
     s.enqueue(req("a", rid="1"), march)
-    s.complete(ids(s.dispatch(pool(1), march))[0], 10, 10, march)
+    s.enqueue(req("a", rid="2"), march)
+    first, second = ids(s.dispatch(pool(2), march))
+    s.complete(first, 10, 10, march)
     spent = price("a", "m", 10, 10, S)
-    for now, expected in ((march + 3600, spent), (_utc(2026, 4, 2), Decimal(0))):
-        fresh = scheduler(policy)
-        fresh.restore(s.snapshot(), [], now)
-        view = fresh.budget("a", now)
-        assert view is not None and view.spent == expected
-    # A snapshot whose period is ahead of now (another period kind, a clock that went
-    # back) keeps its spending: it can only hold the tenant back.
-    ahead = s.snapshot()
-    ahead = dataclasses.replace(ahead, budgets={"a": (month_index(march) + 5, str(spent))})
     fresh = scheduler(policy)
-    fresh.restore(ahead, [], march)
-    view = fresh.budget("a", march)
+    fresh.restore(s.snapshot(), [], march + 3600)
+    view = fresh.budget("a", march + 3600)
+    # The snapshot brings the reservation in flight, not the spending: the ledger does.
+    assert view is not None and (view.spent, view.reserved) == (0, price("a", "m", 10, 10, S))
+    fresh.set_spending({"a": spent, "nobody": Decimal(5)}, march + 3600)
+    view = fresh.budget("a", march + 3600)
     assert view is not None and view.spent == spent
-    view = fresh.budget("a", _utc(2026, 4, 1))  # ... until the next month, not five later
+    # Forgetting a request released its reservation and spent nothing; its completion
+    # then finds nothing to settle.
+    assert fresh.forget(second) is not None and fresh.forget(second) is None
+    assert fresh.complete(second, 10, 10, march + 3600) is None
+    view = fresh.budget("a", march + 3600)
+    assert view is not None and (view.spent, view.reserved) == (spent, 0)
+    assert fresh.in_flight() == 0
+    view = fresh.budget("a", _utc(2026, 4, 2))  # a new month starts from zero
     assert view is not None and view.spent == 0
 
 

@@ -66,3 +66,26 @@ def test_configured_budgets_run_per_calendar_day_or_month() -> None:
     settings = settings.model_copy(update={"tenants": {**settings.tenants, "alpha": daily}})
     policies = build_policy(settings).tenants
     assert (policies["alpha"].budget_calendar_month, policies["alpha"].budget_period_s) == (False, 86_400.0)
+
+
+def test_a_reservation_is_priced_at_the_dearest_card_that_may_bill_it() -> None:
+    """A request reserved now is billed with the card in force at its finish: when a
+    dearer card is configured to start later, the reservation must cover it, and the
+    settlement (at the finish) uses the card of that instant."""
+    from tokenmill.config.settings import load_settings
+    from tokenmill.scheduler.policy import Priority
+    from tokenmill.scheduler.service import PricingClock, build_policy
+
+    now = datetime.now(UTC)
+    cheap = PriceCard(model="m", effective_from=now - timedelta(days=1),
+                      input_per_million=Decimal(1), output_per_million=Decimal(2))
+    dear = PriceCard(model="m", effective_from=now + timedelta(days=1),
+                     input_per_million=Decimal(3), output_per_million=Decimal(5))
+    settings = load_settings().model_copy(update={"price_cards": [cheap, dear]})
+    clock = PricingClock()
+    cost = build_policy(settings, clock)._cost
+    assert cost is not None
+    million = 1_000_000
+    assert cost("t", "m", million, million, Priority.STANDARD) == Decimal(8)  # dear: 3 + 5
+    clock.at = now.timestamp()  # settling a request that finished now: the cheap card
+    assert cost("t", "m", million, million, Priority.STANDARD) == Decimal(3)
