@@ -4,6 +4,10 @@ plain or streamed (SSE chunks, ``data: [DONE]``, ``stream_options.include_usage`
 
 A caller that goes away (mid-stream, or while waiting for a plain answer) cancels its
 request: the worker stops generating, and what it generated is what the ledger sees.
+So does one whose request was dispatched when the embedded broker was lost (its worker
+cannot finish reporting without Kafka, and the caller is told at once): 503
+``service_unavailable`` naming Kafka, saying it was cancelled. One lost before dispatch
+ends with the ``broker_lost`` result, answered the same way.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from ..producers.requests import build_request
 from ..stack.errors import ServiceUnavailable
 from ..wire import Endpoint, InferenceRequest, Priority, Result, ResultStatus
 from .auth import tenant_of
-from .backend import Backend
+from .backend import BROKER_LOST_CODE, Backend, BrokerLost
 from .errors import ApiError
 from .http import deadline_header, priority_of, read_json
 
@@ -99,11 +103,24 @@ async def _wait_or_leave(request: Request, backend: Backend, req: InferenceReque
         waiting.cancel()
         backend.cancel_soon(req.tenant, req.id)
         raise ApiError(499, "The client closed the request.", code="client_closed")
-    result = waiting.result()
+    try:
+        result = waiting.result()
+    except BrokerLost as exc:
+        raise _lost_with_broker(backend, req, exc) from None
     if result is None:
         backend.cancel_soon(req.tenant, req.id)
         raise ApiError(504, f"No result within {timeout:g}s; the request was cancelled.", code="timeout")
     return result
+
+
+def _lost_with_broker(backend: Backend, req: InferenceRequest, exc: BrokerLost) -> ServiceUnavailable:
+    """The error for a caller whose request the broker's loss left without an answer; a
+    dispatched one is cancelled (its flag reaches the worker through Redis): nobody will
+    read its answer. One not dispatched already has its ``broker_lost`` result."""
+    if not exc.dispatched:
+        return exc
+    backend.cancel_soon(req.tenant, req.id, control=False)
+    return exc.cancelled()
 
 
 async def _disconnected(request: Request) -> None:
@@ -117,6 +134,7 @@ _STATUS_OF_CODE = {
     "deadline_expired": (408, "deadline_expired", "timeout_error"),
     "invalid_request": (400, "invalid_request", "invalid_request_error"),
     "cancelled": (499, "cancelled", "invalid_request_error"),
+    BROKER_LOST_CODE: (503, "service_unavailable", "server_error"),
 }
 
 
@@ -179,7 +197,9 @@ async def _sse(backend: Backend, req: InferenceRequest, include_usage: bool) -> 
                         "total_tokens": u.total_tokens}})
                 break
         except ServiceUnavailable as exc:  # Redis, or the broker with the request, is gone
-            finished = True  # a cancel could not reach the request either
+            finished = True  # without Redis a cancel cannot reach the request either
+            if isinstance(exc, BrokerLost):
+                exc = _lost_with_broker(backend, req, exc)
             err = ApiError.unavailable(exc)
             yield _sse_data({"error": {"message": err.message, "type": err.type, "param": None,
                                        "code": err.code}})

@@ -11,7 +11,10 @@ Python client's ``submit`` / ``result`` / ``stream`` / ``cancel`` / ``map``):
 
 Every id is checked against the caller's tenant; another tenant's id is a 404. A lost
 Redis or broker answers 503 ``service_unavailable`` naming it (mid-stream: an ``error``
-event), within seconds rather than at the wait's end.
+event), within seconds rather than at the wait's end. A request the embedded broker
+took with it before dispatch has a terminal ``failed`` result (``broker_lost``), on
+every gateway and after a restart; one dispatched before the loss may still finish, and
+the 503 says to poll again later.
 """
 
 from __future__ import annotations

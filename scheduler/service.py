@@ -233,6 +233,8 @@ class SchedulerService:
         self.unbilled = Unbilled()
         #: settled at no cost: their in-flight records go at the next checkpoint
         self._settled_free: list[str] = []
+        #: settled at a cost since the last checkpoint: (request id, tenant, cost)
+        self._settled_costly: list[tuple[str, str, Decimal]] = []
         #: in-flight records restored at start, not settled since (may be billed already)
         self._restored: set[str] = set()
         #: reads spending from the ledger (None: no tenant has a budget); set by run()
@@ -300,10 +302,15 @@ class SchedulerService:
         raw = await self.redis.get(SNAPSHOT_KEY)
         snap = SchedulerSnapshot.from_dict(json.loads(raw)) if raw else self.policy.snapshot()
         records = []
-        for value in (await self.redis.hgetall(IN_FLIGHT_KEY)).values():
+        for key, value in (await self.redis.hgetall(IN_FLIGHT_KEY)).items():
             try:
-                records.append(InFlightRecord.from_dict(json.loads(value)))
-            except (ValueError, KeyError, TypeError, InvalidPolicy) as exc:
+                doc = json.loads(value)
+                if "settled" in doc:  # its event is committed: spending, not work in flight
+                    tenant, cost = doc["settled"]
+                    self.unbilled.add(key.decode(), tenant, Decimal(cost))
+                    continue
+                records.append(InFlightRecord.from_dict(doc))
+            except (ValueError, KeyError, TypeError, InvalidPolicy, ArithmeticError) as exc:
                 log.error("unreadable in-flight record dropped", error=str(exc))
         snap = replace(snap, in_flight=tuple(records))
         now = time.time()
@@ -556,6 +563,7 @@ class SchedulerService:
             self._restored.discard(ev.request_id)
             if done.cost:
                 self.unbilled.add(ev.request_id, ev.tenant, done.cost)
+                self._settled_costly.append((ev.request_id, ev.tenant, done.cost))
             else:
                 self._settled_free.append(ev.request_id)
         return self._free_slot(ev.request_id)
@@ -629,11 +637,25 @@ class SchedulerService:
         snapshot = replace(self.policy.snapshot(), in_flight=()).to_dict()
         event_points = dict(self._event_positions)
         free, self._settled_free = self._settled_free, []
+        costly, self._settled_costly = self._settled_costly, []
         await self.redis.set(SNAPSHOT_KEY, json.dumps(snapshot))
+        # Before their events' offsets are committed (a restart will not replay those
+        # events): a settled request stops being work in flight. One that cost nothing
+        # is forgotten, and so is one the ledger already bills (or with no budget to
+        # hold it against); any other stays as spending the ledger does not hold yet.
+        unbilled = {} if self.ledger is None else self.unbilled.costs
+        gone = [*free, *(rid for rid, _, _ in costly if rid not in unbilled)]
+        settled = {rid: json.dumps({"settled": [tenant, str(cost)]})
+                   for rid, tenant, cost in costly if rid in unbilled}  # fmt: skip
+        if gone or settled:
+            pipe = self.redis.pipeline(transaction=False)
+            if gone:
+                pipe.hdel(IN_FLIGHT_KEY, *gone)
+            if settled:
+                pipe.hset(IN_FLIGHT_KEY, mapping=settled)
+            await pipe.execute()
         if event_points:
             await self.events.commit(event_points)
-        if free:  # their events are committed: a restart will not replay them
-            await self.redis.hdel(IN_FLIGHT_KEY, *free)
         await self._commit_offsets()
 
     async def _commit_offsets(self) -> None:

@@ -9,8 +9,10 @@ For each request it:
 
 1. takes the request's lease (:mod:`~tokenmill.workers.lease`) — if another live worker
    holds it, waits for that worker's outcome instead of running it again;
-2. skips it if it already has a result (a redelivery after the outcome was stored;
-   the stored terminal event is re-sent if it was never confirmed as delivered);
+2. skips it if it already has a result (a redelivery after the outcome was stored),
+   sending its stored terminal event again: whoever dispatched it again (a scheduler
+   restarted between sending a slice and marking it dispatched) settles it by that
+   event, and every consumer of events takes a repeated one as a no-op;
 3. honours a cancel requested before start (:mod:`~tokenmill.workers.cancel`);
 4. emits ``dispatched``, then ``first_token`` and coalesced ``progress`` events while
    the engine streams, and ``delta`` entries to the result stream for streaming
@@ -364,18 +366,20 @@ class EngineHost:
         result, event, reported = await self.store.outcome(rid)
         if result is None:
             return None
-        if event is not None and not reported:
+        if event is not None:
             await self.outbox.deliver(event)
-            await self.store.mark_reported(rid)
+            if not reported:
+                await self.store.mark_reported(rid)
         return Outcome(rid, result.status.value, ran=False, attempt=event.attempt if event else None)
 
     async def _resend(self, rid: str, admission: Admission) -> Outcome:
-        """Already settled (a redelivery): re-send the stored terminal event if unconfirmed."""
+        """Already settled (a redelivery): send the stored terminal event again (see 2.)."""
         result = decode(Result, admission.result or b"")
         event = decode(TokenEvent, admission.final_event) if admission.final_event else None
-        if event is not None and not admission.reported:
+        if event is not None:
             await self.outbox.deliver(event)
-            await self.store.mark_reported(rid)
+            if not admission.reported:
+                await self.store.mark_reported(rid)
         return Outcome(rid, result.status.value, ran=False, attempt=event.attempt if event else None)
 
     async def _attempt(self, run: Attempt) -> Outcome:

@@ -17,7 +17,7 @@ Readers (clients, the scheduler, the API) use :func:`get_result`,
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -208,9 +208,14 @@ def stream_events(
 
 
 async def stream_events_async(
-    client: aredis.Redis, request_id: str, *, timeout_s: float = 600.0
+    client: aredis.Redis,
+    request_id: str,
+    *,
+    timeout_s: float = 600.0,
+    stop: Callable[[], bool] | None = None,
 ) -> AsyncIterator[StreamItem]:
-    """Async :func:`stream_events`."""
+    """Async :func:`stream_events`; also returns without ``end`` once ``stop()`` is true
+    (asked after every read, so within about a second)."""
     key, last, deadline = keys.stream(request_id), "0-0", time.monotonic() + timeout_s
     while (left := deadline - time.monotonic()) > 0:
         got = await client.xread({key: last}, count=512, block=max(1, int(min(left, 1.0) * 1000)))
@@ -221,6 +226,8 @@ async def stream_events_async(
                 yield item
                 if item.kind == "end":
                     return
+        if stop is not None and stop():
+            return
 
 
 def wait_result(client: redis.Redis, request_id: str, *, timeout_s: float = 600.0) -> Result | None:

@@ -34,7 +34,8 @@ async def main(model: Path, bodies: list[dict]) -> list[list[int]]:
             "frontend": "inproc",
         },
     )
-    count = counter_for("tiny", cfg, model)
+    # off the loop: on one, counter_for reserves a bound while the tokenizer loads
+    count = await asyncio.to_thread(counter_for, "tiny", cfg, model)
     engine = VllmEngine.from_config("tiny", cfg, home=model)
     await engine.start()
     out = []

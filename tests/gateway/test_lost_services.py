@@ -1,7 +1,8 @@
 """Callers waiting on the gateway hear within seconds when the embedded Redis or broker
 behind their request is SIGKILLed: 503 ``service_unavailable`` naming it, never a silent
-wait until their timeout. A request the scheduler already dispatched keeps waiting
-when only the broker is lost (its result comes through Redis)."""
+wait until their timeout. With the broker, the requests not dispatched yet are lost for
+good: each gets a failed ``broker_lost`` result in the result store and a cancel flag;
+a dispatched chat is cancelled; a dispatched request API request may still finish."""
 
 from __future__ import annotations
 
@@ -17,10 +18,14 @@ import pytest
 import redis.asyncio as aredis
 from batch_stack import Stack, running_stack, stack_config
 from conftest import KEYS
+from tokenmill.config.settings import Settings, load_settings
+from tokenmill.gateway.backend import Backend
 from tokenmill.producers.client import AsyncClient
 from tokenmill.workers import keys
 
 from tokenmill.errors import StackError, TokenmillError
+from tokenmill.stack import Endpoints
+from tokenmill.wire import ResultStatus
 
 #: the issue's bound: the error arrives within this many seconds of the loss
 BOUND_S = 10.0
@@ -81,50 +86,92 @@ async def test_redis_lost_during_waits_answers_503_naming_redis(stack: Stack) ->
         assert at - killed < BOUND_S
 
 
-async def test_broker_lost_fails_undispatched_waits_naming_kafka_and_keeps_dispatched_ones(
-    stack: Stack,
+async def test_broker_lost_fails_every_wait_naming_kafka_cancels_chats_and_settles_the_queued(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     gateway = stack.address("gateway")
-    marks = aredis.Redis.from_url(stack.address("redis"))
+    store = aredis.Redis.from_url(stack.address("redis"))
 
-    async def dispatched(ids: list[str]) -> set[str]:
-        found = await marks.mget([keys.dispatched(r) for r in ids])
-        return {r for r, mark in zip(ids, found, strict=True) if mark is not None}
+    async def dispatched() -> set[str]:
+        prefix = keys.dispatched("")
+        return {k.decode().removeprefix(prefix) async for k in store.scan_iter(match=prefix + "*")}
 
-    async with AsyncClient(KEYS["alpha"], base_url=gateway) as client:
-        # slowsim runs 4 at a time: the first 4 are dispatched, the rest queue in Kafka.
+    async def flagged(ids: set[str]) -> set[str]:
+        flags = await store.mget([keys.cancel(r) for r in ids])
+        return {r for r, flag in zip(ids, flags, strict=True) if flag is not None}
+
+    async with httpx.AsyncClient(base_url=gateway, timeout=120) as http, \
+            AsyncClient(KEYS["alpha"], base_url=gateway) as client:
+        # slowsim runs 4 at a time: the two chats and two requests are dispatched, the
+        # other eight queue in Kafka.
+        chats = [asyncio.create_task(_chat(http, "alpha", LONG)) for _ in range(2)]
+        async with asyncio.timeout(30):
+            while len(chat_ids := await dispatched()) < 2:
+                await asyncio.sleep(0.1)
         handles = await client.submit_many(
             [client.build("slowsim", prompt="hello", max_tokens=LONG) for _ in range(10)]
         )
         ids = [h.request_id for h in handles]
         async with asyncio.timeout(30):
-            while len(await dispatched(ids)) < 4:
+            while len(await dispatched()) < 4:
                 await asyncio.sleep(0.1)
-        waits = {rid: asyncio.create_task(_failure(client.result(rid, 120.0))) for rid in ids}
+        polled, unpolled = ids[:7], ids[7:]  # the unpolled ones have no wait at the loss
+        waits = {rid: asyncio.create_task(_failure(client.result(rid, 120.0))) for rid in polled}
         await asyncio.sleep(1.0)
+        assert not any(t.done() for t in [*chats, *waits.values()])
 
         os.kill(_pid(stack, "kafka"), signal.SIGKILL)
         killed = time.monotonic()
-        running = await dispatched(ids)  # the scheduler can dispatch no more now
+        running = (await dispatched()) & set(ids)  # the scheduler can dispatch no more now
         queued = set(ids) - running
-        assert queued and running, (queued, running)
+        assert len(running) == 2 and queued & set(unpolled), (running, queued)
 
-        for rid in queued:
+        # Dispatched chats: told within seconds, and cancelled (nobody reads their answer).
+        for resp, at in await asyncio.wait_for(asyncio.gather(*chats), BOUND_S + 5):
+            assert at - killed < BOUND_S
+            assert resp.status_code == 503, resp.text
+            error = resp.json()["error"]
+            assert error["code"] == "service_unavailable" and error["type"] == "server_error"
+            assert "Kafka" in error["message"] and "cancelled" in error["message"], error
+        assert await flagged(chat_ids) == chat_ids
+        # Every wait on the request API fails within seconds, saying what it means.
+        for rid in polled:
             exc, at = await asyncio.wait_for(waits[rid], BOUND_S + 5)
             assert isinstance(exc, StackError) and "Kafka" in str(exc), exc
-            assert "not dispatched" in str(exc)
             assert at - killed < BOUND_S
-        # The dispatched ones run on in the worker: not failed as lost with the broker.
-        await asyncio.sleep(2.0)
-        for rid in running:
-            if waits[rid].done():
-                exc, _ = waits[rid].result()
-                assert exc is None or "Kafka" not in str(exc), exc
-        # A new poll of a lost request fails at once (the gateway remembers it).
-        exc, at = await _failure(client.result(next(iter(queued)), 30.0))
-        assert isinstance(exc, StackError) and "Kafka" in str(exc), exc
-        assert at - killed < BOUND_S + 3
-        for task in waits.values():
-            task.cancel()
-        await asyncio.gather(*waits.values(), return_exceptions=True)
-    await marks.aclose()
+            said = "submit it again" if rid in queued else "may still finish"
+            assert said in str(exc), (rid in queued, exc)
+        # A new wait for a dispatched one fails at once while the broker is away.
+        exc, at = await _failure(client.result(next(iter(running)), 30.0))
+        assert isinstance(exc, StackError) and "may still finish" in str(exc), exc
+        assert time.monotonic() - at < 3.0 and at - killed < BOUND_S + 5
+
+        # The queued ones, waited for or not, ended for good: a failed result naming Kafka
+        # in the result store (what every gateway copy, and a restarted one, reads), a
+        # cancel flag so that nothing runs them later; a poll answers it at once.
+        assert await flagged(queued) == queued
+        fresh = Backend(_settings(stack, monkeypatch), Endpoints(
+            kafka_bootstrap="127.0.0.1:9", redis_url=stack.address("redis"),
+            database_url="sqlite://",
+        ))
+        try:
+            for rid in queued:
+                for result in (await fresh.result("alpha", rid), await client.poll(rid)):
+                    assert result is not None and result.status is ResultStatus.failed, result
+                    assert result.error is not None and result.error.code == "broker_lost"
+                    assert "Kafka" in result.error.message and "submit it again" in result.error.message
+                    assert result.usage is None  # nothing ran: nothing to bill
+            for rid in running:
+                assert await fresh.result("alpha", rid) is None  # still its worker's
+        finally:
+            await fresh.redis.aclose()
+    await store.aclose()
+
+
+def _settings(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """The stack's settings, as a gateway of that stack loads them."""
+    for key in [k for k in os.environ if k.startswith("TOKENMILL_")]:
+        monkeypatch.delenv(key)
+    for key in ("TOKENMILL_HOME", "TOKENMILL_CONFIG"):
+        monkeypatch.setenv(key, stack.env[key])
+    return load_settings()

@@ -21,8 +21,6 @@ from typer.testing import CliRunner
 
 from tokenmill.wire import TokenEvent
 
-NOW = time.time()
-
 
 @pytest.fixture
 def cli(
@@ -39,6 +37,7 @@ def cli(
 
 @pytest.fixture
 def recorded(sink: LedgerSink) -> list[dict]:
+    NOW = time.time()  # when the test runs: the reports look back from now
     events = [
         st.finished_event("a1", tenant="alpha", prompt_tokens=1000, completion_tokens=100, finished_at=NOW),
         st.finished_event("a2", tenant="alpha", model="smollm2", prompt_tokens=3, completion_tokens=7,
@@ -62,7 +61,7 @@ def test_usage_per_tenant_model_and_minute(cli: typer.Typer, recorded: list[dict
         ("alpha", "sim", 2, 1005, 101), ("alpha", "smollm2", 1, 3, 7), ("beta", "sim", 1, 10, 20),
     ]  # fmt: skip
     minutes = json.loads(run(cli, "usage", "--all-tenants", "--per-minute", "--json"))["rows"]
-    minute = datetime.fromtimestamp(NOW, UTC).replace(second=0, microsecond=0)
+    minute = datetime.fromtimestamp(recorded[0]["finished_at"], UTC).replace(second=0, microsecond=0)
     assert [r for r in minutes if r["tenant"] == "beta"] == [
         {"tenant": "beta", "model": "sim", "minute": minute.isoformat().replace("+00:00", "Z"),
          "requests": 1, "input_tokens": 10, "output_tokens": 20}]  # fmt: skip
@@ -74,7 +73,7 @@ def test_usage_per_tenant_model_and_minute(cli: typer.Typer, recorded: list[dict
 
 
 def test_invoice_total_is_the_sum_of_its_entries(cli: typer.Typer, recorded: list[dict]) -> None:
-    period = datetime.fromtimestamp(NOW, UTC).strftime("%Y-%m")
+    period = datetime.fromtimestamp(recorded[0]["finished_at"], UTC).strftime("%Y-%m")
     docs = json.loads(run(cli, "invoice", "--all-tenants", "--period", period, "--json"))
     assert [d["tenant"] for d in docs] == ["alpha", "beta", "gamma"]  # every configured tenant
     doc = docs[0]
@@ -143,7 +142,7 @@ def test_times_are_iso_or_spans_back() -> None:
 
 def test_up_starts_a_streams_service_with_a_metrics_probe(settings: Settings) -> None:
     (spec,) = streams_services(settings, [])
-    assert (spec.name, spec.probe, spec.depends_on) == ("streams", "http", ("kafka",))
+    assert (spec.name, spec.probe, spec.depends_on) == ("streams", "http", ("kafka", "redis"))
     from tokenmill.stack.spec import Launch
 
     launch = Launch(
