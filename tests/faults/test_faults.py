@@ -66,11 +66,18 @@ FAULTS = [
     Fault("down-up", None, "down-up", loses_state=True),
 ]
 
-#: cases the small size leaves to `make faults`, to keep tests/faults within ~6 minutes
+#: cases the small size leaves to `make faults`, to keep `make test` within CI's time:
+#: each service but the worker stays covered in `make test` by one recovery (a worker
+#: SIGKILL mid-request is tests/workers/test_celery_worker.py's)
 FULL_ONLY = {
     # `tokenmill up` already restarts the worker alone; either way its requests wait out the
     # workers' 60 s Celery visibility timeout, the longest case of the suite.
     f"{WORKER}-alone": "a killed worker's requests wait out the 60 s visibility timeout",
+    f"{WORKER}-up": "a killed worker's requests wait out the 60 s visibility timeout",
+    f"{SCHEDULER}-alone": "`make test` covers the scheduler with `up`",
+    f"{STREAMS}-up": "`make test` covers the stream processor started alone",
+    f"{BATCH_RUNNER}-alone": "`make test` covers the batch runner with `up`",
+    f"{WEBHOOKS}-up": "`make test` covers the webhook dispatcher started alone",
 }
 
 
