@@ -116,6 +116,21 @@ class BrokerLost(ServiceUnavailable):
         )
 
 
+class GatewayStopping(ServiceUnavailable):
+    """The gateway got SIGTERM: its callers are answered now (503) rather than cut off
+    when it exits; their requests go on (a plain completion's is cancelled: nobody will
+    read its answer)."""
+
+    def __init__(self) -> None:
+        super().__init__("the gateway", "is stopping; poll the request again later")
+
+    def cancelled(self) -> ServiceUnavailable:
+        return ServiceUnavailable(
+            "the gateway", "is stopping: the request was cancelled (billed only for the work "
+            "done); submit it again",
+        )
+
+
 class _Accepted(NamedTuple):
     """What a lost request's result and event need, kept from its submission."""
 
@@ -198,6 +213,8 @@ class Backend:
         #: set while the embedded broker is lost (unreachable for BROKER_LOST_S)
         self._loss: _Loss | None = None
         self._watch: asyncio.Task[None] | None = None
+        #: set on SIGTERM (see :meth:`stopping`)
+        self._stopping = False
 
     async def start(self) -> None:
         await kafka.ensure_topics(self.endpoints.kafka_bootstrap)
@@ -205,6 +222,14 @@ class Backend:
         self._watch = asyncio.get_running_loop().create_task(
             self._watch_broker(), name="tokenmill-broker-watch"
         )
+
+    def stopping(self) -> None:
+        """The process got SIGTERM: end every wait now with :class:`GatewayStopping`, so
+        each caller gets a 503 before the server exits instead of a cut connection."""
+        self._stopping = True
+        exc = GatewayStopping()
+        for waiter in self._waiters.values():
+            waiter.fail(list(waiter.pending()), exc)
 
     async def close(self) -> None:
         if self._watch is not None:
@@ -280,6 +305,8 @@ class Backend:
             ServiceUnavailable: Redis is unreachable.
             BrokerLost: the embedded broker is lost and the request has no result.
         """
+        if self._stopping:
+            raise GatewayStopping()
         if self._loss is not None:
             found = await self._while_lost(request_id)
         else:

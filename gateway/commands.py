@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from types import FrameType
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -22,6 +23,8 @@ def gateway_command(
     port: Annotated[int | None, typer.Option(help="Port (default: gateway.port, 8080).")] = None,
 ) -> None:
     """Run the OpenAI-compatible HTTP API, the one door tenants use."""
+    import asyncio
+
     import uvicorn
 
     from ..config.settings import load_settings
@@ -33,11 +36,22 @@ def gateway_command(
     configure(settings.log_level)
     runtime.tune_gc()
     app = create_app(settings, endpoints(settings))
-    uvicorn.run(
+    config = uvicorn.Config(
         app, host=host or settings.gateway.host, port=settings.gateway.port if port is None else port,
         loop="uvloop", http="httptools", log_level="warning", access_log=False,
         server_header=False, timeout_graceful_shutdown=10,
     )
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            # Runs on the loop's thread, between two of its steps: answer every waiting
+            # caller (503) before uvicorn closes the connections at its shutdown.
+            backend = getattr(app.state, "backend", None)
+            if backend is not None and not self.should_exit:
+                asyncio.get_event_loop().call_soon_threadsafe(backend.stopping)
+            super().handle_exit(sig, frame)
+
+    Server(config).run()
 
 
 def gateway_services(settings: Settings, models: Sequence[str]) -> list[ServiceSpec]:

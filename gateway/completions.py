@@ -26,7 +26,7 @@ from ..producers.requests import build_request
 from ..stack.errors import ServiceUnavailable
 from ..wire import Endpoint, InferenceRequest, Priority, Result, ResultStatus
 from .auth import tenant_of
-from .backend import BROKER_LOST_CODE, Backend, BrokerLost
+from .backend import BROKER_LOST_CODE, Backend, BrokerLost, GatewayStopping
 from .errors import ApiError
 from .http import deadline_header, priority_of, read_json
 
@@ -107,6 +107,9 @@ async def _wait_or_leave(request: Request, backend: Backend, req: InferenceReque
         result = waiting.result()
     except BrokerLost as exc:
         raise _lost_with_broker(backend, req, exc) from None
+    except GatewayStopping as exc:
+        backend.cancel_soon(req.tenant, req.id, control=False)
+        raise exc.cancelled() from None
     if result is None:
         backend.cancel_soon(req.tenant, req.id)
         raise ApiError(504, f"No result within {timeout:g}s; the request was cancelled.", code="timeout")

@@ -175,3 +175,35 @@ def _settings(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> Settings:
     for key in ("TOKENMILL_HOME", "TOKENMILL_CONFIG"):
         monkeypatch.setenv(key, stack.env[key])
     return load_settings()
+
+
+async def test_a_stopping_gateway_answers_its_waiting_callers_503_naming_itself(stack: Stack) -> None:
+    """SIGTERM (``tokenmill down`` stops the gateway first): every caller still waiting
+    gets a 503 naming the gateway — a plain completion's request cancelled — instead of
+    a connection cut when the server exits."""
+    gateway = stack.address("gateway")
+    async with httpx.AsyncClient(base_url=gateway, timeout=120) as http:
+        chats = [asyncio.create_task(_chat(http, "alpha", LONG)) for _ in range(3)]
+        deadline = time.monotonic() + BOUND_S
+        while not all(await _dispatched(stack, 3)) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert not any(t.done() for t in chats)
+        os.kill(_pid(stack, "gateway"), signal.SIGTERM)
+        stopped = time.monotonic()
+        answers = await asyncio.wait_for(asyncio.gather(*chats), BOUND_S)
+    for resp, at in answers:
+        assert at - stopped < 5.0
+        assert resp.status_code == 503, resp.text
+        error = resp.json()["error"]
+        assert error["code"] == "service_unavailable" and "gateway is stopping" in error["message"]
+        assert "cancelled" in error["message"]
+
+
+async def _dispatched(stack: Stack, n: int) -> list[bool]:
+    """Whether ``n`` requests are marked dispatched (the chats are under way)."""
+    client = aredis.Redis.from_url(stack.address("redis"))
+    try:
+        found = [k async for k in client.scan_iter(match=keys.dispatched("*"), count=1000)]
+    finally:
+        await client.aclose()
+    return [len(found) >= n]
