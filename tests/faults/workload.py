@@ -29,7 +29,7 @@ TENANTS = tuple(KEYS)
 TERMINAL_BATCH = {"completed", "failed", "expired", "cancelled"}
 TERMINAL_RESULT = {"succeeded", "failed", "cancelled", "expired"}
 #: an error is clear when it says which part of the stack is gone
-NAMES_COMPONENT = re.compile(r"redis|broker|kafka", re.IGNORECASE)
+NAMES_COMPONENT = re.compile(r"redis|broker|kafka|gateway", re.IGNORECASE)
 
 
 def _tokens(size: Size, i: int) -> int:
