@@ -134,7 +134,8 @@ def test_request_longer_than_visibility_timeout_runs_once(
         deliveries = sum(w.log_path.read_text().count(f"[{task_id}] received") for w in workers)
         assert deliveries == 1
         assert [e.kind for e in events].count(EventKind.dispatched) == 1
-        assert [e.kind for e in events].count(EventKind.finished) == 1
+        # one terminal event (a redelivered finished request's is sent again, identical)
+        assert len({e.event_id for e in events if e.kind is EventKind.finished}) == 1
         assert {e.attempt for e in events} == {1}
     finally:
         for w in workers:
