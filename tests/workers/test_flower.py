@@ -252,10 +252,23 @@ def test_cross_origin_posts_run_nothing(
         rclient.delete(key)
 
 
+def wait_events_flowing(flower: FlowerProcess, worker: WorkerProcess, auth: tuple[str, str]) -> None:
+    """Flower records a task only from events it receives, so wait until its event
+    receiver has heard the worker (a heartbeat) before sending one."""
+    name = worker.wait_ready()
+
+    def alive() -> bool:
+        got = httpx.get(flower.url("/api/workers"), params={"status": "1"}, auth=auth, timeout=5)
+        return got.status_code == 200 and got.json().get(name) is True
+
+    wait_for(alive, 45, "flower receives the worker's events")
+
+
 def test_task_arguments_are_hidden(
     flower: FlowerProcess, sim_worker: WorkerProcess, stack: dict
 ) -> None:
     auth = flower.credentials()
+    wait_events_flowing(flower, sim_worker, auth)
     secret = f"my secret prompt {uuid.uuid4().hex}"
     task_id = send_slice(
         create_app(stack["redis_url"]),
@@ -286,6 +299,7 @@ def test_task_arguments_shown_when_configured(stack: dict, sim_worker: WorkerPro
     proc = FlowerProcess(stack, stack["root"] / "home-open", "--show-task-args")
     try:
         auth = proc.credentials()
+        wait_events_flowing(proc, sim_worker, auth)
         secret = f"shown prompt {uuid.uuid4().hex}"
         request = chat_request("sim", secret, max_tokens=2)
         task_id = send_slice(create_app(stack["redis_url"]), "sim", dispatches([request]))
