@@ -179,6 +179,9 @@ def test_redis_killed_restarts_everything_and_reloads_its_data(
     client = redis.Redis.from_url(url, socket_timeout=5)
     client.mset({f"result:{i}": f"v{i}" for i in range(1000)})
     client.xadd("tokenmill:done:t", {"id": "r-1"})
+    # everysec may hold the AOF write back while a slow fsync runs (up to 2 s): what a
+    # kill keeps is what reached the file, so kill once the buffer is empty.
+    assert wait_for(lambda: client.info("persistence")["aof_buffer_length"] == 0, 10)
     client.close()
     before = _pids(s)
 
