@@ -62,6 +62,7 @@ from ..workers.results import (
     get_result_async,
     stream_events_async,
 )
+from ..workers.webhook_watch import WATCH_KEY, watch_notes
 
 __all__ = ["BROKER_LOST_CODE", "Backend", "BrokerLost", "RateLimited"]
 
@@ -276,6 +277,9 @@ class Backend:
             key = f"{keys.PREFIX}gateway-rate:{tenant}:{window}"
             commands += [("incrby", key, len(requests)), ("expire", key, _WINDOW_S * 2)]
         commands += [("set", keys.owner(req.id), req.tenant, RESULT_TTL_S) for req in requests]
+        # Noted before publishing: a request's webhook must not depend on the broker
+        # keeping the request until the watcher reads it.
+        commands += [("hset", WATCH_KEY, rid, note) for rid, note in watch_notes(requests).items()]
         replies = await self._writes.run(commands)
         if per_min is not None and replies[0] > per_min:
             # The owner keys of refused ids expire unused: the caller never learns them.

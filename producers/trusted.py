@@ -22,6 +22,7 @@ from ..config import Settings, load_settings
 from ..errors import ValidationError
 from ..redis_client import async_redis
 from ..stack import endpoints
+from ..workers.webhook_watch import WATCH_KEY, watch_notes
 from .client import RequestTimeout
 from .requests import build_request
 from .waiter import ResultWaiter
@@ -102,6 +103,9 @@ class TrustedProducer:
         for req in reqs:
             if req.tenant != self.tenant:
                 raise ValidationError(f"tenant: request {req.id} is for another tenant", field="tenant")
+        notes = watch_notes(reqs)
+        if notes:  # before publishing: see workers.webhook_watch
+            await self._redis.hset(WATCH_KEY, mapping=notes)  # type: ignore[arg-type]  # redis-py: invariant keys
         await kafka.publish(self._producer, [(r.priority.topic, r.tenant.encode(), r.to_bytes()) for r in reqs])
         return [req.id for req in reqs]
 

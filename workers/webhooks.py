@@ -62,13 +62,12 @@ def run_webhook_worker(settings: Settings, *, concurrency: int = 8, loglevel: st
     """The webhook process: a Celery worker (threads) on ``tokenmill.webhooks``, and the
     dispatcher and request watcher on an event loop beside it. Returns the worker's
     exit code."""
-    kafka_bootstrap, redis_url = resolve_urls(settings)
-    assert kafka_bootstrap is not None  # resolve_urls needs Kafka here
+    _, redis_url = resolve_urls(settings)
     app = create_app(redis_url)
     register_webhook_tasks(app, lambda: Deliverer.create(settings, redis_url))
     factory = shared_factory(settings.ledger_url)
     dispatcher = Dispatcher(app, factory, lease_s=lease_s(settings.webhooks))
-    watcher = RequestWatcher(factory, kafka_bootstrap=kafka_bootstrap, redis_url=redis_url)
+    watcher = RequestWatcher(factory, redis_url=redis_url)
     loop = loops.new_event_loop()
     stop = asyncio.Event()
     thread = threading.Thread(target=loop.run_until_complete, args=(_serve(dispatcher, watcher, stop),),
