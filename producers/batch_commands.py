@@ -216,7 +216,12 @@ def webhooks_command(
 
 
 def batch_runner_command() -> None:
-    """Run the batch runner service (``tokenmill up`` starts one)."""
+    """Run the batch runner: accepted batches → their lines queued → output files.
+
+    It publishes each accepted batch's lines, collects their results, and writes the
+    output and error files; at start it resumes every unfinished batch from the
+    ledger. Run any number of copies; `tokenmill up` starts one.
+    """
     from ..config.settings import load_settings
     from ..logs import configure
     from ..stack import endpoints
@@ -231,7 +236,11 @@ def batch_runner_command() -> None:
 def webhook_worker_command(
     concurrency: Annotated[int, typer.Option(help="Delivery threads.")] = 8,
 ) -> None:
-    """Run the webhook worker: Celery on the tokenmill.webhooks queue, and its dispatcher."""
+    """Run the webhook worker: signed webhooks of finished requests and batches.
+
+    Celery on the tokenmill.webhooks queue (retries, then a dead-letter list) and its
+    dispatcher. `tokenmill up` starts one, as the `webhooks` service.
+    """
     from ..config.settings import load_settings
     from ..logs import configure
     from ..workers.webhooks import run_webhook_worker
@@ -262,13 +271,14 @@ def batch_services(settings: Settings, models: Sequence[str]) -> list[ServiceSpe
 
 
 def register(app: typer.Typer) -> None:
-    """Add ``batch``, ``webhooks``, ``demo`` and the hidden service commands."""
+    """Add ``batch``, ``webhooks``, ``demo`` and the service commands ``batch-runner``
+    and ``webhook-worker``."""
     from ..stack import register_factory
     from .demo import demo_command
 
     app.add_typer(batch_app, name="batch")
     app.command("webhooks")(webhooks_command)
     app.command("demo")(demo_command)
-    app.command("batch-runner", hidden=True)(batch_runner_command)
-    app.command("webhook-worker", hidden=True)(webhook_worker_command)
+    app.command("batch-runner")(batch_runner_command)
+    app.command("webhook-worker")(webhook_worker_command)
     register_factory(batch_services)

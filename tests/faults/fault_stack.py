@@ -148,7 +148,9 @@ class FaultStack:
         )
 
     def up(self) -> None:
-        run = self.cli("up")
+        # Unsupervised: these drills test the documented recoveries themselves (`up`, a
+        # service started alone); tests/stack/test_supervised_stack.py tests supervision.
+        run = self.cli("up", "--no-supervise")
         assert run.returncode == 0, (
             f"tokenmill up failed:\n{run.stdout[-3000:]}{run.stderr[-3000:]}"
         )

@@ -1,5 +1,5 @@
-"""The real services of ``tokenmill up`` (scheduler, stream processors, workers, gateway
-…) through the CLI: SIGKILLed services come back alone on ``up`` while the rest — and
+"""The real services of ``tokenmill up --no-supervise`` (scheduler, stream processors,
+workers, gateway …) through the CLI: SIGKILLed services come back alone on ``up`` while the rest — and
 the broker's topics — stay, the stack still serves, and ``down`` stops stage by stage."""
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ KILLED = ("scheduler", "streams")
 
 
 def test_killed_services_restart_alone_and_down_stops_in_stages(home: Path) -> None:
-    first = tokenmill("up", timeout_s=180)
+    # Without the supervisor: this is `up`'s own recovery (test_supervised_stack.py has
+    # the supervisor's, which would restart them before `up` could).
+    first = tokenmill("up", "--no-supervise", timeout_s=180)
     assert first.returncode == 0, first.stderr
     recorded = state.load(home)
     assert recorded is not None
@@ -35,7 +37,7 @@ def test_killed_services_restart_alone_and_down_stops_in_stages(home: Path) -> N
         os.kill(before[name], signal.SIGKILL)
     assert wait_for(lambda: all_dead([before[n] for n in KILLED]), 5)
 
-    again = tokenmill("up", timeout_s=180)
+    again = tokenmill("up", "--no-supervise", timeout_s=180)
     assert again.returncode == 0, again.stderr
     assert again.stdout.count("restarted (1)") == len(KILLED), again.stdout
     after = {s.name: s.pid for s in (state.load(home) or recorded).services}

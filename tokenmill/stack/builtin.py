@@ -1,11 +1,14 @@
-"""The stack's own infrastructure services: the Kafka-protocol broker and Redis.
+"""The stack's own services: the Kafka-protocol broker and Redis, and the supervisor.
 
-Each is started only when its URL is not configured; the database is never a process
-(SQLite in the state directory, or the configured ``database_url``).
+The broker and Redis are started only when their URL is not configured; the database
+is never a process (SQLite in the state directory, or the configured ``database_url``).
+The supervisor (``tokenmill supervise``) restarts any of the others that dies.
 """
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from . import processes
@@ -18,6 +21,7 @@ if TYPE_CHECKING:
 KAFKA = "kafka"
 REDIS = "redis"
 DATABASE = "database"
+SUPERVISOR = "supervisor"
 #: the embedded services whose death restarts the whole stack: the broker kept its
 #: topics in memory, and every service's connections and addresses point at both
 HOLDS_DATA = (KAFKA, REDIS)
@@ -70,3 +74,14 @@ def external_addresses(settings: Settings) -> dict[str, str]:
     if settings.redis_url:
         found[REDIS] = settings.redis_url
     return found
+
+
+def supervisor_service(watched: Sequence[str]) -> ServiceSpec:
+    """``tokenmill supervise``: started after every ``watched`` service, stopped first."""
+    return ServiceSpec(
+        name=SUPERVISOR,
+        argv=lambda launch: [sys.executable, "-m", "tokenmill", "supervise"],
+        depends_on=tuple(watched),
+        stop_stage=StopStage.supervisor,
+        stack_urls=False,  # it resolves the stack as `up` does, from the state file
+    )

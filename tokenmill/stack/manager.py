@@ -4,17 +4,19 @@
 records it in the state file at once, and returns while they keep running detached.
 Anything that fails mid-way stops what this call started, so a failed ``up`` leaves
 nothing behind. A service that died is started again on its own, next to the running
-rest; only a dead broker or Redis restarts everything (see :func:`up`). ``down`` stops
-the services stage by stage (:class:`~tokenmill.stack.spec.StopStage`): intake, then
-the workers, then the stream processors once drained, then the broker and Redis.
-``tokenmill.stack.status`` checks them.
+rest; only a dead broker or Redis restarts everything (see :func:`up`). The supervisor
+(:mod:`tokenmill.stack.supervisor`, started by ``up(supervise=True)``) does that as
+soon as a service dies, through :func:`up` too; :func:`restart` replaces one service.
+``down`` stops the services stage by stage (:class:`~tokenmill.stack.spec.StopStage`):
+the supervisor, intake, then the workers, then the stream processors once drained,
+then the broker and Redis. ``tokenmill.stack.status`` checks them.
 """
 
 from __future__ import annotations
 
 import subprocess
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,10 +32,12 @@ from .builtin import (
     KAFKA,
     PROBE_OF,
     REDIS,
+    SUPERVISOR,
     external_addresses,
     infrastructure,
+    supervisor_service,
 )
-from .spec import Launch, ServiceSpec, registered_specs, start_order
+from .spec import Launch, ServiceSpec, StopStage, registered_specs, start_order
 from .state import ServiceRecord, StackState
 from .urls import mask_url
 
@@ -68,17 +72,26 @@ def up(
     *,
     models: Sequence[str] = (),
     external_timeout_s: float = 5.0,
+    supervise: bool = False,
+    defer: Collection[str] = (),
+    revive_only: bool = False,
 ) -> UpResult:
     """Start whatever of the stack is not running yet and record it.
 
     Services: the broker and Redis unless configured, those of every factory registered
-    with :func:`~tokenmill.stack.spec.register_factory`, then ``extra``. Services already
-    running are left alone (so ``up`` is idempotent). A recorded service that died is
-    started again (its restart count goes up), on its old port when that is free, and
-    the others keep running — with the broker's topics and Redis's data. Only when the
-    embedded broker or Redis died is everything stopped and started afresh (Redis then
-    reloads its append-only file; the broker's topics are gone). ``models`` are added
-    to those recorded and passed to the factories.
+    with :func:`~tokenmill.stack.spec.register_factory`, then ``extra``, then — with
+    ``supervise`` — the supervisor (``tokenmill supervise``, see
+    :mod:`tokenmill.stack.supervisor`), which from then on restarts a service that dies
+    by calling this function. Services already running are left alone (so ``up`` is
+    idempotent). A recorded service that died is started again (its restart count goes
+    up), on its old port when that is free, and the others keep running — with the
+    broker's topics and Redis's data. Only when the embedded broker or Redis died is
+    everything (the supervisor aside) stopped and started afresh (Redis then reloads
+    its append-only file; the broker's topics are gone). Dead services named in
+    ``defer`` stay dead and recorded for now (the supervisor's backoff); with
+    ``revive_only`` nothing starts unless a stack is recorded (the supervisor must not
+    bring back a stack that ``down`` stopped meanwhile). ``models`` are added to those
+    recorded and passed to the factories.
 
     Raises:
         StackError: a configured service does not answer, or a service failed to start
@@ -88,62 +101,127 @@ def up(
     (home / "logs").mkdir(parents=True, exist_ok=True)
     with state.locked(home):
         loaded = state.load(home)
-        current, replacing = _recover(home, loaded)
-        running = {r.name: r for r in current.services} if current else {}
-        all_models = tuple(dict.fromkeys([*(current.models if current else ()), *models]))
+        if revive_only and loaded is None:
+            return UpResult(state=StackState(), started=(), already_running=(), external={})
+        result = _up_locked(
+            settings,
+            home,
+            loaded,
+            extra,
+            models=models,
+            external_timeout_s=external_timeout_s,
+            supervise=supervise,
+            defer=defer,
+        )
+    for name in result.already_running:
+        log.debug("stack.already_running", service=name)
+    return result
 
-        external = external_addresses(settings)
-        to_check = {
-            **external,
-            **({DATABASE: settings.database_url} if settings.database_url else {}),
-        }
-        for name, address in to_check.items():
-            reason = health.check(PROBE_OF[name], address, timeout_s=external_timeout_s)
-            if reason:
-                raise StackError(
-                    f"configured {name} at {mask_url(address)} does not answer: {reason}"
-                )
 
-        specs = [*infrastructure(settings), *registered_specs(settings, all_models), *extra]
-        ordered = start_order(specs, satisfied={*running, *external, DATABASE})
-        addresses = {
-            DATABASE: settings.ledger_url,
-            **{r.name: r.address for r in running.values() if r.address},
-            **external,  # configured URLs win over anything recorded
-        }
-        records = list(current.services) if current else []
-        started: list[ServiceRecord] = []
+def restart(settings: Settings, name: str, extra: Sequence[ServiceSpec] = ()) -> UpResult:
+    """Restart the recorded service ``name``: stop its process group (SIGTERM, its
+    bounded wait, SIGKILL), start it again on the same port, record it. The broker or
+    Redis restarts the whole stack, as their death does (see :func:`up`).
 
-        def record_state() -> None:
-            state.save(home, StackState(services=tuple(records), models=all_models))
+    Raises:
+        StackError: nothing is up, ``name`` is not a recorded service (the message lists
+            those that are), or it failed to start again.
+    """
+    home = settings.home.resolve()
+    with state.locked(home):
+        loaded = state.load(home)
+        if loaded is None:
+            raise StackError("nothing is running here: start the stack with `tokenmill up`")
+        record = loaded.service(name)
+        if record is None:
+            known = ", ".join(r.name for r in loaded.services)
+            raise StackError(f"no service {name!r} in the stack; known: {known}")
+        supervised = loaded.service(SUPERVISOR) is not None
+        defined = {s.name for s in _specs(settings, loaded.models, extra, supervised)}
+        if name not in defined:
+            raise StackError(f"{name!r} was started with a definition this command lacks")
+        log.info("stack.restarting", service=name, pid=record.pid, reason="asked")
+        _stop(record)
+        return _up_locked(settings, home, loaded, extra, supervise=supervised)
 
-        try:
-            for spec in ordered:
-                if spec.name in running:
-                    continue
-                record = _start(spec, home, addresses, replacing.get(spec.name))
-                records.append(record)
-                started.append(record)
-                if record.address:
-                    addresses[spec.name] = record.address
-                record_state()  # at once: a crash later still leaves it findable
-            record_state()
-        except BaseException:
-            errors = _stop_all(started)
-            if loaded is not None:
-                state.save(home, loaded)  # as it was: the next `up` recovers it again
-            else:
-                state.clear(home)
-            if errors:
-                log.error("stack.cleanup_failed", errors=errors)
-            raise
 
-    for name in running:
-        log.info("stack.already_running", service=name)
+def _specs(
+    settings: Settings, models: Sequence[str], extra: Sequence[ServiceSpec], supervise: bool
+) -> list[ServiceSpec]:
+    specs = [*infrastructure(settings), *registered_specs(settings, models), *extra]
+    if supervise:
+        specs.append(supervisor_service(watched=[s.name for s in specs]))
+    return specs
+
+
+def _up_locked(
+    settings: Settings,
+    home: Path,
+    loaded: StackState | None,
+    extra: Sequence[ServiceSpec] = (),
+    *,
+    models: Sequence[str] = (),
+    external_timeout_s: float = 5.0,
+    supervise: bool = False,
+    defer: Collection[str] = (),
+) -> UpResult:
+    """:func:`up` once the state lock is held and the state ``loaded``."""
+    current, replacing = _recover(home, loaded, defer)
+    running = {r.name: r for r in current.services} if current else {}
+    all_models = tuple(dict.fromkeys([*(current.models if current else ()), *models]))
+
+    external = external_addresses(settings)
+    to_check = {
+        **external,
+        **({DATABASE: settings.database_url} if settings.database_url else {}),
+    }
+    for name, address in to_check.items():
+        reason = health.check(PROBE_OF[name], address, timeout_s=external_timeout_s)
+        if reason:
+            raise StackError(f"configured {name} at {mask_url(address)} does not answer: {reason}")
+
+    specs = _specs(settings, all_models, extra, supervise)
+    ordered = start_order(specs, satisfied={*running, *external, DATABASE})
+    addresses = {
+        DATABASE: settings.ledger_url,
+        **{r.name: r.address for r in running.values() if r.address},
+        **external,  # configured URLs win over anything recorded
+    }
+    records = list(current.services) if current else []
+    started: list[ServiceRecord] = []
+
+    # A restarted service keeps its place in the file (and in `status`).
+    place = {r.name: i for i, r in enumerate(loaded.services if loaded else ())}
+
+    def record_state() -> None:
+        records.sort(key=lambda r: place.get(r.name, len(place)))
+        state.save(home, StackState(services=tuple(records), models=all_models))
+
+    try:
+        for spec in ordered:
+            if spec.name in running:
+                continue
+            record = _start(spec, home, addresses, replacing.get(spec.name))
+            records.append(record)
+            started.append(record)
+            if record.address:
+                addresses[spec.name] = record.address
+            record_state()  # at once: a crash later still leaves it findable
+        record_state()
+    except BaseException:
+        errors = _stop_all(started)
+        if loaded is not None:
+            state.save(home, loaded)  # as it was: the next `up` recovers it again
+        else:
+            state.clear(home)
+        if errors:
+            log.error("stack.cleanup_failed", errors=errors)
+        raise
+
     return UpResult(
         state=StackState(services=tuple(records), models=all_models),
         started=tuple(r.name for r in started),
-        already_running=tuple(running),
+        already_running=tuple(n for n in running if n not in defer),
         external={name: mask_url(addr) for name, addr in external.items()},
         restarted=tuple(r.name for r in started if r.name in replacing),
     )
@@ -180,16 +258,18 @@ def down(settings: Settings) -> list[str]:
 # -- internals -----------------------------------------------------------------------
 
 
-def _child_env(home: Path, addresses: Mapping[str, str]) -> dict[str, str]:
+def _child_env(home: Path, addresses: Mapping[str, str], *, stack_urls: bool = True) -> dict[str, str]:
     from ..config.settings import config_path
 
     # The config `up` read, named explicitly: a child given the services' URLs and no
     # config would (rightly) refuse to fall back to the example's demo keys.
     env = {
         "TOKENMILL_HOME": str(home),
-        "TOKENMILL_DATABASE_URL": addresses[DATABASE],
         "TOKENMILL_CONFIG": str(config_path().resolve()),
     }
+    if not stack_urls:
+        return env  # the caller's own environment (inherited) says what is configured
+    env["TOKENMILL_DATABASE_URL"] = addresses[DATABASE]
     if KAFKA in addresses:
         env["TOKENMILL_KAFKA_URL"] = addresses[KAFKA]
     if REDIS in addresses:
@@ -211,7 +291,8 @@ def _start(
         log_path=home / "logs" / f"{spec.name}.log",
         data_dir=data_dir,
         addresses=dict(addresses),
-        env=_child_env(home, addresses),
+        env=_child_env(home, addresses, stack_urls=spec.stack_urls),
+        restart=previous is not None,
     )
     proc = processes.start(spec.argv(launch), launch.log_path, env={**launch.env, **spec.env})
     _CHILDREN[proc.pid] = proc
@@ -302,13 +383,14 @@ def _stop_outcome(record: ServiceRecord, cap: float | None) -> bool | StackError
 
 
 def _recover(
-    home: Path, current: StackState | None
+    home: Path, current: StackState | None, defer: Collection[str] = ()
 ) -> tuple[StackState | None, dict[str, ServiceRecord]]:
     """What of ``current`` still runs, and the records of the services to start again.
 
-    A dead service is restarted alone (its leftover process group stopped first). A dead
-    broker or Redis lost its data or its address for everyone: then every survivor is
-    stopped too and the whole stack is restarted.
+    A dead service is restarted alone (its leftover process group stopped first), unless
+    ``defer`` names it: then it stays dead and recorded. A dead broker or Redis lost its
+    data or its address for everyone: then every survivor but the supervisor (which
+    needs neither, and may be the caller) is stopped too and the whole stack restarted.
     """
     if current is None:
         return None, {}
@@ -317,14 +399,20 @@ def _recover(
         return current, {}
     if any(r.name in HOLDS_DATA for r in dead):
         log.warning("stack.restarting_everything", dead=[f"{r.name} (pid {r.pid})" for r in dead])
-        errors = _stop_all(current.services)
+        kept = tuple(r for r in current.services if r.stop_stage is StopStage.supervisor and r not in dead)
+        errors = _stop_all(r for r in current.services if r not in kept)
         if errors:
             raise StackError("the stack could not be stopped for a clean restart: " + "; ".join(errors.values()))
         state.clear(home)
         # the models asked for still are; every service comes back as a restart
-        return StackState(models=current.models), {r.name: r for r in current.services}
-    log.warning("stack.restarting_dead", dead=[f"{r.name} (pid {r.pid})" for r in dead])
-    for record in dead:
+        return StackState(services=kept, models=current.models), {
+            r.name: r for r in current.services if r not in kept
+        }
+    now = [r for r in dead if r.name not in defer]
+    if not now:
+        return current, {}
+    log.warning("stack.restarting_dead", dead=[f"{r.name} (pid {r.pid})" for r in now])
+    for record in now:
         _stop(record)  # what its process group left behind (a dead leader's children)
-    survivors = tuple(r for r in current.services if r not in dead)
-    return current.model_copy(update={"services": survivors}), {r.name: r for r in dead}
+    survivors = tuple(r for r in current.services if r not in now)
+    return current.model_copy(update={"services": survivors}), {r.name: r for r in now}

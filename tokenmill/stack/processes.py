@@ -20,6 +20,10 @@ from ..errors import StackError
 
 LOOPBACK = "127.0.0.1"
 
+# Exit codes of our children reaped by :func:`pid_alive` (negative: killed by that
+# signal), kept so the supervisor can log why a service it had started ended.
+_EXIT_CODES: dict[int, int] = {}
+
 
 def free_port(preferred: int | None = None) -> int:
     """A free TCP port on loopback: ``preferred`` when it is free (a restarted service
@@ -194,10 +198,19 @@ def pid_alive(pid: int) -> bool:
         return True
     # A zombie child still answers kill(0); reap it if it is ours.
     try:
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        return done == 0
+        done, status = os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:
         return _not_zombie(pid)
+    if done == 0:
+        return True
+    _EXIT_CODES[pid] = os.waitstatus_to_exitcode(status)
+    return False
+
+
+def exit_code(pid: int) -> int | None:
+    """How ``pid`` ended (negative: the signal that killed it), when it was a child of
+    this process reaped by :func:`pid_alive`; None when unknown (not our child)."""
+    return _EXIT_CODES.get(pid)
 
 
 def _not_zombie(pid: int) -> bool:

@@ -41,6 +41,8 @@ class StopStage(IntEnum):
     next stage is signalled, so nothing is accepted that cannot be finished, and the
     events of finished work are consumed before the broker that holds them goes."""
 
+    #: the supervisor, first of all: it must not restart what ``down`` stops
+    supervisor = -1
     #: takes new work in: the gateway, the batch runner, the scheduler
     intake = 0
     #: does the accepted work: workers, the webhook dispatcher (the default)
@@ -71,6 +73,10 @@ class Launch:
     #: ``TOKENMILL_HOME`` / ``_KAFKA_URL`` / ``_REDIS_URL`` / ``_DATABASE_URL`` pointing at
     #: the resolved stack; every child gets them, so it never depends on the state file
     env: Mapping[str, str]
+    #: started again in place of a dead or restarted process: ``port`` is then its old
+    #: port when that was free (a service with a preferred port of its own should keep
+    #: the old one, so its clients find it again)
+    restart: bool = False
 
 
 @dataclass(frozen=True)
@@ -98,12 +104,15 @@ class ServiceSpec:
     start_timeout_s: float = 30.0
     stop_timeout_s: float = 10.0
     stop_stage: StopStage = StopStage.processing
+    #: given the resolved stack's URLs (``TOKENMILL_KAFKA_URL`` …) in its environment;
+    #: False for the supervisor, which must resolve the stack as ``up`` does (an embedded
+    #: broker's address in its environment would read as a configured, external one)
+    stack_urls: bool = True
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
             raise StackError(f"bad service name {self.name!r}: lowercase letters, digits, _.-")
         health.probe(self.probe)  # an unknown probe fails here, not in `status`
-
 
     @property
     def stop_timeout(self) -> float:
