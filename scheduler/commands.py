@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 
@@ -13,14 +14,32 @@ from ..stack import ServiceSpec, StopStage, endpoints, register_factory
 
 
 def scheduler_command() -> None:
-    """Run the fair-share scheduler: priority topics → policy → worker pools."""
-    from ..logs import configure
+    """Run the fair-share scheduler: priority topics → policy → worker pools.
+
+    Any number may run: the one holding the lease in Redis is active, the others stand
+    by and take over within seconds of its death. One that loses its lease while
+    active (paused past it, cut off from Redis) exits with status 75; started again,
+    it comes back as a standby.
+    """
+    from ..logs import configure, get_logger
+    from .leader import FENCED_EXIT_CODE, Fenced
     from .service import serve
 
     settings = load_settings()
     configure(settings.log_level)
     runtime.tune_gc()
-    loops.run(serve(settings, endpoints(settings)))
+    try:
+        loops.run(serve(settings, endpoints(settings)))
+    except Fenced as exc:
+        get_logger(__name__).error(
+            "scheduler fenced: another scheduler leads now; exiting", error=str(exc),
+            exit_code=FENCED_EXIT_CODE,
+        )  # fmt: skip
+        # Straight out: this process must do nothing more (its clients are closed), and
+        # interpreter teardown must not turn the status into a generic failure.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(FENCED_EXIT_CODE)
 
 
 def scheduler_services(settings: Settings, models: Sequence[str]) -> list[ServiceSpec]:

@@ -8,16 +8,17 @@
     ├── InvalidRequest     a malformed request or token count (negative, NaN, ...)
     ├── InvalidPolicy      a malformed tenant policy or scheduler config
     ├── DuplicateRequest   a request id that is already queued or in flight
-    └── BudgetExceeded     the request alone would exceed the tenant's budget
+    ├── BudgetExceeded     the request alone would exceed the tenant's budget
+    └── Fenced             (service, :mod:`.leader`) this scheduler lost its lease
 
 Every error is raised before any state changes, so a caller may catch it and go on.
 """
 
 from __future__ import annotations
 
-from ..errors import TokenmillError
-
 from decimal import Decimal
+
+from ..errors import TokenmillError
 
 
 class SchedulerError(TokenmillError):

@@ -9,13 +9,16 @@ Restart safety (at-least-once, idempotent):
 
 * request-topic offsets are committed only below the lowest undispatched request
   (:mod:`.offsets`), so nothing accepted is lost;
-* a request is marked dispatched in Redis (a key with a TTL, one Lua call per slice)
-  right after its slice is sent; a re-read request with that mark is skipped, so
-  nothing runs twice. (A crash between send and mark re-sends it; the worker's own
-  result commit is ``SET NX``, so it is still reported once.)
-* each dispatched request's in-flight record (its reservation) is written to a Redis
-  hash in the same call as its dispatched mark, so a restart after SIGKILL still holds
-  every reservation; counters and rate-limit levels are snapshotted every 2 s.
+* a slice is dispatched by one Lua call that marks its requests dispatched (a key
+  with a TTL holding the leader's fencing token), writes their in-flight records
+  (reservations) and pushes the Celery message (:mod:`.publish`), all or nothing; a
+  re-read request with that mark is skipped, so nothing runs twice, and a restart
+  after SIGKILL still holds every reservation. Counters and rate-limit levels are
+  snapshotted every 2 s.
+* only the scheduler holding the pool set's lease acts (:mod:`.leader`); the others
+  wait as standbys and consume nothing. Every dispatch and every snapshot or in-flight
+  write checks the lease in the same Lua call (the fence), so a leader paused past its
+  lease writes nothing when it resumes, and exits.
 * budget spending is the ledger's (:mod:`.spending`): read at start and every 2 s,
   plus what was settled here and is not in the ledger yet. A settled request's record
   stays in the hash until the ledger holds its charge, so a restart re-reserves it in
@@ -32,10 +35,11 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from decimal import Decimal
 
-from aiokafka import ConsumerRecord, TopicPartition
+import redis
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from celery import Celery
 
-from .. import kafka, wire
+from .. import kafka, presence, wire
 from ..config import Settings
 from ..config.models import BudgetPeriod
 from ..errors import ConfigError, SchemaError, TokenmillError
@@ -44,12 +48,14 @@ from ..pricing import cost as price
 from ..redis_client import async_redis
 from ..stack import Endpoints
 from ..workers import keys as worker_keys
-from ..workers.celery_app import celery_priority, create_app, send_slice_json
+from ..workers.celery_app import celery_priority, create_app
 from ..workers.heartbeat import live_workers_async
 from ..workers.results import ResultStore
 from .errors import BudgetExceeded, DuplicateRequest, InvalidPolicy, SchedulerError
+from .leader import ALL_POOLS, LEASE_TTL_S, POLL_EVERY_S, Fenced, LeaderLease, fenced_script
 from .offsets import OffsetTracker
 from .policy import Scheduler
+from .publish import SlicePublisher
 from .snapshot import InFlightRecord, SchedulerSnapshot
 from .spending import LedgerReader, Unbilled
 from .types import (
@@ -74,18 +80,43 @@ SPENDING_REFRESH_S = 2.0
 #: set (short TTL, renewed by housekeeping) while a scheduler is consuming
 ALIVE_KEY = worker_keys.PREFIX + "scheduler:alive"
 ALIVE_TTL_S = 5
+_Arg = bytes | str | int | float  #: a Lua script argument
+#: how long a stopping leader waits for its loops to end
+STOP_TASKS_S = 5.0
 #: long poll of the settle consumer: less idle broker CPU, ~25 ms later capacity
 IDLE_FETCH_WAIT_MS = 100
 DISPATCHED_TTL_S = 7 * 24 * 3600
-# KEYS: the in-flight hash, then the dispatched marks; ARGV: ttl, then (request id,
-# in-flight record) per mark. One call marks and records a whole slice.
-_MARK_DISPATCHED = """
-for j = 1, #KEYS - 1 do
-  redis.call('SET', KEYS[j + 1], '1', 'EX', ARGV[1])
-  redis.call('HSET', KEYS[1], ARGV[2 * j], ARGV[2 * j + 1])
+# One call dispatches a whole slice, fenced: KEYS: the lease, the in-flight hash, the n
+# dispatched marks, then the key of each Celery publish command; ARGV: the lease
+# value, mark ttl, fencing token (the marks' value), n, (request id, in-flight record)
+# per mark, then (command, payload) per publish command. -1: fenced, nothing written.
+_MARK_DISPATCHED = fenced_script("""
+local n = tonumber(ARGV[4])
+for j = 1, n do
+  redis.call('SET', KEYS[2 + j], ARGV[3], 'EX', ARGV[2])
+  redis.call('HSET', KEYS[2], ARGV[3 + 2 * j], ARGV[4 + 2 * j])
 end
-return #KEYS - 1
-"""
+local a = 5 + 2 * n
+for i = 3 + n, #KEYS do
+  if ARGV[a] == 'LPUSH' then
+    redis.call('LPUSH', KEYS[i], ARGV[a + 1])
+  else
+    redis.call('PUBLISH', KEYS[i], ARGV[a + 1])
+  end
+  a = a + 2
+end
+return n
+""")
+# The checkpoint's writes, fenced: KEYS: the lease, the snapshot, the in-flight hash;
+# ARGV: the lease value, the snapshot JSON ('' for none), the number of in-flight fields
+# to delete, those fields, then (field, value) pairs to set. -1: fenced, nothing written.
+_WRITE_STATE = fenced_script("""
+if ARGV[2] ~= '' then redis.call('SET', KEYS[2], ARGV[2]) end
+local nd = tonumber(ARGV[3])
+for i = 4, 3 + nd do redis.call('HDEL', KEYS[3], ARGV[i]) end
+for i = 4 + nd, #ARGV, 2 do redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1]) end
+return 1
+""")
 #: exact JSON of the non-terminal kinds: TokenEvent has no nested objects, and a quote
 #: inside a string value is escaped, so these bytes only ever occur as the kind field
 _NOT_TERMINAL = tuple(
@@ -130,7 +161,9 @@ def build_policy(settings: Settings, clock: PricingClock | None = None) -> Sched
             # billed at its finish), so reserve at the dearest of now's and the later ones.
             for later in settings.price_book.versions(model):
                 if later.effective_from > at:
-                    amount = max(amount, price(later, input_tokens, output_tokens, _WIRE_PRIORITY[prio]))
+                    amount = max(
+                        amount, price(later, input_tokens, output_tokens, _WIRE_PRIORITY[prio])
+                    )
         return amount
 
     config = SchedulerConfig(
@@ -206,6 +239,7 @@ class SchedulerService:
         max_slice: int | None = None,
         max_slice_delay_s: float | None = None,
         tick_s: float = 0.002,
+        lease_ttl_s: float = LEASE_TTL_S,
     ) -> None:
         self.settings = settings
         self.endpoints = endpoints
@@ -217,6 +251,9 @@ class SchedulerService:
             settings.scheduler.slice_fill_s if max_slice_delay_s is None else max_slice_delay_s
         )
         self.tick_s = tick_s
+        self.lease_ttl_s = lease_ttl_s
+        #: this process's claim on the lease (set by run())
+        self.lease: LeaderLease | None = None
         self.offsets = OffsetTracker()
         self.pools: dict[str, PoolState] = {}
         for model in settings.models:
@@ -245,55 +282,147 @@ class SchedulerService:
     # -- lifecycle ------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
-        bootstrap = self.endpoints.kafka_bootstrap
-        await kafka.ensure_topics(bootstrap)
+        """Wait as a standby until this process holds the lease, then lead until
+        ``stop``.
+
+        Raises:
+            Fenced: the lease was lost while leading (the caller exits; a new start
+                comes back as a standby).
+        """
+        await kafka.ensure_topics(self.endpoints.kafka_bootstrap)
         self.redis = async_redis(self.endpoints.redis_url)
+        # Renewals on a thread of their own (a busy loop must not lose the lease); a
+        # renewal must give up well within the TTL, hence the short timeouts.
+        renew_client = redis.Redis.from_url(
+            self.endpoints.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0
+        )
+        self.lease = LeaderLease(
+            self.redis, ALL_POOLS, ttl_s=self.lease_ttl_s, renew_client=renew_client
+        )
+        announcing = asyncio.Event()
+        announcer = asyncio.create_task(
+            presence.run_presence(self.redis, "scheduler", announcing, self._describe),
+            name="presence",
+        )
+        try:
+            log.info(
+                "scheduler standing by", pools=sorted(self.pools), instance=self.lease.instance
+            )
+            if await self.lease.wait_until_held(stop, POLL_EVERY_S):
+                await self._lead(stop)
+        finally:
+            announcing.set()
+            await announcer
+            await self.redis.aclose()
+            renew_client.close()
+
+    def _describe(self) -> tuple[presence.Role, dict[str, object]]:
+        pools = sorted(self.pools)
+        if self.lease is None or not self.lease.held:
+            return "standby", {"pools": pools}
+        return "active", {
+            "pools": pools,
+            "fencing_token": self.lease.token,
+            "queued": self.policy.backlog(),
+            "in_flight": sum(len(p.in_flight) for p in self.pools.values()),
+        }
+
+    async def _leading(self) -> LeaderLease:
+        """The lease, known to be held (see :meth:`LeaderLease.ensure`).
+
+        Raises:
+            Fenced: it is lost: this process must stop acting.
+        """
+        if self.lease is None:
+            raise Fenced("scheduler lease: never taken")
+        await self.lease.ensure()
+        return self.lease
+
+    async def _lead(self, stop: asyncio.Event) -> None:
+        """Today's start path, as the leader: restore, consume from committed offsets,
+        dispatch; on a clean stop, checkpoint and hand the lease over."""
+        lease = await self._leading()
+        # The loops stop on `halt`, not on cancellation alone: after a long pause many
+        # timers fire at once, and a cancel racing a timeout can be swallowed (3.11).
+        halt = asyncio.Event()
+        # Renewed from the start: restoring and joining Kafka can outlast the TTL.
+        tasks = [asyncio.create_task(lease.keep(halt), name="lease")]
+        bootstrap = self.endpoints.kafka_bootstrap
+        self.publisher = SlicePublisher(self.app)
         self._mark_dispatched = self.redis.register_script(_MARK_DISPATCHED)
+        self._write_state = self.redis.register_script(_WRITE_STATE)
         self.store = ResultStore(self.redis)
         self.ledger = _ledger_reader(self.settings)
-        await self._restore()
         self.producer = kafka.producer(bootstrap)
-        self.requests = kafka.consumer(
-            bootstrap, *wire.REQUEST_TOPICS, wire.CONTROL_TOPIC, group_id=GROUP_ID
-        )
+        # Assigned partitions, not group membership: the lease already makes this the
+        # only consumer, and a group would hold a dead leader's partitions for its
+        # session timeout (6 s) before the new leader could read them. Offsets are
+        # still committed to (and read from) the groups.
+        self.requests = kafka.consumer(bootstrap, group_id=GROUP_ID)
         # Each fetch costs the broker (Tansu) ~2 ms of CPU even when empty, and Tansu
         # answers a long poll about a quarter of its wait after records arrive (measured
         # p50 9 ms at 50 ms, 50 ms at 200 ms): settling frees capacity, so it waits a
         # little longer than intake but not much.
-        self.events = kafka.consumer(bootstrap, wire.TOKEN_EVENTS_TOPIC, group_id=SETTLE_GROUP_ID,
+        self.events = kafka.consumer(bootstrap, group_id=SETTLE_GROUP_ID,
                                      fetch_max_wait_ms=IDLE_FETCH_WAIT_MS)  # fmt: skip
-        for client, what in (
-            (self.producer, "producer"),
-            (self.requests, "requests"),
-            (self.events, "events"),
-        ):
-            await kafka.start(client, f"scheduler {what}")
-        log.info("scheduler started", pools=sorted(self.pools))
-        await self.redis.set(ALIVE_KEY, str(os.getpid()), ex=ALIVE_TTL_S)
-        tasks = [
-            asyncio.create_task(self._consume_requests(stop), name="requests"),
-            asyncio.create_task(self._consume_events(stop), name="events"),
-            asyncio.create_task(self._watch_workers(stop), name="heartbeats"),
-            asyncio.create_task(self._dispatch_loop(stop), name="dispatch"),
-            asyncio.create_task(self._housekeeping(stop), name="housekeeping"),
-            asyncio.create_task(self._spending_loop(stop), name="spending"),
-        ]
+        started = []
+        fenced = running = False
         try:
+            await self._restore()
+            for client, what in (
+                (self.producer, "producer"),
+                (self.requests, "requests"),
+                (self.events, "events"),
+            ):
+                await kafka.start(client, f"scheduler {what}")
+                started.append(client)
+            await _assign(self.requests, (*wire.REQUEST_TOPICS, wire.CONTROL_TOPIC))
+            await _assign(self.events, (wire.TOKEN_EVENTS_TOPIC,))
+            if tasks[0].done():
+                tasks[0].result()  # the lease was lost while starting: raises Fenced
+            await self._leading()
+            log.info("scheduler started", pools=sorted(self.pools), fencing_token=lease.token)
+            await self.redis.set(ALIVE_KEY, str(os.getpid()), ex=ALIVE_TTL_S)
+            running = True
+            tasks += [
+                asyncio.create_task(self._consume_requests(halt), name="requests"),
+                asyncio.create_task(self._consume_events(halt), name="events"),
+                asyncio.create_task(self._watch_workers(halt), name="heartbeats"),
+                asyncio.create_task(self._dispatch_loop(halt), name="dispatch"),
+                asyncio.create_task(self._housekeeping(halt), name="housekeeping"),
+                asyncio.create_task(self._spending_loop(halt), name="spending"),
+            ]
             done, _ = await asyncio.wait(
                 [*tasks, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED
             )
             for t in done:
                 if t in tasks and t.exception():
                     raise t.exception()  # type: ignore[misc]
+        except Fenced:
+            fenced = True  # act no more: no checkpoint, no release
+            raise
         finally:
+            halt.set()
             for t in tasks:
                 t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await self._checkpoint()
-            for client in (self.requests, self.events, self.producer):
+            _, stuck = await asyncio.wait(tasks, timeout=STOP_TASKS_S)
+            if stuck:
+                log.warning(
+                    "scheduler tasks did not stop", tasks=sorted(t.get_name() for t in stuck)
+                )
+            if running and not fenced:
+                try:
+                    await self._checkpoint()
+                except Fenced as exc:  # another leader took over meanwhile
+                    log.error("scheduler checkpoint refused", error=str(exc))
+                    fenced = True
+            for client in started:
                 await client.stop()
-            await self.redis.delete(ALIVE_KEY)
-            await self.redis.aclose()
+            self.publisher.close()
+            if not fenced:
+                if running:
+                    await self.redis.delete(ALIVE_KEY)
+                await lease.release()
             log.info("scheduler stopped", dispatched=self.dispatched_total)
 
     async def _restore(self) -> None:
@@ -389,6 +518,7 @@ class SchedulerService:
             raise SchemaError(f"InferenceRequest: model: unknown model {req.model!r}")
 
     async def _dead_letter(self, rec: ConsumerRecord, reason: str) -> None:
+        await self._leading()
         log.warning("dead-lettered message", topic=rec.topic, offset=rec.offset, reason=reason)
         await self.producer.send_and_wait(
             wire.DEAD_LETTER_TOPIC,
@@ -464,21 +594,26 @@ class SchedulerService:
         return sent
 
     async def _send(self, pool: PoolState, chunk: list[QueuedRequest], now: float) -> None:
+        lease = await self._leading()
         held = [_held(q) for q in chunk]
         # The requests go out as read from Kafka (the worker validates them again).
         tail = b',"dispatched_at":%s,"attempt":1}' % repr(now).encode()
         payload = b"[" + b",".join(b'{"request":' + h.raw + tail for h in held) + b"]"
         rank = min(h.request.priority.rank for h in held)
-        # kombu's publish is synchronous and quick (one Redis round trip).
-        send_slice_json(self.app, pool.name, payload, celery_priority(rank))
-        self.slices_total += 1
-        args: list[object] = [DISPATCHED_TTL_S]
+        # Built by Celery (no I/O); pushed by the fenced script below, with the marks.
+        commands = self.publisher.commands(pool.name, payload, celery_priority(rank))
+        # (`or`: only for the type checker; ensured held above, and '' never matches)
+        args: list[_Arg] = [lease.value or "", DISPATCHED_TTL_S, lease.token or 0, len(chunk)]
         for q in chunk:
             record = self.policy.in_flight_record(q.request_id)
             args += [q.request_id, json.dumps(record.to_dict()) if record else "{}"]
-        await self._mark_dispatched(
-            keys=[IN_FLIGHT_KEY, *(worker_keys.dispatched(q.request_id) for q in chunk)], args=args
-        )
+        for c in commands:
+            args += [c.name, c.payload]
+        marks = [worker_keys.dispatched(q.request_id) for q in chunk]
+        keys = [lease.key, IN_FLIGHT_KEY, *marks, *(c.key for c in commands)]
+        if await self._mark_dispatched(keys=keys, args=args) == -1:
+            raise lease.lost(f"dispatch of {len(chunk)} requests refused")
+        self.slices_total += 1
         for q, h in zip(chunk, held):
             pool.in_flight.add(q.request_id)
             self._pool_of_request[q.request_id] = pool.name
@@ -500,6 +635,7 @@ class SchedulerService:
         self, req: wire.InferenceRequest, status: wire.ResultStatus, code: str, detail: str
     ) -> None:
         """Report a request that ends in the scheduler: result first, then its event."""
+        await self._leading()
         now = time.time()
         kind = (
             wire.EventKind.cancelled
@@ -596,7 +732,7 @@ class SchedulerService:
             freed |= self._free_slot(rid)
         self.policy.set_spending(self.unbilled.spent(read.spend, self.ledger.periods), now)
         if read.billed:
-            await self.redis.hdel(IN_FLIGHT_KEY, *read.billed)
+            await self._write_in_flight(deleted=sorted(read.billed))
         if freed:
             self._wake.set()
 
@@ -614,6 +750,7 @@ class SchedulerService:
         rounds = 0
         while not stop.is_set():
             await asyncio.sleep(0.5)
+            await self._leading()
             await self.redis.set(ALIVE_KEY, str(os.getpid()), ex=ALIVE_TTL_S)
             for rej in self.policy.expire(time.time()):
                 await self._reject(rej)
@@ -635,10 +772,11 @@ class SchedulerService:
             held=self.offsets.held(),
         )
         snapshot = replace(self.policy.snapshot(), in_flight=()).to_dict()
+        lease = await self._leading()
+        snapshot["fencing_token"] = lease.token  # which leader wrote it (ignored on read)
         event_points = dict(self._event_positions)
         free, self._settled_free = self._settled_free, []
         costly, self._settled_costly = self._settled_costly, []
-        await self.redis.set(SNAPSHOT_KEY, json.dumps(snapshot))
         # Before their events' offsets are committed (a restart will not replay those
         # events): a settled request stops being work in flight. One that cost nothing
         # is forgotten, and so is one the ledger already bills (or with no budget to
@@ -647,20 +785,36 @@ class SchedulerService:
         gone = [*free, *(rid for rid, _, _ in costly if rid not in unbilled)]
         settled = {rid: json.dumps({"settled": [tenant, str(cost)]})
                    for rid, tenant, cost in costly if rid in unbilled}  # fmt: skip
-        if gone or settled:
-            pipe = self.redis.pipeline(transaction=False)
-            if gone:
-                pipe.hdel(IN_FLIGHT_KEY, *gone)
-            if settled:
-                pipe.hset(IN_FLIGHT_KEY, mapping=settled)
-            await pipe.execute()
+        await self._write_in_flight(json.dumps(snapshot), deleted=gone, written=settled)
         if event_points:
+            await self._leading()
             await self.events.commit(event_points)
         await self._commit_offsets()
+
+    async def _write_in_flight(
+        self,
+        snapshot: str = "",
+        *,
+        deleted: list[str] | None = None,
+        written: dict[str, str] | None = None,
+    ) -> None:
+        """Write the snapshot (if given) and change the in-flight hash, fenced.
+
+        Raises:
+            Fenced: another scheduler holds the lease; nothing was written.
+        """
+        lease = await self._leading()
+        deleted = deleted or []
+        args: list[_Arg] = [lease.value or "", snapshot, len(deleted), *deleted]
+        for rid, value in (written or {}).items():
+            args += [rid, value]
+        if await self._write_state(keys=[lease.key, SNAPSHOT_KEY, IN_FLIGHT_KEY], args=args) == -1:
+            raise lease.lost("snapshot / in-flight write refused")
 
     async def _commit_offsets(self) -> None:
         points = self.offsets.commit_points()
         if points:
+            await self._leading()
             await self.requests.commit(points)
             self.offsets.committed(points)
 
@@ -686,6 +840,19 @@ def settle(
         return policy.complete(ev.request_id, ev.prompt_tokens, ev.completion_tokens, now)
     finally:
         clock.at = None
+
+
+async def _assign(consumer: AIOKafkaConsumer, topics: tuple[str, ...]) -> None:
+    """Assign every partition of ``topics`` to ``consumer``; reading starts at the
+    group's committed offsets (the earliest where none is committed)."""
+    await consumer.topics()  # fetches the cluster's metadata
+    tps = []
+    for topic in topics:
+        parts = consumer.partitions_for_topic(topic)
+        if not parts:
+            raise SchedulerError(f"Kafka topic {topic!r} has no partitions (not created?)")
+        tps += [TopicPartition(topic, p) for p in sorted(parts)]
+    consumer.assign(tps)
 
 
 def _ledger_reader(settings: Settings) -> LedgerReader | None:
