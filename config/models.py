@@ -166,6 +166,9 @@ class BatchSettings(Section):
     max_lines: int = Field(default=50_000, gt=0)
     max_bytes: int = Field(default=200 * 1024 * 1024, gt=0)
     max_line_bytes: int = Field(default=1024 * 1024, gt=0)
+    #: life of a batch runner copy's lease on a batch, renewed every poll: a dead
+    #: copy's batches are resumed by another this long after its death
+    lease_s: float = Field(default=10.0, gt=0)
 
 
 class WebhookSettings(Section):

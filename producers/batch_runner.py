@@ -24,7 +24,13 @@ skips ids it already holds or dispatched, a worker stores the first outcome only
 and the runner ignores a second outcome of a line it has recorded. So every line of
 the input ends exactly once in the output or error file.
 
-Run one batch runner per ledger (``tokenmill up`` starts it).
+Copies: run any number (``tokenmill up`` starts one). Each steps only the batches
+whose lease it holds (:mod:`.batch_lease`), takes its share of the free ones, and
+checks its lease with the batch locked in the ledger right before every write (file
+and ledger alike), so a runner paused past its lease writes nothing once it resumes;
+a dead runner's batches are resumed by another within the lease's TTL, by the restart
+path above. Every ``results.jsonl`` record names the grant (``lease`` token) and the
+runner (``by``) that wrote it.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ from typing import Any
 from aiokafka.errors import KafkaError
 from redis.exceptions import RedisError
 
-from .. import kafka, tokens, wire
+from .. import kafka, presence, tokens, wire
 from ..config import Settings
 from ..errors import TokenmillError
 from ..ledger import Outcome, settle_requests
@@ -63,6 +69,7 @@ from .batch_files import (
     repair_tail,
     write_atomic,
 )
+from .batch_lease import BatchLeases, LeaseLost
 from .batches import batch_data, output_file_records
 
 __all__ = ["BatchRunner", "serve"]
@@ -73,6 +80,10 @@ CHUNK = 1000
 #: result keys a batch's poll may look up per second (a big batch is polled less often)
 COLLECT_KEYS_PER_S = 50_000
 EPOCH_KEY = keys.PREFIX + "batch-runner:epoch"
+#: the service name copies announce themselves under (``tokenmill status``)
+SERVICE = "batch-runner"
+#: how often the number of live copies (for the fair share) is read again
+_COPIES_EVERY_S = 1.0
 _STATE_OF = {
     "succeeded": RequestState.FINISHED,
     "failed": RequestState.FAILED,
@@ -151,6 +162,8 @@ class BatchRunner:
         republish_after_s: how often unfinished lines with neither a result nor a
             dispatch mark are published again (a broker that lost messages without
             Redis losing its data); the scheduler drops the copies it already holds.
+        lease_s: the life of a batch's lease (renewed every poll, so well above
+            ``max_poll_s`` and a poll's longest work); default ``[batch] lease_s``.
     """
 
     def __init__(
@@ -162,6 +175,7 @@ class BatchRunner:
         max_poll_s: float = 1.0,
         cancel_grace_s: float = 30.0,
         republish_after_s: float = 600.0,
+        lease_s: float | None = None,
     ) -> None:
         self.settings = settings
         self.endpoints = endpoints
@@ -169,8 +183,12 @@ class BatchRunner:
         self.max_poll_s = max_poll_s
         self.cancel_grace_s = cancel_grace_s
         self.republish_after_s = republish_after_s
+        self.lease_s = settings.batch.lease_s if lease_s is None else lease_s
         self.trackers: dict[str, Tracker] = {}
         self._epoch: bytes | None = None
+        self._copies = 1
+        self._copies_at = -_COPIES_EVERY_S
+        self._renewed_at = 0.0
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -181,9 +199,13 @@ class BatchRunner:
         bootstrap = self.endpoints.kafka_bootstrap
         await kafka.ensure_topics(bootstrap)
         self.redis = async_redis(self.endpoints.redis_url)
+        self.leases = BatchLeases(self.redis, ttl_s=self.lease_s)
         self.producer = kafka.producer(bootstrap)
         await kafka.start(self.producer, "batch runner producer")
-        log.info("batch runner started")
+        log.info("batch runner started", owner=self.leases.owner, lease_s=self.lease_s)
+        quiet = asyncio.Event()  # ends the announcements once this runner is done
+        announcing = asyncio.create_task(presence.run_presence(
+            self.redis, SERVICE, quiet, lambda: ("copy", {"batches": sorted(self.leases.held)})))
         interval = self.poll_s
         try:
             while not stop.is_set():
@@ -204,6 +226,12 @@ class BatchRunner:
                 elif await self._woken(interval):
                     interval = self.poll_s
         finally:
+            try:  # hand the batches over now rather than after the TTL
+                await self.leases.release_all()
+            except (RedisError, OSError) as exc:
+                log.warning("batch leases not released; they expire", error=repr(exc))
+            quiet.set()
+            await announcing
             await self.producer.stop()
             await self.redis.aclose()
             log.info("batch runner stopped")
@@ -217,26 +245,67 @@ class BatchRunner:
             return False
 
     async def tick(self) -> bool:
-        """One poll over every active batch; True if anything happened."""
+        """One poll over the active batches this runner holds (taking its share of the
+        free ones first); True if anything happened."""
         from ..ledger import active_batches, transaction
 
         await self._check_epoch()
+        await self._renew()
         with transaction(self.factory) as session:
             active = active_batches(session)
-        for gone in set(self.trackers) - {b.id for b in active}:
+        ids = {b.id for b in active}
+        for gone in set(self.trackers) - ids:
             del self.trackers[gone]
+        for gone in set(self.leases.held) - ids:
+            await self.leases.release(gone)
+        for lease in await self.leases.take([b.id for b in active], await self._live_copies()):
+            self.trackers.pop(lease.batch_id, None)  # (re)load under the new grant
         busy = False
         for batch in active:
+            if time.monotonic() - self._renewed_at > self.lease_s / 3:
+                await self._renew()  # a long poll must not outlive its leases
+            if batch.id not in self.leases.held:
+                continue
             try:
-                tracker = self.trackers.get(batch.id) or self._load(batch)
+                tracker = self.trackers.get(batch.id) or await self._load(batch)
                 if tracker is not None:
                     busy |= await self._step(tracker, batch)
+            except LeaseLost as exc:
+                log.warning("batch lease lost; leaving the batch to its new holder", batch_id=batch.id,
+                            error=str(exc))
+                self.trackers.pop(batch.id, None)
             except (RedisError, KafkaError):
                 raise  # infrastructure: the whole poll retries
             except Exception:  # one broken batch must not stall the others
                 log.exception("batch step failed; reloading it next poll", batch_id=batch.id)
                 self.trackers.pop(batch.id, None)
         return busy
+
+    async def _renew(self) -> None:
+        for lost in await self.leases.renew():
+            self.trackers.pop(lost, None)
+        self._renewed_at = time.monotonic()
+
+    async def _live_copies(self) -> int:
+        """Live batch runners (this one included), re-read about once a second."""
+        if time.monotonic() - self._copies_at >= _COPIES_EVERY_S:
+            live = await presence.live_instances_async(self.redis)
+            self._copies = max(1, sum(1 for i in live if i.service == SERVICE))
+            self._copies_at = time.monotonic()
+        return self._copies
+
+    async def _fenced(self, session: Any, batch_id: str) -> Batch:
+        """Lock the batch in the ledger, then check this runner still holds its lease:
+        call first in every transaction that writes for a batch (see :mod:`.batch_lease`).
+
+        Raises:
+            LeaseLost: another runner holds the batch now; write nothing.
+        """
+        from ..ledger import lock_batch
+
+        b = lock_batch(session, batch_id)
+        await self.leases.check(batch_id)
+        return b
 
     async def _check_epoch(self) -> None:
         """Notice Redis losing its data (a restarted local stack): republish then."""
@@ -251,20 +320,27 @@ class BatchRunner:
             for t in self.trackers.values():
                 t.published_at = None
 
-    def _load(self, batch: Batch) -> Tracker | None:
+    async def _load(self, batch: Batch) -> Tracker | None:
         from ..ledger import transaction, unfinished_batch_requests
 
         d = BatchDir.of(self.settings.home, batch.id)
-        try:
-            t = Tracker.load(batch, d)
-        except FileNotFoundError:
+        # Read the files with the batch locked under this grant: a previous holder's
+        # last write is either complete in them or never happens.
+        t: Tracker | None = None
+        with transaction(self.factory) as session:
+            await self._fenced(session, batch.id)
+            try:
+                t = Tracker.load(batch, d)
+            except FileNotFoundError:
+                pass
+            else:  # outcomes recorded in the file only
+                pending = set(unfinished_batch_requests(session, batch.id)) & set(t.done)
+                if pending:  # killed between the file's append and the ledger's commit
+                    settle_requests(session, _recovered_outcomes(d, pending))
+        if t is None:
             log.error("batch files missing; failing the batch", batch_id=batch.id, dir=str(d.root))
-            self._end(batch.id, BatchStatus.failed, None)
+            await self._end(batch.id, BatchStatus.failed, None)
             return None
-        with transaction(self.factory) as session:  # outcomes recorded in the file only
-            pending = set(unfinished_batch_requests(session, batch.id)) & set(t.done)
-            if pending:  # killed between the file's append and the ledger's commit
-                settle_requests(session, _recovered_outcomes(d, pending))
         self.trackers[batch.id] = t
         log.info("tracking batch", batch_id=batch.id, status=batch.status.value,
                  lines=len(t.lines), done=len(t.done))
@@ -282,7 +358,7 @@ class BatchRunner:
         if ending is None and batch.status is BatchStatus.validating:
             await self._publish(t, t.pending())
             t.published_at = time.monotonic()
-            self._mark_published(batch.id)
+            await self._mark_published(batch.id)
             return True
         if ending is None and (
             t.published_at is None or time.monotonic() - t.published_at > self.republish_after_s
@@ -296,7 +372,7 @@ class BatchRunner:
         if ending is not None and t.pending():
             busy |= await self._end_lines(t, batch, ending, now)
         if not t.pending():
-            self._finalize(t, batch, ending)
+            await self._finalize(t, batch, ending)
             busy = True
         return busy
 
@@ -309,11 +385,11 @@ class BatchRunner:
         if rids:
             log.info("published batch lines", batch_id=t.batch_id, lines=len(rids))
 
-    def _mark_published(self, batch_id: str) -> None:
-        from ..ledger import lock_batch, transaction, upsert_batch
+    async def _mark_published(self, batch_id: str) -> None:
+        from ..ledger import transaction, upsert_batch
 
         with transaction(self.factory) as session:
-            b = lock_batch(session, batch_id)
+            b = await self._fenced(session, batch_id)
             update: dict[str, Any] = {"in_progress_at": b.in_progress_at or time.time()}
             if b.status is BatchStatus.validating:
                 update["status"] = BatchStatus.in_progress
@@ -350,7 +426,7 @@ class BatchRunner:
             status, entry = outcome_entry(batch_id, line.line, line.custom_id, result, ended_as=ending)
             outcomes.append((rid, status, entry, result))
         if outcomes:
-            self._record(t, outcomes)
+            await self._record(t, outcomes)
         return bool(outcomes)
 
     async def _end_lines(self, t: Tracker, batch: Batch, ending: tuple[str, str], now: float) -> bool:
@@ -368,7 +444,7 @@ class BatchRunner:
             line = t.lines[rid]
             status, entry = outcome_entry(batch.id, line.line, line.custom_id, None, ended_as=ending)
             outcomes.append((rid, status, entry, None))
-        self._record(t, outcomes)
+        await self._record(t, outcomes)
         return True
 
     async def _cancel(self, t: Tracker, rids: Sequence[str]) -> None:
@@ -386,57 +462,63 @@ class BatchRunner:
             ]
             await asyncio.gather(*futures)
 
-    def _record(self, t: Tracker, outcomes: Sequence[tuple[str, str, dict[str, Any], Result | None]]) -> None:
-        """Outcomes to the file first (durable), then the ledger."""
-        from ..ledger import lock_batch, transaction, upsert_batch
+    async def _record(self, t: Tracker, outcomes: Sequence[tuple[str, str, dict[str, Any], Result | None]]) -> None:
+        """Outcomes to the file first (durable), then the ledger: both in one ledger
+        transaction that holds the batch under this runner's lease (a crash between the
+        two is what :func:`_recovered_outcomes` repairs on the next load)."""
+        from ..ledger import transaction, upsert_batch
 
-        append_lines(
-            t.dir.results,
-            (
-                {"line": t.lines[rid].line, "custom_id": t.lines[rid].custom_id, "request_id": rid,
-                 "status": status, "entry": entry,
-                 "finished_at": None if result is None else result.finished_at}
-                for rid, status, entry, result in outcomes
-            ),
-        )
-        for rid, status, _, _ in outcomes:
-            t.done[rid] = status
-            t.raw.pop(rid, None)
         with transaction(self.factory) as session:
+            b = await self._fenced(session, t.batch_id)
+            token, by = self.leases.token(t.batch_id), self.leases.owner
+            append_lines(
+                t.dir.results,
+                (
+                    {"line": t.lines[rid].line, "custom_id": t.lines[rid].custom_id, "request_id": rid,
+                     "status": status, "entry": entry,
+                     "finished_at": None if result is None else result.finished_at,
+                     "lease": token, "by": by}
+                    for rid, status, entry, result in outcomes
+                ),
+            )
+            for rid, status, _, _ in outcomes:
+                t.done[rid] = status
+                t.raw.pop(rid, None)
             settle_requests(session, [_outcome(rid, status, result) for rid, status, _, result in outcomes])
-            b = lock_batch(session, t.batch_id)
             if not b.status.is_terminal:
                 upsert_batch(session, b.model_copy(update={"request_counts": t.counts()}))
 
     # -- the end ---------------------------------------------------------------------------
 
-    def _finalize(self, t: Tracker, batch: Batch, ending: tuple[str, str] | None) -> None:
-        from ..ledger import lock_batch, transaction, upsert_batch
+    async def _finalize(self, t: Tracker, batch: Batch, ending: tuple[str, str] | None) -> None:
+        from ..ledger import transaction, upsert_batch
 
         if ending is None:
             with transaction(self.factory) as session:
-                b = lock_batch(session, batch.id)
+                b = await self._fenced(session, batch.id)
                 if b.status is BatchStatus.in_progress:
                     b = b.model_copy(update={"status": BatchStatus.finalizing, "finalizing_at": time.time()})
                     upsert_batch(session, b)
             if b.status is not BatchStatus.finalizing:
                 return  # cancelled meanwhile: the next poll ends it as cancelled
-        output, errors = assemble(t)
-        write_atomic(t.dir.output, (dumps(e) for e in output))
-        write_atomic(t.dir.errors, (dumps(e) for e in errors))
         end = {None: BatchStatus.completed, CANCELLED: BatchStatus.cancelled, EXPIRED: BatchStatus.expired}[ending]
-        self._end(batch.id, end, t)
+        await self._end(batch.id, end, t)
 
-    def _end(self, batch_id: str, end: BatchStatus, t: Tracker | None) -> None:
-        """Move a batch to terminal status ``end`` and record its webhook and its output
-        and error files (file ids for the Files API), together."""
-        from ..ledger import add_file, lock_batch, transaction, upsert_batch
+    async def _end(self, batch_id: str, end: BatchStatus, t: Tracker | None) -> None:
+        """Write the output and error files (with ``t``), then move the batch to terminal
+        status ``end`` and record its webhook and the files' rows (file ids for the Files
+        API), together, under this runner's lease."""
+        from ..ledger import add_file, transaction, upsert_batch
         from ..workers.webhooks import enqueue_event
 
         with transaction(self.factory) as session:
-            b = lock_batch(session, batch_id)
+            b = await self._fenced(session, batch_id)
             if b.status.is_terminal:
                 return
+            if t is not None:
+                output, errors = assemble(t)
+                write_atomic(t.dir.output, (dumps(e) for e in output))
+                write_atomic(t.dir.errors, (dumps(e) for e in errors))
             if end is BatchStatus.expired and b.status is BatchStatus.cancelling:
                 end = BatchStatus.cancelled
             now = time.time()
