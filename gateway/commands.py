@@ -24,6 +24,7 @@ def gateway_command(
 ) -> None:
     """Run the OpenAI-compatible HTTP API, the one door tenants use."""
     import asyncio
+    import socket
 
     import uvicorn
 
@@ -35,9 +36,13 @@ def gateway_command(
     settings = load_settings()
     configure(settings.log_level)
     runtime.tune_gc()
-    app = create_app(settings, endpoints(settings))
+    bind = host or settings.gateway.host
+    port = settings.gateway.port if port is None else port
+    # What `tokenmill status` shows for this copy: a wildcard bind is reached by name.
+    shown = socket.gethostname() if bind in ("0.0.0.0", "::", "") else bind
+    app = create_app(settings, endpoints(settings), address=f"http://{shown}:{port}")
     config = uvicorn.Config(
-        app, host=host or settings.gateway.host, port=settings.gateway.port if port is None else port,
+        app, host=bind, port=port,
         loop="uvloop", http="httptools", log_level="warning", access_log=False,
         server_header=False, timeout_graceful_shutdown=10,
     )
@@ -62,7 +67,8 @@ def gateway_services(settings: Settings, models: Sequence[str]) -> list[ServiceS
     preferred = settings.gateway.port if _free(settings.gateway.port) else None
 
     def port(launch: Launch) -> int:
-        return preferred or launch.port
+        # A restarted gateway keeps its old port (launch.port), so its clients find it.
+        return launch.port if launch.restart else (preferred or launch.port)
 
     return [
         ServiceSpec(

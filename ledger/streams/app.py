@@ -41,6 +41,12 @@ record batch), the highwater of its fetch responses is right. The drain is bound
 ``drain_timeout_s``; past it the processor commits what it wrote and exits
 :data:`EXIT_DRAIN_TIMEOUT`. A second signal stops at once (the batch in flight is
 finished and committed).
+
+**Copies.** Run any number: they share the consumer group ``app_id``, so the partitions
+are spread over them and a dead copy's move to the others once its session times out
+(``session_timeout_ms`` in :mod:`tokenmill.kafka`); the ledger's unique keys make the
+replays this causes no-ops. Each copy announces itself as ``streams`` in Redis with its
+partitions and lag (``tokenmill status``).
 """
 
 from __future__ import annotations
@@ -57,8 +63,9 @@ from typing import Any, NoReturn
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
-from tokenmill import kafka
+from tokenmill import kafka, presence
 from tokenmill.logs import get_logger
+from tokenmill.redis_client import async_redis
 
 from ..db import transaction
 from ..sla import sla_attainment
@@ -76,7 +83,8 @@ EXIT_DRAIN_TIMEOUT = 75
 #: how long stopping waits for the batch in flight before exiting without committing it
 FINISH_ON_STOP_S = 30.0
 #: how long a rebalance waits for the batch in flight before leaving its offsets
-#: uncommitted (within the group's rebalance timeout, 3 s in tokenmill.kafka)
+#: uncommitted (within the group's rebalance timeout, ``rebalance_timeout_ms`` in
+#: tokenmill.kafka)
 FINISH_ON_REVOKE_S = 2.0
 #: longest a fetch waits at the broker for records. Tansu holds a fetch that long even
 #: with records waiting, and each fetch costs its CPU even when empty: 200 ms keeps
@@ -155,6 +163,8 @@ class StreamProcessor(ConsumerRebalanceListener):  # type: ignore[misc]
         #: per partition, one past the last offset the ledger holds (committable)
         self._written: dict[TopicPartition, int] = {}
         self._committed: dict[TopicPartition, int] = {}
+        #: per partition, one past the last offset fetched (for the lag announced)
+        self._fetched: dict[TopicPartition, int] = {}
         self._last_commit = time.monotonic()
         #: time.time() in ms when draining began; None while not draining
         self._drain_since_ms: int | None = None
@@ -210,6 +220,7 @@ class StreamProcessor(ConsumerRebalanceListener):  # type: ignore[misc]
                 continue
             records = [rec for recs in fetched.values() for rec in recs]
             ends = {tp: recs[-1].offset + 1 for tp, recs in fetched.items() if recs}
+            self._fetched.update(ends)
             try:
                 prepared = self.processor.prepare(records)  # while the previous one is written
             except Exception as exc:  # noqa: BLE001
@@ -294,6 +305,20 @@ class StreamProcessor(ConsumerRebalanceListener):  # type: ignore[misc]
         log.info("partitions assigned", generation=self._generation,
                  partitions=sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))  # fmt: skip
 
+    # -- presence -----------------------------------------------------------------------
+
+    def presence_detail(self) -> dict[str, int]:
+        """What ``tokenmill status`` shows of this copy: its partitions, and its lag
+        (events on them not yet written to the ledger, as of the last fetch responses)."""
+        assigned = self.consumer.assignment()
+        lag = 0
+        for tp in assigned:
+            highwater = self.consumer.highwater(tp)
+            done = self._written.get(tp, self._committed.get(tp, self._fetched.get(tp)))
+            if highwater is not None and done is not None:
+                lag += max(0, highwater - done)
+        return {"lag": lag, "partitions": len(assigned)}
+
     # -- draining -----------------------------------------------------------------------
 
     async def _lag(self) -> dict[TopicPartition, int | None]:
@@ -334,20 +359,40 @@ class StreamProcessor(ConsumerRebalanceListener):  # type: ignore[misc]
             self.metrics.set_window(rows, window)
 
 
+#: the service name copies announce themselves under
+SERVICE = "streams"
+
+
 async def serve(
-    config: StreamsConfig, bootstrap: str, sink: LedgerSink, metrics: StreamMetrics | None = None
+    config: StreamsConfig,
+    bootstrap: str,
+    sink: LedgerSink,
+    metrics: StreamMetrics | None = None,
+    *,
+    redis_url: str | None = None,
 ) -> int:
     """Run a :class:`StreamProcessor` until SIGTERM/SIGINT (see the module docstring);
-    returns the exit status."""
+    returns the exit status. With ``redis_url``, announce this copy there meanwhile."""
     processor = StreamProcessor(config, bootstrap, sink, metrics)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, processor.request_stop)
+    client = async_redis(redis_url) if redis_url else None
+    quiet = asyncio.Event()
+    announcing = None
+    if client is not None:
+        announcing = asyncio.ensure_future(presence.run_presence(
+            client, SERVICE, quiet, lambda: ("copy", processor.presence_detail())))
     try:
         return await processor.run()
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+        quiet.set()
+        if announcing is not None:
+            await announcing
+        if client is not None:
+            await client.aclose()
 
 
 def _attainment(sink: LedgerSink, window_s: float) -> list[Any]:

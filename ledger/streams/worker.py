@@ -94,7 +94,7 @@ def run(settings: Settings, endpoints: Endpoints, config: StreamsConfig) -> None
     log.info("stream processor starting", app_id=config.app_id, topic=config.topic,
              ledger=endpoints.masked()["database_url"])  # fmt: skip
     # uvloop: the stock loop's polling and callbacks cost ~2-3 µs of CPU per event
-    status = loops.run(serve(config, endpoints.kafka_bootstrap, sink, metrics))
+    status = loops.run(serve(config, endpoints.kafka_bootstrap, sink, metrics, redis_url=endpoints.redis_url))
     engine.dispose()
     if status:
         raise SystemExit(status)

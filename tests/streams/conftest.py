@@ -61,9 +61,10 @@ def workers(
     kafka_bootstrap: str,
     ledger_url: str,
     unique: str,
+    redis_url: str,
     request: pytest.FixtureRequest,
 ) -> Iterator[Workers]:
-    w = Workers(tmp_path, kafka_bootstrap, ledger_url, unique)
+    w = Workers(tmp_path, kafka_bootstrap, ledger_url, unique, redis_url)
     yield w
     codes = [worker.stop() for worker in w.started]
     report = getattr(request.node, "rep_call", None)

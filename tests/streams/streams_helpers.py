@@ -198,6 +198,7 @@ class WorkerProcess:
 
 
 def worker_env(*, home: Path, bootstrap: str, database_url: str, app_id: str, topic: str,
+               redis_url: str = "redis://127.0.0.1:9/0",
                extra: dict[str, str] | None = None) -> dict[str, str]:  # fmt: skip
     """Environment of a worker isolated by its home, group, topics and database."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENMILL_")}
@@ -205,7 +206,9 @@ def worker_env(*, home: Path, bootstrap: str, database_url: str, app_id: str, to
         # named: with service URLs set, nothing falls back to the example config silently
         TOKENMILL_CONFIG=str(EXAMPLE_CONFIG),
         TOKENMILL_HOME=str(home), TOKENMILL_KAFKA_URL=bootstrap,
-        TOKENMILL_REDIS_URL="redis://127.0.0.1:9/0",  # unused by the stream processors
+        # where each copy announces itself; without one (benchmarks) the announcements
+        # fail and are logged, nothing else uses Redis
+        TOKENMILL_REDIS_URL=redis_url,
         TOKENMILL_DATABASE_URL=database_url, TOKENMILL_STREAMS__APP_ID=app_id,
         TOKENMILL_STREAMS__TOPIC=topic, TOKENMILL_STREAMS__DEAD_LETTER_TOPIC=f"{topic}.dead",
         TOKENMILL_STREAMS__VIOLATIONS_TOPIC=f"{topic}.violations",
@@ -297,8 +300,11 @@ def wait_until(
 class Workers:
     """Starts stream-processor workers for one test and stops them at its end."""
 
-    def __init__(self, tmp_path: Path, bootstrap: str, database_url: str, unique: str) -> None:
+    def __init__(
+        self, tmp_path: Path, bootstrap: str, database_url: str, unique: str, redis_url: str
+    ) -> None:
         self.tmp_path = tmp_path
+        self.redis_url = redis_url
         self.bootstrap = bootstrap
         self.database_url = database_url
         self.topic = f"t.{unique}.token-events"
@@ -309,7 +315,7 @@ class Workers:
         n = len(self.started)
         env = worker_env(home=self.tmp_path / f"home{n}", bootstrap=self.bootstrap,
                          database_url=self.database_url, app_id=self.app_id,
-                         topic=self.topic, extra=extra_env)  # fmt: skip
+                         topic=self.topic, redis_url=self.redis_url, extra=extra_env)  # fmt: skip
         worker = WorkerProcess(env, self.tmp_path / f"worker{n}.log").start()
         self.started.append(worker)
         return worker
