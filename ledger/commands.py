@@ -348,6 +348,57 @@ def webhooks(
     console.print(table)
 
 
+# -- migrate ---------------------------------------------------------------------------
+
+
+def migrate_command() -> None:
+    """Operator: upgrade the ledger database (settings.ledger_url:
+    TOKENMILL_DATABASE_URL, or the SQLite file in the state directory) to the newest
+    schema and exit; already there, it changes nothing. The deployed stack runs it once
+    before every other service (docker-compose.yml's ``migrate``)."""
+    from tokenmill.errors import LedgerError
+    from tokenmill.logs import mask_url
+
+    from .db import make_engine, migrate
+
+    settings = load_settings()
+    where = mask_url(settings.ledger_url)
+    try:
+        engine = make_engine(settings.ledger_url)
+    except LedgerError as exc:
+        raise LedgerError(f"migrate: the ledger at {where}: {exc}") from None
+    try:
+        before = _schema_revision(engine)
+        migrate(engine)
+        after = _schema_revision(engine)
+    except LedgerError as exc:
+        raise LedgerError(f"migrate: the ledger at {where}: {exc}") from None
+    finally:
+        engine.dispose()
+    if before == after:
+        console.print(f"ledger at {where}: already at {after}")
+    else:
+        console.print(f"ledger at {where}: migrated {before or 'empty'} → {after}")
+
+
+def _schema_revision(engine: Any) -> str | None:
+    """The Alembic revision the database is at (None: no ledger schema yet).
+
+    Raises:
+        LedgerError: the database did not answer.
+    """
+    from alembic.migration import MigrationContext
+    from sqlalchemy import exc as sa_exc
+
+    from .errors import translate
+
+    try:
+        with engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()  # type: ignore[no-any-return]
+    except sa_exc.SQLAlchemyError as exc:
+        raise translate(exc, "connect") from exc
+
+
 # -- reconcile -------------------------------------------------------------------------
 
 
@@ -489,4 +540,5 @@ def register(app: typer.Typer) -> None:
     app.command("invoice")(invoice)
     app.command("sla")(sla)
     app.command("reconcile")(reconcile)
+    app.command("migrate")(migrate_command)
     register_factory(streams_services)

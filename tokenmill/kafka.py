@@ -1,5 +1,5 @@
-"""aiokafka producers, consumers and topic creation with the settings that keep the
-broker reliable (short sessions and heartbeats, short fetch waits).
+"""aiokafka producers, consumers and topic creation, with client settings chosen here,
+once, valid for Apache Kafka (the deployed stack) and the embedded Tansu broker alike.
 
 Kafka errors are translated into :class:`~tokenmill.errors.StackError` where they enter.
 """
@@ -36,14 +36,46 @@ ALL_TOPICS: tuple[str, ...] = (
     SLA_VIOLATIONS_TOPIC,
 )
 
-CONSUMER_DEFAULTS: dict[str, Any] = dict(
-    session_timeout_ms=3000,
-    heartbeat_interval_ms=300,
-    rebalance_timeout_ms=3000,
-    fetch_max_wait_ms=50,
-    enable_auto_commit=False,
-    auto_offset_reset="earliest",
-)
+#: replication factor of the topics :func:`ensure_topics` creates: the embedded broker and
+#: the compose stack have one broker. A multi-broker cluster pre-creates the topics with
+#: its own factor; ensure_topics only creates the missing ones.
+REPLICATION_FACTOR = 1
+
+#: Consumer settings every tokenmill consumer starts from; each value is valid for
+#: Apache Kafka's default broker config AND for the embedded broker (Tansu).
+CONSUMER_DEFAULTS: dict[str, Any] = {
+    # How long a silent member stays in its group. Apache Kafka refuses a JoinGroup
+    # below group.min.session.timeout.ms (default 6000) with INVALID_SESSION_TIMEOUT,
+    # so 6 s is the floor; it is also how long a SIGKILLed member's partitions wait
+    # before they move, so no longer than that.
+    "session_timeout_ms": 6000,
+    # Members learn of a rebalance through the heartbeat reply: a short interval moves
+    # partitions quickly. Kafka's rule: well under the session timeout (≤ 1/3 of it).
+    "heartbeat_interval_ms": 500,
+    # How long the coordinator waits for every member to rejoin during a rebalance;
+    # a member finishes its batch in flight first (ledger.streams: up to 2 s), so
+    # leave room for that. Must stay below request_timeout_ms (40 s default), as the
+    # JoinGroup request is held open that long.
+    "rebalance_timeout_ms": 6000,
+    # Tansu holds a fetch for the whole wait even with records waiting: keep it short.
+    "fetch_max_wait_ms": 50,
+    # Offsets are committed by hand, after the effect is durable (at-least-once).
+    "enable_auto_commit": False,
+    # A new group reads from the start: "latest" is unreliable on Tansu (end offsets).
+    "auto_offset_reset": "earliest",
+}
+
+#: Producer settings every tokenmill producer starts from (same rule as above).
+PRODUCER_DEFAULTS: dict[str, Any] = {
+    # Wait for every in-sync replica: an acknowledged request survives a broker loss.
+    "acks": "all",
+    # Brief batching: a few ms of latency for far fewer requests to the broker.
+    "linger_ms": 2,
+    "max_batch_size": 256 * 1024,
+    # No idempotent producer or transactions: Tansu has neither, and every effect is
+    # idempotent by request id instead (ARCHITECTURE: at-least-once everywhere).
+    "enable_idempotence": False,
+}
 
 
 def normalize_bootstrap(url: str) -> str:
@@ -67,9 +99,8 @@ async def ensure_topics(
             missing = [t for t in topics if t not in existing]
             if missing:
                 try:
-                    await admin.create_topics(
-                        [NewTopic(t, num_partitions=partitions, replication_factor=1) for t in missing]
-                    )
+                    new = [NewTopic(t, partitions, REPLICATION_FACTOR) for t in missing]
+                    await admin.create_topics(new)
                 except TopicAlreadyExistsError:
                     pass  # another process won the race
     except (KafkaError, TimeoutError, OSError) as exc:
@@ -80,10 +111,7 @@ async def ensure_topics(
 
 def producer(bootstrap: str, **overrides: Any) -> AIOKafkaProducer:
     """A producer that waits for the broker's ack (``acks=all``) and batches briefly."""
-    opts: dict[str, Any] = dict(
-        acks="all", linger_ms=2, max_batch_size=256 * 1024, partitioner=key_partition
-    )
-    opts.update(overrides)
+    opts: dict[str, Any] = {**PRODUCER_DEFAULTS, "partitioner": key_partition, **overrides}
     return AIOKafkaProducer(bootstrap_servers=normalize_bootstrap(bootstrap), **opts)
 
 
