@@ -23,6 +23,7 @@ from batch_stack import Stack, running_stack, stack_config
 from openai.types import Batch, FileDeleted, FileObject
 from tokenmill.config.settings import load_settings
 from tokenmill.producers import batch_runner
+from tokenmill.producers.batch_lease import BatchLeases
 from tokenmill.producers.batch_runner import BatchRunner
 from tokenmill.producers.batches import Batches
 
@@ -392,11 +393,14 @@ async def test_batch_runner_copies_no_other_tenants_result(
     try:
         await runner.redis.set(keys.result(own), result(own, "alpha").to_bytes())
         await runner.redis.set(keys.result(forged), result(forged, "beta").to_bytes())
-        tracker = runner._load(batch)
+        runner.leases = BatchLeases(runner.redis, ttl_s=30.0)
+        assert await runner.leases.acquire(batch.id) is not None
+        tracker = await runner._load(batch)
         assert tracker is not None
         for _ in range(2):
             await runner._collect(tracker, batch.id, None)
     finally:
+        await runner.leases.release_all()
         await runner.redis.delete(keys.result(own), keys.result(forged))
         await runner.redis.aclose()
     assert tracker.done == {own: "succeeded"} and tracker.pending() == [forged]

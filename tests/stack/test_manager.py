@@ -35,6 +35,13 @@ def python(code: str) -> list[str]:
     return [sys.executable, "-c", code]
 
 
+@pytest.fixture(autouse=True)
+def no_registered_services(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the services a test names: another test of the session may have imported the
+    CLI, whose modules register the stack's own services."""
+    monkeypatch.setattr(spec_module, "_FACTORIES", [])
+
+
 def test_external_services_are_used_not_started(
     settings: SettingsFactory,
     kafka_bootstrap: str,
@@ -267,8 +274,6 @@ def test_registered_factories_get_the_models(
 ) -> None:
     monkeypatch.setenv("TOKENMILL_KAFKA_URL", kafka_bootstrap)
     monkeypatch.setenv("TOKENMILL_REDIS_URL", redis_url)
-    monkeypatch.setattr(spec_module, "_FACTORIES", [])
-
     def workers(s: Settings, models: Sequence[str]) -> list[ServiceSpec]:
         return [
             ServiceSpec(
