@@ -55,6 +55,9 @@ def stack_config(*, max_attempts: int = 8, backoff_base_s: float = 1.0, timeout_
 class Stack:
     home: Path
     env: dict[str, str]
+    #: with `tokenmill up`'s supervisor; a test that kills a part of the stack to see
+    #: what callers hear goes without, or the supervisor would repair it first
+    supervise: bool = True
 
     def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -63,7 +66,7 @@ class Stack:
         )
 
     def up(self) -> None:
-        up = self.cli("up", "--model", "slowsim")
+        up = self.cli("up", "--model", "slowsim", *(() if self.supervise else ("--no-supervise",)))
         assert up.returncode == 0, up.stdout + up.stderr
 
     def down(self) -> None:
@@ -86,13 +89,13 @@ class Stack:
 
 
 @contextmanager
-def running_stack(root: Path, config: str) -> Iterator[Stack]:
+def running_stack(root: Path, config: str, *, supervise: bool = True) -> Iterator[Stack]:
     home = root / "home"
     cfg = root / "tokenmill.toml"
     cfg.write_text(config)
     env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENMILL_")}
     env.update(TOKENMILL_HOME=str(home), TOKENMILL_CONFIG=str(cfg))
-    s = Stack(home, env)
+    s = Stack(home, env, supervise)
     s.up()
     try:
         yield s

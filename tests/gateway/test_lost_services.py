@@ -35,8 +35,9 @@ LONG = 2000
 
 @pytest.fixture
 def stack(tmp_path: Path) -> Iterator[Stack]:
-    """A stack of this test's own: the test kills a part of it."""
-    with running_stack(tmp_path, stack_config()) as s:
+    """A stack of this test's own: the test kills a part of it (unsupervised, so that
+    what callers hear is the loss itself, not a restart)."""
+    with running_stack(tmp_path, stack_config(), supervise=False) as s:
         yield s
 
 
