@@ -64,11 +64,16 @@ def gateway_services(settings: Settings, models: Sequence[str]) -> list[ServiceS
     is free — the address the README's examples use — else on any free port."""
     from ..stack import ServiceSpec, StopStage
 
-    preferred = settings.gateway.port if _free(settings.gateway.port) else None
+    chosen: dict[int, int] = {}  # launch.port → the port that launch listens on
 
     def port(launch: Launch) -> int:
-        # A restarted gateway keeps its old port (launch.port), so its clients find it.
-        return launch.port if launch.restart else (preferred or launch.port)
+        # Decided once per launch, when it starts — after a full restart stopped the old
+        # gateway, so the configured port is free again. A restarted gateway keeps its
+        # old port (launch.port), so its clients find it.
+        if launch.port not in chosen:
+            keep = launch.restart or not _free(settings.gateway.port)
+            chosen[launch.port] = launch.port if keep else settings.gateway.port
+        return chosen[launch.port]
 
     return [
         ServiceSpec(
