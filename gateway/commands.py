@@ -13,7 +13,7 @@ from .. import runtime
 
 if TYPE_CHECKING:
     from ..config.settings import Settings
-    from ..stack.spec import Launch, ServiceSpec
+    from ..stack.spec import ServiceSpec
 
 GATEWAY = "gateway"
 
@@ -64,45 +64,19 @@ def gateway_services(settings: Settings, models: Sequence[str]) -> list[ServiceS
     is free — the address the README's examples use — else on any free port."""
     from ..stack import ServiceSpec, StopStage
 
-    chosen: dict[int, int] = {}  # launch.port → the port that launch listens on
-
-    def port(launch: Launch) -> int:
-        # Decided once per launch, when it starts — after a full restart stopped the old
-        # gateway, so the configured port is free again. A restarted gateway keeps its
-        # old port (launch.port), so its clients find it.
-        if launch.port not in chosen:
-            keep = launch.restart or not _free(settings.gateway.port)
-            chosen[launch.port] = launch.port if keep else settings.gateway.port
-        return chosen[launch.port]
-
     return [
         ServiceSpec(
             name=GATEWAY,
             argv=lambda launch: [sys.executable, "-m", "tokenmill", "gateway", "--host", "127.0.0.1",
-                                 "--port", str(port(launch))],
-            address=lambda launch: f"http://127.0.0.1:{port(launch)}",
+                                 "--port", str(launch.port)],
+            address=lambda launch: f"http://127.0.0.1:{launch.port}",
             probe="http",
-            ready=lambda launch: _ready(port(launch)),
+            ready=lambda launch: _ready(launch.port),
+            preferred_port=settings.gateway.port or None,
             depends_on=("kafka", "redis"),
             stop_stage=StopStage.intake,
         )
     ]
-
-
-def _free(port: int) -> bool:
-    import socket
-
-    if port == 0:
-        return False
-    with socket.socket() as s:
-        # As uvicorn binds: connections of a gateway that just stopped linger in
-        # TIME_WAIT on this port, and without SO_REUSEADDR they would make it look taken.
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def _ready(port: int) -> bool:

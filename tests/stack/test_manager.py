@@ -4,6 +4,9 @@ extra services, failed starts, stale state, reused PIDs and leftover process gro
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -107,6 +110,31 @@ def test_extra_services_start_after_their_dependencies_and_stop_first(
     pids = [r.pid for r in again.state.services]
     assert manager.down(s) == ["echo-env", "kafka"]
     assert all_dead(pids)
+
+
+def test_a_preferred_port_is_used_when_free_and_kept_when_redis_restarts_everything(
+    settings: SettingsFactory, kafka_bootstrap: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TOKENMILL_KAFKA_URL", kafka_bootstrap)  # Redis embedded: killable
+    preferred, taken = processes.free_port(), socket.create_server(("127.0.0.1", 0))
+
+    def listener(name: str, port: int) -> ServiceSpec:
+        return ServiceSpec(name=name, argv=lambda launch: python("import time; time.sleep(60)"),
+                           address=lambda launch: f"127.0.0.1:{launch.port}", preferred_port=port,
+                           depends_on=("redis",))
+
+    specs = [listener("gets-it", preferred), listener("finds-it-taken", taken.getsockname()[1])]
+    with taken:
+        first = manager.up(settings(), specs).state
+        ports = {r.name: r.port for r in first.services}
+        assert ports["gets-it"] == preferred and ports["finds-it-taken"] != taken.getsockname()[1]
+        redis = first.service("redis")
+        assert redis is not None
+        os.killpg(redis.pid, signal.SIGKILL)
+        assert wait_for(lambda: all_dead([redis.pid]), 5)
+        again = manager.up(settings(), specs)  # a lost Redis: every service starts afresh
+    assert set(again.restarted) >= {"gets-it", "finds-it-taken"}
+    assert {r.name: r.port for r in again.state.services if r.name in ports} == ports
 
 
 def test_down_leaves_no_process_of_a_group_behind(

@@ -287,12 +287,11 @@ def _start(
     launch = Launch(
         name=spec.name,
         home=home,
-        port=processes.free_port(previous.port if previous else None),
+        port=processes.free_port(previous.port if previous else spec.preferred_port),
         log_path=home / "logs" / f"{spec.name}.log",
         data_dir=data_dir,
         addresses=dict(addresses),
         env=_child_env(home, addresses, stack_urls=spec.stack_urls),
-        restart=previous is not None,
     )
     proc = processes.start(spec.argv(launch), launch.log_path, env={**launch.env, **spec.env})
     _CHILDREN[proc.pid] = proc

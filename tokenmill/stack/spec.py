@@ -64,7 +64,9 @@ class Launch:
 
     name: str
     home: Path  #: the state directory, absolute
-    port: int  #: a free loopback port reserved for this service (ignore it if unused)
+    #: a free loopback port reserved for this service (ignore it if unused): a restarted
+    #: service's old one when free, so its clients find it again
+    port: int
     log_path: Path  #: ``<home>/logs/<name>.log``; stdout and stderr go there
     data_dir: Path  #: ``<home>/data/<name>``, created; for files the service keeps
     #: addresses of the services already up (``kafka``, ``redis``, ``database`` and any
@@ -73,10 +75,6 @@ class Launch:
     #: ``TOKENMILL_HOME`` / ``_KAFKA_URL`` / ``_REDIS_URL`` / ``_DATABASE_URL`` pointing at
     #: the resolved stack; every child gets them, so it never depends on the state file
     env: Mapping[str, str]
-    #: started again in place of a dead or restarted process: ``port`` is then its old
-    #: port when that was free (a service with a preferred port of its own should keep
-    #: the old one, so its clients find it again)
-    restart: bool = False
 
 
 @dataclass(frozen=True)
@@ -104,6 +102,9 @@ class ServiceSpec:
     start_timeout_s: float = 30.0
     stop_timeout_s: float = 10.0
     stop_stage: StopStage = StopStage.processing
+    #: the port :attr:`Launch.port` should be on a first start, when it is free (a
+    #: restart keeps the old one); None: any free port
+    preferred_port: int | None = None
     #: given the resolved stack's URLs (``TOKENMILL_KAFKA_URL`` …) in its environment;
     #: False for the supervisor, which must resolve the stack as ``up`` does (an embedded
     #: broker's address in its environment would read as a configured, external one)
