@@ -203,6 +203,7 @@ def test_bad_events_are_dead_lettered_and_processing_continues(
     assert "no price card for model 'no-such-model'" in reasons["bad-model"]
 
 
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)  # the drain is the worker's; each database's restart: test_sigkill_*
 def test_sigterm_drains_to_zero_lag_then_exits_0(workers: Workers, settings: Settings) -> None:
     # Small batches make the worker slow enough that SIGTERM finds most events unconsumed.
     worker = workers.start(TOKENMILL_STREAMS__BATCH_MAX="20")
@@ -218,6 +219,7 @@ def test_sigterm_drains_to_zero_lag_then_exits_0(workers: Workers, settings: Set
     assert '"event": "drained' in worker.log()
 
 
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)  # as above: test_sigkill_* restarts on each database
 def test_drain_timeout_exits_non_zero_and_a_restart_is_exact(
     workers: Workers, settings: Settings
 ) -> None:
