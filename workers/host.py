@@ -562,7 +562,11 @@ class EngineHost:
     async def _maintain(self) -> None:
         cfg = self.config
         next_beat = time.monotonic() + cfg.maintenance_interval_s
-        while True:
+        stopping = self._stopping
+        assert stopping is not None
+        # Checked as well as cancelled: under load a cancellation landing inside a Redis
+        # call was seen lost (the loop went on, and stop() waited out its 60 s).
+        while not stopping.is_set():
             await asyncio.sleep(cfg.cancel_poll_s)
             try:
                 for rid in await self._cancels.poll(self.redis, self._runs.keys()):
