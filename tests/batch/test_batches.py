@@ -16,7 +16,7 @@ from tokenmill.producers.batch_parser import entry_id
 
 from tokenmill import Client
 from tokenmill.errors import NotFound, ValidationError
-from tokenmill.wire import Batch, BatchStatus, RequestState, batch_request_id
+from tokenmill.wire import BatchStatus, batch_request_id
 
 
 def chat(cid: str, content: str = "hi", model: str = "sim", **body: object) -> dict:
@@ -197,31 +197,3 @@ def test_expiry_ends_unfinished_lines_and_keeps_the_rest(client_env: Stack) -> N
     assert_every_line_once(output, errors, ids)
     assert {e["error"]["code"] for e in errors} == {"batch_expired"}
 
-
-def test_stack_stopped_and_restarted_mid_batch_completes_every_line_once(client_env: Stack) -> None:
-    from tokenmill.config import load_settings
-    from tokenmill.ledger import RequestRow, shared_factory, transaction
-    from tokenmill.producers.batch_files import read_jsonl
-    from tokenmill.producers.batches import Batches
-
-    ids = [f"r{i}" for i in range(60)]
-    batches = Batches(load_settings(), "alpha")  # the ledger API: works while the stack is down
-    b = batches.create(slow_lines(60, 60, prefix="r"))  # ~1.2 s a line, 4 at a time: ~18 s
-    wait_for("a few lines done", lambda: batches.retrieve(b.id).request_counts.completed >= 8)
-    client_env.down()
-    stopped = batches.retrieve(b.id)
-    assert stopped.status is BatchStatus.in_progress and stopped.request_counts.completed < 60
-    client_env.up()
-
-    def ended() -> Batch | None:
-        now = batches.retrieve(b.id)
-        return now if now.status.is_terminal else None
-
-    done = wait_for("the batch ends", ended, timeout=90, every=0.5)
-    output, errors = list(read_jsonl(Path(done.output_file))), list(read_jsonl(Path(done.error_file)))
-    assert done.status is BatchStatus.completed and errors == []
-    assert [e["custom_id"] for e in output] == ids
-    assert_every_line_once(output, errors, ids)
-    with transaction(shared_factory(load_settings().ledger_url)) as s:
-        states = Counter(r.state for r in s.query(RequestRow).filter(RequestRow.batch_id == b.id))
-    assert states == Counter({RequestState.FINISHED: 60})

@@ -67,16 +67,22 @@ FAULTS = [
 ]
 
 #: cases the small size leaves to `make faults`, to keep `make test` within CI's time:
-#: each service but the worker stays covered in `make test` by one recovery (a worker
-#: SIGKILL mid-request is tests/workers/test_celery_worker.py's)
+#: the stream processor and the webhook dispatcher stay covered here by one recovery, a
+#: lost Redis and `down`/`up` too; the others are killed elsewhere in `make test` (a
+#: worker SIGKILLed mid-request: tests/workers/test_celery_worker.py)
 FULL_ONLY = {
     # `tokenmill up` already restarts the worker alone; either way its requests wait out the
     # workers' 60 s Celery visibility timeout, the longest case of the suite.
     f"{WORKER}-alone": "a killed worker's requests wait out the 60 s visibility timeout",
     f"{WORKER}-up": "a killed worker's requests wait out the 60 s visibility timeout",
-    f"{SCHEDULER}-alone": "`make test` covers the scheduler with `up`",
+    # tests/stack/test_supervised_stack.py SIGKILLs the scheduler and the batch runner
+    # mid-batch (every line once); tests/pipeline and tests/budgets bill across a killed
+    # scheduler, tests/batch/test_runner_copies.py resumes a killed runner's batch.
+    f"{SCHEDULER}-alone": "`make test` kills the scheduler in test_supervised_stack and tests/pipeline",
+    f"{SCHEDULER}-up": "`make test` kills the scheduler in test_supervised_stack and tests/pipeline",
+    f"{BATCH_RUNNER}-up": "`make test` kills the batch runner in test_supervised_stack and test_runner_copies",
     f"{STREAMS}-up": "`make test` covers the stream processor started alone",
-    f"{BATCH_RUNNER}-alone": "`make test` covers the batch runner with `up`",
+    f"{BATCH_RUNNER}-alone": "`make test` kills the batch runner in test_supervised_stack and test_runner_copies",
     f"{WEBHOOKS}-up": "`make test` covers the webhook dispatcher started alone",
     # Request webhooks are noted in Redis at acceptance now, so one no longer depends on
     # the broker keeping its request; `make test` covers a lost Redis (the same full
