@@ -198,15 +198,22 @@ def _up_locked(
         state.save(home, StackState(services=tuple(records), models=all_models))
 
     try:
-        for spec in ordered:
-            if spec.name in running:
-                continue
-            record = _start(spec, home, addresses, replacing.get(spec.name))
-            records.append(record)
-            started.append(record)
-            if record.address:
-                addresses[spec.name] = record.address
-            record_state()  # at once: a crash later still leaves it findable
+        for wave in _waves([s for s in ordered if s.name not in running]):
+            # A wave's services depend only on earlier waves: start them together, then
+            # wait for each (their imports and connects overlap).
+            launched = [_launch(spec, home, addresses, replacing.get(spec.name)) for spec in wave]
+            try:
+                while launched:
+                    record = _await_ready(launched.pop(0))  # stops it if it fails
+                    records.append(record)
+                    started.append(record)
+                    record_state()  # at once: a crash later still leaves it findable
+            finally:
+                for rest in launched:  # a wave-mate failed: stop those not yet recorded
+                    _abandon(rest)
+            for record in started[-len(wave):]:
+                if record.address:
+                    addresses[record.name] = record.address
         record_state()
     except BaseException:
         errors = _stop_all(started)
@@ -277,10 +284,32 @@ def _child_env(home: Path, addresses: Mapping[str, str], *, stack_urls: bool = T
     return env
 
 
-def _start(
+def _waves(specs: Sequence[ServiceSpec]) -> list[list[ServiceSpec]]:
+    """``specs`` (in start order) grouped so that each service's dependencies among them
+    are in an earlier group; others (running, external) are met already."""
+    level: dict[str, int] = {}
+    for spec in specs:
+        level[spec.name] = 1 + max((level[d] for d in spec.depends_on if d in level), default=-1)
+    waves: list[list[ServiceSpec]] = [[] for _ in range(max(level.values(), default=-1) + 1)]
+    for spec in specs:
+        waves[level[spec.name]].append(spec)
+    return waves
+
+
+@dataclass
+class _Launched:
+    spec: ServiceSpec
+    launch: Launch
+    proc: subprocess.Popen[bytes]
+    create_time: float
+    t0: float
+    previous: ServiceRecord | None
+
+
+def _launch(
     spec: ServiceSpec, home: Path, addresses: Mapping[str, str], previous: ServiceRecord | None
-) -> ServiceRecord:
-    """Start ``spec`` and wait until it is ready; ``previous`` is the record of the
+) -> _Launched:
+    """Start ``spec``'s process (not waiting for it); ``previous`` is the record of the
     process it replaces (whose port it gets back when free)."""
     data_dir = home / "data" / spec.name
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -298,22 +327,30 @@ def _start(
     t0 = time.monotonic()
     try:
         create_time = state.process_create_time(proc.pid)
+    except BaseException:
+        _abandon_proc(spec, proc)
+        raise
+    return _Launched(spec, launch, proc, create_time, t0, previous)
+
+
+def _await_ready(started: _Launched) -> ServiceRecord:
+    """Wait until the launched service is ready (stopping it if it is not) and record it."""
+    spec, launch, proc, previous = started.spec, started.launch, started.proc, started.previous
+    try:
         processes.wait_ready(
             spec.name,
             proc,
             launch.log_path,
-            lambda: spec.is_ready(launch, time.monotonic() - t0),
-            timeout_s=spec.start_timeout_s,
+            lambda: spec.is_ready(launch, time.monotonic() - started.t0),
+            timeout_s=max(0.0, spec.start_timeout_s - (time.monotonic() - started.t0)),
         )
     except BaseException:
-        # It may have died or been stopped already; its group may still hold children.
-        processes.stop_pid(proc.pid, timeout_s=spec.stop_timeout)
-        processes.stop_group(proc.pid, timeout_s=spec.stop_timeout)
+        _abandon(started)
         raise
     record = ServiceRecord(
         name=spec.name,
         pid=proc.pid,
-        create_time=create_time,
+        create_time=started.create_time,
         address=spec.address_of(launch),
         probe=spec.probe,
         log=str(launch.log_path),
@@ -332,6 +369,17 @@ def _start(
         restarts=record.restarts,
     )
     return record
+
+
+def _abandon(started: _Launched) -> None:
+    _abandon_proc(started.spec, started.proc)
+
+
+def _abandon_proc(spec: ServiceSpec, proc: subprocess.Popen[bytes]) -> None:
+    # It may have died or been stopped already; its group may still hold children.
+    processes.stop_pid(proc.pid, timeout_s=spec.stop_timeout)
+    processes.stop_group(proc.pid, timeout_s=spec.stop_timeout)
+    _CHILDREN.pop(proc.pid, None)
 
 
 def _stop(record: ServiceRecord, timeout_cap: float | None = None) -> bool:

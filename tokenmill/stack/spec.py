@@ -69,8 +69,9 @@ class Launch:
     port: int
     log_path: Path  #: ``<home>/logs/<name>.log``; stdout and stderr go there
     data_dir: Path  #: ``<home>/data/<name>``, created; for files the service keeps
-    #: addresses of the services already up (``kafka``, ``redis``, ``database`` and any
-    #: started before this one), configured external ones included
+    #: addresses of the services already up (``kafka``, ``redis``, ``database`` and those
+    #: of earlier start waves: services whose dependencies are all up start together),
+    #: configured external ones included
     addresses: Mapping[str, str]
     #: ``TOKENMILL_HOME`` / ``_KAFKA_URL`` / ``_REDIS_URL`` / ``_DATABASE_URL`` pointing at
     #: the resolved stack; every child gets them, so it never depends on the state file
