@@ -87,8 +87,11 @@ FULL_ONLY = {
     # Request webhooks are noted in Redis at acceptance now, so one no longer depends on
     # the broker keeping its request; `make test` covers a lost Redis (the same full
     # restart) with redis-up.
-    f"{BROKER}-up": "`make test` covers the full restart with redis-up",
+    "broker-up": "`make test` covers the full restart with redis-up",
 }
+
+
+assert set(FULL_ONLY) <= {f.id for f in FAULTS}, set(FULL_ONLY) - {f.id for f in FAULTS}
 
 
 def _params() -> list[object]:
