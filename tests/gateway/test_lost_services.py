@@ -7,6 +7,7 @@ a dispatched chat is cancelled; a dispatched request API request may still finis
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -38,7 +39,14 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
     """A stack of this test's own: the test kills a part of it (unsupervised, so that
     what callers hear is the loss itself, not a restart)."""
     with running_stack(tmp_path, stack_config(), supervise=False) as s:
-        yield s
+        try:
+            yield s
+        finally:
+            # With the broker or Redis gone nothing can drain, and a graceful `down`
+            # would wait out each service's drain timeout: kill them, `down` records it.
+            for service in s.state()["services"]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(int(service["pid"]), signal.SIGKILL)
 
 
 def _pid(stack: Stack, name: str) -> int:

@@ -66,10 +66,12 @@ def _records(s: Settings) -> dict[str, state.ServiceRecord]:
 
 
 def _kill(pid: int) -> float:
-    """SIGKILL ``pid``'s process group; returns when it is gone (monotonic time)."""
+    """SIGKILL ``pid``'s process group and wait until it is gone; returns when it was
+    killed (monotonic): the supervisor may notice the death before this test does."""
+    killed = time.monotonic()
     os.killpg(pid, signal.SIGKILL)
     assert wait_for(lambda: not processes.pid_alive(pid), 5)
-    return time.monotonic()
+    return killed
 
 
 def _replaced(s: Settings, name: str, old_pid: int) -> Callable[[], bool]:

@@ -192,13 +192,16 @@ def _engine_process(worker_pid: int) -> int:
 
 def test_engine_process_death_fails_running_requests_and_stops_the_worker(
     tmp_path: Path, tiny_model: Path, vllm_state: Path, redis_url: str, kafka_bootstrap: str,
-    rclient: redis.Redis,
 ) -> None:
     """The engine runs in a child process of the worker; when it dies mid-generation the
     running request ends ``failed`` (engine_dead) at once, not at a timeout, and the
     worker leaves (warm shutdown, exit code 3) for its supervisor to restart it.
     The engine ignores SIGTERM (``tokenmill down`` signals the worker's whole process
     group): the worker stops it once its slices are done."""
+    # A Redis database of its own: the module's worker (vllm_worker) may still be up and
+    # would take this test's slices from the shared queue.
+    redis_url = redis_url.rsplit("/", 1)[0] + "/7"
+    rclient = redis.Redis.from_url(redis_url)
     worker = start_worker(tmp_path, tiny_model, vllm_state, redis_url, kafka_bootstrap, max_in_flight=4)
     try:
         worker.wait_ready(240)
@@ -222,3 +225,4 @@ def test_engine_process_death_fails_running_requests_and_stops_the_worker(
         assert worker.proc.wait(60) == 3
     finally:
         worker.stop(60)
+        rclient.close()
