@@ -317,3 +317,21 @@ def test_registered_factories_get_the_models(
     assert manager.up(settings(), models=["sim"]).started == ("worker-sim",)
     assert manager.up(settings(), models=["tiny"]).started == ("worker-tiny",)
     assert manager.down(settings()) == ["worker-tiny", "worker-sim"]
+
+
+def test_a_stepped_wall_clock_leaves_a_running_service_itself(
+    sleeper: Callable[[], subprocess.Popen[bytes]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The boot time psutil adds moves when a VM's clock is stepped; a service recorded
+    before the step must still be recognised after it (else the supervisor restarts
+    a healthy stack and `down` leaves it running)."""
+    import psutil._pslinux as pslinux
+
+    proc = sleeper()
+    recorded = state.process_create_time(proc.pid)
+    booted = pslinux.boot_time()
+    monkeypatch.setattr(pslinux, "boot_time", lambda: booted + 2.0)
+    assert state.same_process(proc.pid, recorded)
+    proc.kill()
+    proc.wait(5)
+    assert not state.same_process(proc.pid, recorded)

@@ -40,8 +40,8 @@ class ServiceRecord(BaseModel):
 
     name: str
     pid: int  #: also its process group id (each service starts its own session)
-    #: process start time (``psutil``), so a PID reused by another program after a
-    #: reboot or crash is never taken for ours, nor killed
+    #: process start time (:func:`process_create_time`), so a PID reused by another
+    #: program after a reboot or crash is never taken for ours, nor killed
     create_time: float
     address: str  #: what clients connect to; "" for services without one
     probe: str  #: health check name in :data:`tokenmill.stack.health.PROBES`
@@ -79,13 +79,25 @@ class StackState(BaseModel):
 
 
 def process_create_time(pid: int) -> float:
-    return float(psutil.Process(pid).create_time())
+    """When ``pid`` started: seconds since boot on Linux (``/proc/<pid>/stat``), else
+    psutil's epoch time. psutil's adds the boot time, which moves whenever the wall clock
+    is stepped (a VM syncing its clock): every service then looked like another program
+    to the next process that checked, and the supervisor restarted a healthy stack."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        if Path("/proc/self/stat").exists():
+            raise psutil.NoSuchProcess(pid) from None
+        return float(psutil.Process(pid).create_time())
+    # Fields after the command name (which may hold spaces and parentheses); the
+    # start time is field 22 of proc(5), in clock ticks since boot.
+    return int(stat.rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
 
 
 def same_process(pid: int, create_time: float) -> bool:
     try:
         return abs(process_create_time(pid) - create_time) < 0.5
-    except psutil.Error:
+    except (psutil.Error, OSError):
         return False
 
 
