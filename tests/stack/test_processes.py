@@ -1,11 +1,19 @@
-"""The broker and Redis fixtures start real servers that answer their protocols."""
+"""The broker and Redis fixtures start real servers that answer their protocols; a
+service is awaited until ready."""
 
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
+from pathlib import Path
 
+import pytest
 import redis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from tokenmill.errors import StackError
+from tokenmill.stack import processes
 
 
 def test_redis_answers(redis_url: str) -> None:
@@ -41,3 +49,16 @@ def test_kafka_round_trip(kafka_bootstrap: str, unique: str) -> None:
         return got
 
     assert asyncio.run(run()) == [b"m%d" % i for i in range(5)]
+
+
+def test_wait_ready_checks_once_even_with_no_time_left(tmp_path: Path) -> None:
+    """A service launched with others is awaited after them: its start timeout may be
+    spent by then, and a service that is ready must still count as ready."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        processes.wait_ready("ready", proc, tmp_path / "log", lambda: True, timeout_s=0.0)
+        with pytest.raises(StackError, match="not ready after 0s"):
+            processes.wait_ready("never", proc, tmp_path / "log", lambda: False, timeout_s=0.0)
+    finally:
+        proc.kill()
+        proc.wait(5)

@@ -207,13 +207,12 @@ def _up_locked(
                     record = _await_ready(launched.pop(0))  # stops it if it fails
                     records.append(record)
                     started.append(record)
+                    if record.address:  # for the next waves (this one has launched)
+                        addresses[record.name] = record.address
                     record_state()  # at once: a crash later still leaves it findable
             finally:
                 for rest in launched:  # a wave-mate failed: stop those not yet recorded
-                    _abandon(rest)
-            for record in started[-len(wave):]:
-                if record.address:
-                    addresses[record.name] = record.address
+                    _abandon(rest.spec, rest.proc)
         record_state()
     except BaseException:
         errors = _stop_all(started)
@@ -328,7 +327,7 @@ def _launch(
     try:
         create_time = state.process_create_time(proc.pid)
     except BaseException:
-        _abandon_proc(spec, proc)
+        _abandon(spec, proc)
         raise
     return _Launched(spec, launch, proc, create_time, t0, previous)
 
@@ -345,7 +344,7 @@ def _await_ready(started: _Launched) -> ServiceRecord:
             timeout_s=max(0.0, spec.start_timeout_s - (time.monotonic() - started.t0)),
         )
     except BaseException:
-        _abandon(started)
+        _abandon(spec, proc)
         raise
     record = ServiceRecord(
         name=spec.name,
@@ -371,11 +370,7 @@ def _await_ready(started: _Launched) -> ServiceRecord:
     return record
 
 
-def _abandon(started: _Launched) -> None:
-    _abandon_proc(started.spec, started.proc)
-
-
-def _abandon_proc(spec: ServiceSpec, proc: subprocess.Popen[bytes]) -> None:
+def _abandon(spec: ServiceSpec, proc: subprocess.Popen[bytes]) -> None:
     # It may have died or been stopped already; its group may still hold children.
     processes.stop_pid(proc.pid, timeout_s=spec.stop_timeout)
     processes.stop_group(proc.pid, timeout_s=spec.stop_timeout)

@@ -175,7 +175,7 @@ def wait_ready(
     """
     deadline = time.monotonic() + timeout_s
     delay = 0.01
-    while time.monotonic() < deadline:
+    while True:  # checked at least once: a service started with others may be ready late
         if proc.poll() is not None:
             raise StackError(
                 f"{name} exited with code {proc.returncode} at start; log {log_path}:\n"
@@ -183,6 +183,8 @@ def wait_ready(
             )
         if ready():
             return
+        if time.monotonic() >= deadline:
+            break
         time.sleep(delay)
         delay = min(delay * 2, 0.2)
     stop_pid(proc.pid)
