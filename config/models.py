@@ -89,6 +89,9 @@ class ModelConfig(Section):
     pool: str | None = None
     #: requests in flight per worker process
     max_in_flight: int = Field(default=64, gt=0)
+    #: engine slots per worker on top of ``max_in_flight`` that only interactive
+    #: requests take: an interactive request never waits for a batch sequence to end
+    interactive_headroom: int = Field(default=0, ge=0)
     #: passed to the engine (vLLM engine args, the remote server URL, the sim timing model)
     engine_args: dict[str, Any] = Field(default_factory=dict)
     #: scheduling estimate of output tokens when a request gives no max_tokens

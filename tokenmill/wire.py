@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from .errors import SchemaError, UnsupportedSchemaVersion
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"
 SCHEMA_MAJOR = 1
 
 # Kafka topics.
@@ -228,6 +228,9 @@ class TokenEvent(WireModel):
     batch_id: str | None = None
     custom_id: str | None = None
     simulated: bool = False
+    #: times the engine preempted the request (evicted it to run a more urgent one and
+    #: recomputed it later); on terminal events
+    preemptions: int = Field(default=0, ge=0)
 
     @functools.cached_property
     def wire_bytes(self) -> bytes:
@@ -279,6 +282,9 @@ class Dispatch(WireModel):
     request: InferenceRequest
     dispatched_at: float = Field(default_factory=time.time)
     attempt: int = Field(default=1, ge=1)
+    #: a batch line whose completion window is at risk: the engine runs it ahead of
+    #: other batch work (still behind interactive and standard requests)
+    urgent: bool = False
 
 
 class WorkerHeartbeat(WireModel):
@@ -292,6 +298,16 @@ class WorkerHeartbeat(WireModel):
     capacity: int = Field(ge=0)
     in_flight: int = Field(ge=0)
     ts: float = Field(default_factory=time.time)
+    #: slots of ``capacity`` that only interactive requests may take (the model's
+    #: ``interactive_headroom``)
+    reserved: int = Field(default=0, ge=0)
+    #: the engine's own saturation signals (None: the engine does not report them):
+    #: sequences running, requests waiting inside the engine, KV-cache use (0-1) and
+    #: preemptions since it started
+    engine_running: int | None = Field(default=None, ge=0)
+    engine_waiting: int | None = Field(default=None, ge=0)
+    kv_cache_usage: float | None = Field(default=None, ge=0, le=1)
+    preemptions: int = Field(default=0, ge=0)
 
     @property
     def free_slots(self) -> int:
