@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from heapq import heapify, heappop, heappush, heapreplace
 
-from .tenant_queue import ModelQueue
+from .tenant_queue import ModelQueue, TenantClass
 from .types import Priority
 
 HeapEntry = tuple[float, int, str, int, ModelQueue]
@@ -41,6 +41,7 @@ class ClassQueue:
         "queued",
         "rank",
         "share",
+        "urgent",
         "waiting_since",
     )
 
@@ -57,6 +58,8 @@ class ClassQueue:
         self.last_left = 0.0
         #: When the class last got a dispatch or became backlogged, for aging.
         self.waiting_since = 0.0
+        #: Tenants whose deadlines are at risk (usually none): see Scheduler.set_urgent.
+        self.urgent: set[TenantClass] = set()
 
     # -- tenants -------------------------------------------------------------------------
 

@@ -87,6 +87,7 @@ class Scheduler:
         self.config = config = config if config is not None else SchedulerConfig()
         self._w_in, self._w_out, self._w_req = config.w_in, config.w_out, config.w_req
         self._aging_rate, self._aging_cap = config.aging_rate, config.max_aging_credit
+        self._urgency_lead = config.urgency_lead
         self._default_estimate = config.default_output_estimate
         self._cost = cost
         self._classes = [ClassQueue(p, RANK[p], config.share(p)) for p in PRIORITIES]
@@ -341,6 +342,8 @@ class Scheduler:
         dispatched: list[Dispatch] = []
         rejected: list[Rejection] = []
         slots = pool.free_slots
+        shared = slots if pool.shared_slots is None else min(slots, pool.shared_slots)
+        lead = self._urgency_lead
         if slots <= 0 or not self._queued:
             return DispatchResult(dispatched, rejected)
         self._call += 1
@@ -361,6 +364,9 @@ class Scheduler:
                 # The class with the least key; min() takes the first, the higher class.
                 i = 0 if len(keys) == 1 else keys.index(min(keys))
                 cq = active[i]
+                if cq.rank and shared <= 0:  # the rest is interactive headroom
+                    del active[i], keys[i]
+                    continue
                 # The tenant: least counter among those backlogged on the pool's models.
                 if only is None:
                     top = cq.least(models, call)
@@ -385,6 +391,8 @@ class Scheduler:
                     del active[i], keys[i]
                     continue
                 mq = top[4]
+                if cq.urgent:
+                    mq = self._urgent_queue(cq, top[0] + lead, models, call) or mq
                 tc = mq.tc
                 first = mq.first
                 if tc.others is None and first and not mq.edf and first.state == QUEUED:
@@ -463,12 +471,35 @@ class Scheduler:
                 tenant.in_flight += 1
                 dispatched.append(_tuple_new(Dispatch, (req, reservation, charge)))
                 slots -= 1
+                if cq.rank:
+                    shared -= 1
         finally:
             self._dispatches = dispatches
             self._in_flight += len(dispatched)
             if held:
                 self._release_held(held)
         return DispatchResult(dispatched, rejected)
+
+    @staticmethod
+    def _urgent_queue(
+        cq: ClassQueue, ceiling: float, models: frozenset[str], call: int
+    ) -> ModelQueue | None:
+        """The queue of the least served urgent tenant backlogged on ``models`` whose
+        counter is at most ``ceiling`` (None: no such tenant)."""
+        best: TenantClass | None = None
+        for tc in cq.urgent:
+            if (
+                tc.queued
+                and tc.held != call
+                and tc.counter <= ceiling
+                and (best is None or tc.counter < best.counter)
+                and any(mq.live and mq.model in models for mq in tc.queues())
+            ):
+                best = tc
+        if best is None:
+            return None
+        head = best.head(models)
+        return None if head is None else head.mq
 
     def _release_held(self, held: list[TenantClass]) -> None:
         """Re-enter held tenants, lifted so that time spent held is not banked either."""
@@ -483,6 +514,29 @@ class Scheduler:
                 tc.counter = floor
             for mq in tc.live_queues():
                 tc.cq.push(mq)
+
+    # -- deadlines ------------------------------------------------------------------------
+
+    def set_urgent(self, tenant: str, priority: Priority, urgent: bool) -> None:
+        """Mark a tenant's work in a class urgent (a completion window at risk) or not.
+
+        An urgent tenant is served ahead of its class's fair order while its counter leads
+        the least served backlogged tenant's by at most ``config.urgency_lead``; past that,
+        it waits for the others as usual. So no tenant falls further behind an urgent one
+        than that lead, and the classes' shares are untouched.
+
+        Raises:
+            UnknownTenant: the tenant was never added.
+        """
+        tc = self._tenant(tenant).classes[RANK[priority]]
+        if urgent:
+            tc.cq.urgent.add(tc)
+        else:
+            tc.cq.urgent.discard(tc)
+
+    def urgent(self, priority: Priority) -> frozenset[str]:
+        """The tenants marked urgent in a class."""
+        return frozenset(tc.name for tc in self._classes[RANK[priority]].urgent)
 
     # -- completion, requeue, cancel, expiry ---------------------------------------------------
 

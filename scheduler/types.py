@@ -108,6 +108,8 @@ class SchedulerConfig:
     Shares need not sum to 1; they are relative. Aging lowers a class's effective counter
     by ``aging_rate`` per second its oldest queued request has waited, up to
     ``max_aging_credit``; the cap keeps the shares under saturation what they say.
+    An urgent tenant (a batch whose completion window is at risk) goes ahead of its
+    class while it leads the least served backlogged tenant by at most ``urgency_lead``.
 
     Raises:
         InvalidPolicy: on a negative or non-finite weight, a share that is not > 0, a
@@ -123,9 +125,12 @@ class SchedulerConfig:
     aging_rate: float = 100.0
     max_aging_credit: float = 100_000.0
     default_output_estimate: int = 256
+    #: how far (weighted tokens / weight) an urgent tenant may run ahead of the least
+    #: served backlogged tenant of its class (see :meth:`Scheduler.set_urgent`)
+    urgency_lead: float = 200_000.0
 
     def __post_init__(self) -> None:
-        for what in ("w_in", "w_out", "w_req", "aging_rate", "max_aging_credit"):
+        for what in ("w_in", "w_out", "w_req", "aging_rate", "max_aging_credit", "urgency_lead"):
             value = getattr(self, what)
             if not _is_finite(value) or value < 0:
                 raise InvalidPolicy(f"{what} must be finite and >= 0, got {value!r}")
@@ -199,7 +204,9 @@ class Pool:
     """A worker pool asking for work: the models it serves and its free capacity now.
 
     ``token_budget`` optionally caps the tokens (input + estimated output) of the requests
-    handed out in one call, e.g. the free KV-cache space.
+    handed out in one call, e.g. the free KV-cache space. ``shared_slots`` caps the
+    requests of the classes below interactive in one call (None: ``free_slots``): the
+    rest of ``free_slots`` is the pool's interactive headroom.
 
     Raises:
         InvalidPolicy: on an empty name, negative slots or a negative token budget.
@@ -209,6 +216,7 @@ class Pool:
     models: frozenset[str]
     free_slots: int
     token_budget: int | None = None
+    shared_slots: int | None = None
 
     def __post_init__(self) -> None:
         _check_name(self.name, "pool name", InvalidPolicy)
@@ -219,6 +227,8 @@ class Pool:
             raise InvalidPolicy(f"pool {self.name!r}: free_slots must be an int >= 0")
         if self.token_budget is not None and not _is_count(self.token_budget):
             raise InvalidPolicy(f"pool {self.name!r}: token_budget must be an int >= 0")
+        if self.shared_slots is not None and not _is_count(self.shared_slots):
+            raise InvalidPolicy(f"pool {self.name!r}: shared_slots must be an int >= 0")
 
 
 class RejectReason(str, Enum):

@@ -68,7 +68,7 @@ request_spec = st.tuples(
 
 
 @st.composite
-def workloads(draw: st.DrawFn, *, exact: bool, classes: bool) -> tuple:  # type: ignore[type-arg]
+def workloads(draw: st.DrawFn, *, exact: bool, classes: bool, urgency: bool = False) -> tuple:  # type: ignore[type-arg]
     n = draw(st.integers(2, 5))
     weights = draw(st.lists(st.sampled_from(WEIGHTS), min_size=n, max_size=n))
     slots = draw(st.integers(1, 6))
@@ -81,6 +81,11 @@ def workloads(draw: st.DrawFn, *, exact: bool, classes: bool) -> tuple:  # type:
         st.tuples(st.just("dispatch")),
         st.tuples(st.just("complete"), st.integers(0, 100)),
         st.tuples(st.just("tick"), st.floats(0, 20)),
+        *(
+            [st.tuples(st.just("urgent"), st.integers(0, n - 1), prios, st.booleans())]
+            if urgency
+            else []
+        ),
     )
     initial = draw(st.lists(arrive, min_size=3 if classes else 1, max_size=8))
     if classes:  # saturate every class from the start
@@ -126,6 +131,8 @@ def simulate(workload: tuple, config: SchedulerConfig) -> Run:  # type: ignore[t
             run.events.append(("complete", rid))
         elif op[0] == "tick":
             now += op[1]
+        elif op[0] == "urgent":
+            sched.set_urgent(f"t{op[1]}", op[2], op[3])
     return run
 
 
@@ -187,6 +194,54 @@ def test_service_gap_bounded_with_estimate_errors(workload: tuple) -> None:  # t
     run = simulate(workload, CONFIG)
     u, a = charge_extremes(run)
     check_service_gap(run, 2 * (u + run.slots * (u + a)))
+
+
+@settings(max_examples=150, deadline=None)
+@given(workloads(exact=True, classes=True, urgency=True), st.sampled_from([0.0, 300.0, 5000.0]))
+def test_urgent_tenants_lead_by_at_most_the_urgency_lead(workload: tuple, lead: float) -> None:  # type: ignore[type-arg]
+    """Deadline urgency widens the bound between two tenants by the configured lead."""
+    config = SchedulerConfig(w_in=1.0, w_out=2.0, w_req=1.0, urgency_lead=lead)
+    run = simulate(workload, config)
+    u, _ = charge_extremes(run)
+    check_service_gap(run, 2 * u + lead)
+
+
+def test_an_urgent_tenant_goes_first_until_it_leads_by_the_urgency_lead() -> None:
+    charge = 1.0 + 10 + 2 * 10  # w_req + w_in * 10 + w_out * 10, weight 1
+    sched = Scheduler(
+        SchedulerConfig(urgency_lead=5 * charge),
+        tenants=[TenantPolicy("a"), TenantPolicy("b")],
+        models=["m1"],
+    )
+    for i in range(20):
+        for t in "ab":
+            sched.enqueue(QueuedRequest(f"{t}{i}", t, "m1", Priority.BATCH, 10, 10, 0.0, 10), 0.0)
+    sched.set_urgent("b", Priority.BATCH, True)
+    assert sched.urgent(Priority.BATCH) == {"b"}
+    order = [
+        d.request.tenant for d in sched.dispatch(Pool("p", frozenset({"m1"}), 14), 0.0).dispatched
+    ]
+    # b runs ahead until it leads a by 5 charges (6 dispatches), then they alternate
+    assert order[:6] == ["b"] * 6, order
+    assert order[6:] == ["a", "b"] * 4, order
+    sched.set_urgent("b", Priority.BATCH, False)
+    assert not sched.urgent(Priority.BATCH)
+
+
+@given(st.integers(0, 12), st.integers(0, 12), st.integers(0, 12))
+def test_classes_below_interactive_never_take_the_headroom(free: int, shared: int, n: int) -> None:
+    sched = Scheduler(tenants=[TenantPolicy("a")], models=["m1"])
+    for i in range(n):
+        for p in PRIORITIES:
+            sched.enqueue(QueuedRequest(f"{p.value}{i}", "a", "m1", p, 1, 1, 0.0), 0.0)
+    got = sched.dispatch(Pool("p", frozenset({"m1"}), free, shared_slots=shared), 0.0).dispatched
+    others = [d for d in got if d.request.priority is not Priority.INTERACTIVE]
+    interactive = len(got) - len(others)
+    assert len(got) <= free
+    assert len(others) <= shared
+    # the headroom goes to interactive work when there is some
+    assert interactive >= min(n, free - min(free, shared))
+    assert len(got) == min(free, n + min(shared, 2 * n))
 
 
 def test_service_gap_check_catches_an_unfair_order() -> None:
