@@ -51,6 +51,7 @@ from ..workers import keys as worker_keys
 from ..workers.celery_app import celery_priority, create_app
 from ..workers.heartbeat import live_workers_async
 from ..workers.results import ResultStore
+from .deadlines import DeadlinePlanner, Forecast
 from .errors import BudgetExceeded, DuplicateRequest, InvalidPolicy, SchedulerError
 from .leader import ALL_POOLS, LEASE_TTL_S, POLL_EVERY_S, Fenced, LeaderLease, fenced_script
 from .offsets import OffsetTracker
@@ -77,6 +78,12 @@ SNAPSHOT_KEY = worker_keys.PREFIX + "scheduler:snapshot"
 IN_FLIGHT_KEY = worker_keys.PREFIX + "scheduler:in-flight"
 #: how often spending is re-read from the ledger
 SPENDING_REFRESH_S = 2.0
+#: batch id -> its deadline forecast (JSON, see scheduler.deadlines.Forecast), for
+#: batch status and the batch runner's at-risk webhook; written by the leader
+FORECASTS_KEY = worker_keys.PREFIX + "scheduler:batch-forecasts"
+#: an engine this full takes no more work below interactive (its KV cache is the
+#: limit, not its slots)
+KV_CACHE_HIGH = 0.95
 #: set (short TTL, renewed by housekeeping) while a scheduler is consuming
 ALIVE_KEY = worker_keys.PREFIX + "scheduler:alive"
 ALIVE_TTL_S = 5
@@ -222,9 +229,31 @@ class Held:
 class PoolState:
     name: str
     models: frozenset[str]
+    #: slots of the live workers, their interactive headroom included
     capacity: int = 0
+    #: slots of ``capacity`` only interactive requests take
+    reserved: int = 0
+    #: every live worker's engine says it is full (requests waiting inside it, or its
+    #: KV cache nearly so): work below interactive would only queue there
+    saturated: bool = False
     in_flight: set[str] = field(default_factory=set)
+    #: the interactive requests among ``in_flight``
+    interactive: set[str] = field(default_factory=set)
     last_dispatch: float = 0.0
+
+    def shared_free(self) -> int:
+        """Slots free now for requests below interactive."""
+        if self.saturated:
+            return 0
+        taken = len(self.in_flight) - len(self.interactive)
+        return max(
+            0, min(self.capacity - len(self.in_flight), self.capacity - self.reserved - taken)
+        )
+
+
+def engine_full(beat: wire.WorkerHeartbeat) -> bool:
+    """The worker's engine queues requests or has (nearly) no KV cache left."""
+    return bool(beat.engine_waiting) or (beat.kv_cache_usage or 0.0) >= KV_CACHE_HIGH
 
 
 class SchedulerService:
@@ -278,6 +307,16 @@ class SchedulerService:
         self.ledger: LedgerReader | None = None
         self.dispatched_total = 0
         self.slices_total = 0
+        self.planner = DeadlinePlanner(
+            min_batch_fraction=self.policy.config.share(Priority.BATCH)
+            / sum(self.policy.config.share(p) for p in Priority)
+        )
+        #: per dispatched request: its pool's planning units and whether it is a batch line
+        self._units: dict[str, tuple[float, bool]] = {}
+        #: batches whose lines go to the engine marked urgent
+        self._urgent_batches: set[str] = set()
+        self.forecasts: list[Forecast] = []
+        self._at_risk_logged: set[str] = set()
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -510,6 +549,9 @@ class SchedulerService:
                 continue
             self.offsets.read(tp, rec.offset)
             self._owner[req.id] = req.tenant
+            if req.batch_id is not None and req.deadline is not None:
+                pool = self.settings.pool_of(req.model)
+                self.planner.queued(req.batch_id, req.tenant, pool, req.deadline, _units(req))
 
     def _check_known(self, req: wire.InferenceRequest) -> None:
         if req.tenant not in self.settings.tenants:
@@ -538,6 +580,7 @@ class SchedulerService:
             if queued is not None:
                 del self._owner[msg.request_id]
                 held = _held(queued)
+                self._left_queue(held.request)
                 self.offsets.release(held.tp, held.offset)
                 await self._report(
                     held.request, wire.ResultStatus.cancelled, "cancelled", "cancelled while queued"
@@ -552,10 +595,17 @@ class SchedulerService:
             for pool in self.pools.values():
                 beats = await live_workers_async(self.redis, pool.name, timeout_s=timeout)
                 capacity = sum(b.capacity for b in beats)
-                if capacity != pool.capacity:
-                    log.info("pool capacity", pool=pool.name, workers=len(beats), capacity=capacity)
-                    pool.capacity = capacity
+                reserved = sum(min(b.reserved, b.capacity) for b in beats)
+                if (capacity, reserved) != (pool.capacity, pool.reserved):
+                    log.info("pool capacity", pool=pool.name, workers=len(beats), capacity=capacity,
+                             interactive_headroom=reserved)  # fmt: skip
+                    pool.capacity, pool.reserved = capacity, reserved
                     self._wake.set()
+                saturated = bool(beats) and all(engine_full(b) for b in beats)
+                if saturated != pool.saturated:
+                    pool.saturated = saturated
+                    if not saturated:
+                        self._wake.set()
             await asyncio.sleep(0.25)
 
     async def _dispatch_loop(self, stop: asyncio.Event) -> None:
@@ -582,7 +632,9 @@ class SchedulerService:
             if busy and free < self.max_slice and now - pool.last_dispatch < self.max_slice_delay_s:
                 continue
             pool.last_dispatch = now
-            result = self.policy.dispatch(Pool(pool.name, pool.models, free), now)
+            result = self.policy.dispatch(
+                Pool(pool.name, pool.models, free, shared_slots=pool.shared_free()), now
+            )
             for rej in result.rejected:
                 await self._reject(rej)
             picked = [d.request for d in result.dispatched]
@@ -598,7 +650,16 @@ class SchedulerService:
         held = [_held(q) for q in chunk]
         # The requests go out as read from Kafka (the worker validates them again).
         tail = b',"dispatched_at":%s,"attempt":1}' % repr(now).encode()
-        payload = b"[" + b",".join(b'{"request":' + h.raw + tail for h in held) + b"]"
+        urgent_tail = tail[:-1] + b',"urgent":true}'
+        urgent = self._urgent_batches
+        payload = (
+            b"["
+            + b",".join(
+                b'{"request":' + h.raw + (urgent_tail if h.request.batch_id in urgent else tail)
+                for h in held
+            )
+            + b"]"
+        )
         rank = min(h.request.priority.rank for h in held)
         # Built by Celery (no I/O); pushed by the fenced script below, with the marks.
         commands = self.publisher.commands(pool.name, payload, celery_priority(rank))
@@ -616,12 +677,21 @@ class SchedulerService:
         self.slices_total += 1
         for q, h in zip(chunk, held):
             pool.in_flight.add(q.request_id)
+            if q.priority is Priority.INTERACTIVE:
+                pool.interactive.add(q.request_id)
             self._pool_of_request[q.request_id] = pool.name
+            self._units[q.request_id] = (_units(h.request), h.request.batch_id is not None)
+            self._left_queue(h.request)
             self._owner.pop(q.request_id, None)
             self.offsets.release(h.tp, h.offset)
 
+    def _left_queue(self, req: wire.InferenceRequest) -> None:
+        if req.batch_id is not None and req.deadline is not None:
+            self.planner.left_queue(req.batch_id, _units(req))
+
     async def _reject(self, rej: Rejection) -> None:
         held = _held(rej.request)
+        self._left_queue(held.request)
         self._owner.pop(held.request.id, None)
         self.offsets.release(held.tp, held.offset)
         status = (
@@ -708,7 +778,12 @@ class SchedulerService:
         pool = self._pool_of_request.pop(request_id, None)
         if pool is None:
             return False
-        self.pools[pool].in_flight.discard(request_id)
+        state = self.pools[pool]
+        state.in_flight.discard(request_id)
+        state.interactive.discard(request_id)
+        units = self._units.pop(request_id, None)
+        if units is not None:
+            self.planner.finished(pool, units[0], batch=units[1])
         return True
 
     # -- spending ---------------------------------------------------------------------------
@@ -748,15 +823,51 @@ class SchedulerService:
 
     async def _housekeeping(self, stop: asyncio.Event) -> None:
         rounds = 0
+        ticked = time.monotonic()
         while not stop.is_set():
             await asyncio.sleep(0.5)
             await self._leading()
             await self.redis.set(ALIVE_KEY, str(os.getpid()), ex=ALIVE_TTL_S)
             for rej in self.policy.expire(time.time()):
                 await self._reject(rej)
+            at = time.monotonic()
+            await self._plan(at - ticked)
+            ticked = at
             rounds += 1
             if rounds % 4 == 0:  # a snapshot is O(in flight): every 2 s is plenty
                 await self._checkpoint()
+
+    async def _plan(self, dt: float) -> None:
+        """Forecast every batch with queued lines; mark the urgent ones (their tenants
+        go ahead in the batch class, their lines run first among the engine's batch
+        work) and publish the forecasts."""
+        saturated = [p.name for p in self.pools.values()
+                     if p.capacity and len(p.in_flight) >= p.capacity - p.reserved]  # fmt: skip
+        self.planner.tick(dt, saturated)
+        now = time.time()
+        forecasts = self.planner.forecasts(now, self.settings.tenant_weight)
+        urgent = {f.batch_id for f in forecasts if f.urgent or f.at_risk}
+        for f in forecasts:
+            if f.at_risk and f.batch_id not in self._at_risk_logged:
+                log.warning("batch at risk of missing its window", batch_id=f.batch_id,
+                            tenant=f.tenant, deadline=f.deadline, eta=f.eta_best)  # fmt: skip
+        self._at_risk_logged = {f.batch_id for f in forecasts if f.at_risk}
+        tenants = {f.tenant for f in forecasts if f.batch_id in urgent}
+        for name in self.policy.urgent(Priority.BATCH) - tenants:
+            self.policy.set_urgent(name, Priority.BATCH, False)
+        for name in tenants:
+            self.policy.set_urgent(name, Priority.BATCH, True)
+        self._urgent_batches = urgent
+        self.forecasts = forecasts
+        fields = {f.batch_id: json.dumps(f.to_dict()) for f in forecasts}
+        stale = {k.decode() for k in await self.redis.hkeys(FORECASTS_KEY)} - set(fields)
+        await self._leading()
+        pipe = self.redis.pipeline(transaction=True)
+        if stale:
+            pipe.hdel(FORECASTS_KEY, *stale)
+        if fields:
+            pipe.hset(FORECASTS_KEY, mapping=fields)
+        await pipe.execute()
 
     async def _checkpoint(self) -> None:
         """Snapshot the policy, then commit the offsets that snapshot reflects.
@@ -863,6 +974,11 @@ def _ledger_reader(settings: Settings) -> LedgerReader | None:
     from ..ledger.db import shared_factory
 
     return LedgerReader(shared_factory(settings.ledger_url), periods)
+
+
+def _units(req: wire.InferenceRequest) -> float:
+    """A request's work for deadline planning (see :mod:`.deadlines`)."""
+    return float(req.prompt_tokens_estimate + req.max_tokens)
 
 
 def _held(q: QueuedRequest) -> Held:
