@@ -199,7 +199,10 @@ class _FailingEngine:
 
     async def abort(self, request_id: str) -> None: ...
 
-    async def generate(self, request: InferenceRequest) -> AsyncIterator[EngineStep]:
+    def stats(self) -> None:
+        return None
+
+    async def generate(self, request: InferenceRequest, priority: int = 0) -> AsyncIterator[EngineStep]:
         yield EngineStep(text=" a", completion_tokens=1, prompt_tokens=3)
         raise EngineError("CUDA error: out of memory (simulated)")
 

@@ -6,15 +6,16 @@ import asyncio
 import time
 
 import pytest
-from tokenmill.workers.engines.base import EngineStep, WorkDone
+from pydantic import PrivateAttr
+from tokenmill.workers.engines.base import EngineStats, EngineStep, WorkDone
 from tokenmill.workers.engines.sim import SimEngine, SimTiming, count_prompt_tokens
 from workers_helpers import chat_request, completion_request
 
 
 def test_step_duration_formula() -> None:
     t = SimTiming(prefill_ms_per_token=0.5, decode_ms_per_step=10, decode_ms_per_seq=2)
-    assert t.step_s(running=4, admitted_prompt_tokens=0) == pytest.approx(0.018)
-    assert t.step_s(running=1, admitted_prompt_tokens=100) == pytest.approx(0.062)
+    assert t.step_s(running=4, admitted_tokens=0) == pytest.approx(0.018)
+    assert t.step_s(running=1, admitted_tokens=100) == pytest.approx(0.062)
     assert SimTiming().step_s(256, 10_000) == 0.0
 
 
@@ -155,3 +156,108 @@ async def test_closing_the_iterator_aborts() -> None:
     await gen.aclose()
     assert engine._running == [] and engine._by_id == {}
     await engine.shutdown()
+
+
+# -- priority scheduling ----------------------------------------------------------------
+
+INTERACTIVE, STANDARD, BATCH = 0, 1, 3
+
+
+def test_engine_priorities_follow_vllms_convention() -> None:
+    from tokenmill.workers.engines.base import engine_priority
+
+    from tokenmill.wire import Priority
+
+    assert [
+        engine_priority(Priority.interactive, False), engine_priority(Priority.standard, False),
+        engine_priority(Priority.batch, True), engine_priority(Priority.batch, False),
+    ] == [0, 1, 2, 3]
+    # urgency only lifts batch lines
+    assert engine_priority(Priority.interactive, True) == 0
+    assert engine_priority(Priority.standard, True) == 1
+
+
+async def _drain(gen, finished: list[str], name: str) -> EngineStep:
+    last = None
+    async for last in gen:
+        pass
+    finished.append(name)
+    assert last is not None and last.done
+    return last
+
+
+async def test_interactive_preempts_the_latest_batch_sequence_and_finishes_first() -> None:
+    engine = await _engine(decode_ms_per_step=5.0, capacity=2)
+    finished: list[str] = []
+    batch = [engine.generate(completion_request("sim", max_tokens=100), BATCH) for _ in range(2)]
+    firsts = [await gen.__anext__() for gen in batch]  # both run: every slot is taken
+    assert engine.stats() == EngineStats(running=2, waiting=0, kv_cache_usage=None, preemptions=0)
+    tasks = [asyncio.create_task(_drain(gen, finished, f"batch{i}")) for i, gen in enumerate(batch)]
+    t0 = time.monotonic()
+    urgent = engine.generate(completion_request("sim", max_tokens=5), INTERACTIVE)
+    first = await urgent.__anext__()
+    ttft = time.monotonic() - t0
+    assert engine.stats() == EngineStats(running=2, waiting=1, kv_cache_usage=None, preemptions=1)
+    last = await asyncio.wait_for(_drain(urgent, finished, "interactive"), 2.0)
+    batch_last = await asyncio.wait_for(asyncio.gather(*tasks), 5.0)
+    await engine.shutdown()
+    # it waited for the step in progress and its own, not for 100 tokens of batch
+    assert ttft < 0.1 and first.preemptions == 0 and last.preemptions == 0
+    assert finished == ["interactive", "batch0", "batch1"]
+    # the later batch sequence made room; the earlier one ran on
+    assert [s.preemptions for s in batch_last] == [0, 1]
+    assert [s.completion_tokens for s in batch_last] == [100, 100]
+    assert firsts[0].preemptions == firsts[1].preemptions == 0
+    assert engine.stats().preemptions == 1
+
+
+async def test_fifo_within_a_priority_and_preemption_only_for_a_better_one() -> None:
+    engine = await _engine(decode_ms_per_step=2.0, capacity=1)
+    finished: list[str] = []
+    running = engine.generate(completion_request("sim", max_tokens=20), BATCH)
+    await running.__anext__()
+    order = [("s1", STANDARD), ("b1", BATCH), ("s2", STANDARD), ("b2", BATCH)]
+    tasks = [asyncio.create_task(_drain(running, finished, "b0"))] + [
+        asyncio.create_task(_drain(engine.generate(completion_request("sim", max_tokens=5), p), finished, n))
+        for n, p in order
+    ]
+    last = await asyncio.wait_for(asyncio.gather(*tasks), 5.0)
+    await engine.shutdown()
+    # s1 preempts b0 (better priority); s2 waits for s1 (same priority); the batch
+    # sequences then run in arrival order, b0 first
+    assert finished == ["s1", "s2", "b0", "b1", "b2"]
+    assert [s.preemptions for s in last] == [1, 0, 0, 0, 0]
+    assert engine.stats().preemptions == 1
+
+
+class _MeteredTiming(SimTiming):
+    """Records the prefill tokens of every step."""
+
+    _admitted: list[int] = PrivateAttr(default_factory=list)
+
+    def step_s(self, running: int, admitted_tokens: int) -> float:
+        if admitted_tokens:
+            self._admitted.append(admitted_tokens)
+        return super().step_s(running, admitted_tokens)
+
+
+async def test_a_preempted_sequence_recomputes_its_prompt_and_output() -> None:
+    timing = _MeteredTiming(decode_ms_per_step=2.0, prefill_ms_per_token=0.1)
+    engine = SimEngine(timing, capacity=1)
+    await engine.start()
+    batch_req = completion_request("sim", " ".join(["w"] * 10), max_tokens=40)
+    batch = engine.generate(batch_req, BATCH)
+    seen = 0
+    while seen < 5:  # some output to recompute
+        seen = (await batch.__anext__()).completion_tokens
+    done = asyncio.create_task(_drain(batch, [], "batch"))
+    urgent = engine.generate(completion_request("sim", "hi", max_tokens=2), INTERACTIVE)
+    await urgent.__anext__()
+    generated = engine._by_id[batch_req.id].generated  # frozen while it waits, preempted
+    await _drain(urgent, [], "interactive")
+    last = await asyncio.wait_for(done, 2.0)
+    await engine.shutdown()
+    assert last.preemptions == 1 and last.completion_tokens == 40
+    # prefills: the batch prompt, the interactive prompt, then the batch prompt again
+    # with every token it had generated when it was preempted
+    assert timing._admitted == [10, 1, 10 + generated] and generated >= 5

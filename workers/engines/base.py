@@ -6,6 +6,10 @@ carries the text produced *since the previous step* and the *cumulative* token
 counts, so a consumer that falls behind loses nothing (steps coalesce). The last
 step has ``finish_reason`` set. Failures raise :class:`~tokenmill.errors.EngineError`
 (this request) or :class:`~tokenmill.errors.EngineDeadError` (every request).
+
+Priorities follow vLLM's convention (lower runs first; :func:`engine_priority`): an
+engine with priority scheduling admits the best waiting request first and, when it
+must make room, preempts the worst running one (which later recomputes its prefill).
 """
 
 from __future__ import annotations
@@ -15,9 +19,29 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from ...errors import ValidationError
-from ...wire import Endpoint, InferenceRequest
+from ...wire import Endpoint, InferenceRequest, Priority
 
-__all__ = ["Engine", "EngineStep", "SamplingOptions", "WorkDone", "prompt_of", "sampling_options"]
+__all__ = [
+    "Engine",
+    "EngineStats",
+    "EngineStep",
+    "SamplingOptions",
+    "WorkDone",
+    "engine_priority",
+    "prompt_of",
+    "sampling_options",
+]
+
+_ENGINE_PRIORITY = {Priority.interactive: 0, Priority.standard: 1, Priority.batch: 3}
+
+
+def engine_priority(priority: Priority, urgent: bool = False) -> int:
+    """The engine priority of a request (vLLM's convention: lower runs first):
+    interactive 0, standard 1, urgent batch 2 (a line whose completion window is at
+    risk), batch 3."""
+    if urgent and priority is Priority.batch:
+        return 2
+    return _ENGINE_PRIORITY[priority]
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +56,9 @@ class EngineStep:
     prompt_tokens: int
     #: ``"stop"`` or ``"length"`` on the last step, else None
     finish_reason: str | None = None
+    #: times the engine preempted the request so far (its engine's own count; engines
+    #: that cannot tell report 0)
+    preemptions: int = 0
 
     @property
     def done(self) -> bool:
@@ -49,6 +76,20 @@ class WorkDone:
     completion_tokens: int
 
 
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    """The engine's saturation signals, as it last reported them."""
+
+    #: sequences in the running batch
+    running: int
+    #: requests waiting inside the engine (preempted ones included)
+    waiting: int
+    #: share of the KV cache in use (0-1); None where the engine has no KV cache
+    kv_cache_usage: float | None
+    #: preemptions since the engine started
+    preemptions: int
+
+
 @runtime_checkable
 class Engine(Protocol):
     """An inference engine: one per worker process, many requests in flight."""
@@ -63,8 +104,13 @@ class Engine(Protocol):
     async def start(self) -> None:
         """Load the model / connect; return once requests can be served."""
 
-    def generate(self, request: InferenceRequest) -> AsyncIterator[EngineStep]:
-        """Run ``request``; closing the iterator early aborts it."""
+    def generate(self, request: InferenceRequest, priority: int = 0) -> AsyncIterator[EngineStep]:
+        """Run ``request`` at ``priority`` (:func:`engine_priority`; engines without
+        priority scheduling ignore it); closing the iterator early aborts it."""
+
+    def stats(self) -> EngineStats | None:
+        """The latest saturation signals, or None if the engine does not report them.
+        Cheap: the host calls it for every heartbeat."""
 
     async def abort(self, request_id: str) -> WorkDone | None:
         """Stop ``request_id`` now; its ``generate`` iterator ends without a final step.

@@ -15,9 +15,15 @@ from ...errors import ConfigError
 from ...wire import describe_validation_error
 from .base import Engine
 
-__all__ = ["create_engine", "resolve_home_path"]
+__all__ = ["create_engine", "engine_slots", "resolve_home_path"]
 
 HOME_PREFIX = "@home/"
+
+
+def engine_slots(cfg: ModelConfig) -> int:
+    """Sequences an engine of ``cfg`` runs at once: ``max_in_flight`` plus the slots
+    only interactive requests take (the scheduler keeps them for those)."""
+    return cfg.max_in_flight + cfg.interactive_headroom
 
 
 def resolve_home_path(value: str, home: Path) -> str:
@@ -30,7 +36,7 @@ def resolve_home_path(value: str, home: Path) -> str:
 def _sim(name: str, cfg: ModelConfig, home: Path) -> Engine:
     from .sim import SimEngine, SimTiming
 
-    return SimEngine(SimTiming(**cfg.engine_args), capacity=cfg.max_in_flight)
+    return SimEngine(SimTiming(**cfg.engine_args), capacity=engine_slots(cfg))
 
 
 def _vllm(name: str, cfg: ModelConfig, home: Path) -> Engine:

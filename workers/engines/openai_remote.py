@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ...config.models import ModelConfig
 from ...errors import EngineError, ValidationError
 from ...wire import Endpoint, InferenceRequest
-from .base import EngineStep, WorkDone, sampling_options
+from .base import EngineStats, EngineStep, WorkDone, sampling_options
 
 __all__ = ["OpenAIRemoteEngine", "RemoteArgs"]
 
@@ -83,7 +83,9 @@ class OpenAIRemoteEngine:
 
     @classmethod
     def from_config(cls, model: str, cfg: ModelConfig) -> OpenAIRemoteEngine:
-        return cls(RemoteArgs(**cfg.engine_args), model=model, capacity=cfg.max_in_flight)
+        from .factory import engine_slots
+
+        return cls(RemoteArgs(**cfg.engine_args), model=model, capacity=engine_slots(cfg))
 
     async def start(self) -> None:
         a = self.args
@@ -145,7 +147,11 @@ class OpenAIRemoteEngine:
         )
         return body
 
-    async def generate(self, request: InferenceRequest) -> AsyncIterator[EngineStep]:
+    def stats(self) -> EngineStats | None:
+        return None  # a remote server's queue is not ours to see
+
+    async def generate(self, request: InferenceRequest, priority: int = 0) -> AsyncIterator[EngineStep]:
+        # ``priority`` is not sent: OpenAI-compatible servers differ on whether they take one
         if self._client is None:
             raise EngineError("openai engine is not started")
         path = "/chat/completions" if request.endpoint is Endpoint.chat_completions else "/completions"

@@ -4,19 +4,31 @@ touches is labelled ``simulated`` (events, heartbeats, results, worker names).
 
 Timing model (continuous batching, one step loop like vLLM's):
 
-* Up to ``capacity`` sequences run at once; more wait in FIFO order and are admitted
-  at the start of a step as running ones finish.
+* Up to ``capacity`` sequences run at once; more wait, and are admitted at the start of
+  a step as running ones finish.
 * A step advances every running sequence by one token and lasts::
 
-      decode_ms_per_step + decode_ms_per_seq * running + prefill_ms_per_token * admitted_prompt_tokens
+      decode_ms_per_step + decode_ms_per_seq * running + prefill_ms_per_token * admitted_tokens
 
   where ``running`` counts the sequences in the step (those admitted in it included)
-  and ``admitted_prompt_tokens`` sums the prompts of the sequences admitted in it:
-  a new sequence's prefill is paid in the step that yields its first token.
+  and ``admitted_tokens`` sums the prefill of the sequences admitted in it: a new
+  sequence's prefill is paid in the step that yields its first token.
 * So a lone request with ``P`` prompt tokens and ``N`` output tokens has
   ``TTFT = P*prefill + step + seq`` and ``E2E = P*prefill + N*(step + seq)``.
 * With every cost ``0`` a step only yields to the event loop: control-plane load
   tests measure tokenmill, not the engine.
+
+Priority scheduling, as vLLM's ``priority`` policy (``generate``'s ``priority``, lower
+runs first, see :func:`~.base.engine_priority`):
+
+* The waiting queue is ordered by (priority, arrival): FIFO within one priority.
+* When no slot is free and the best waiting sequence has a strictly better priority
+  than the worst running one (highest priority value, latest arrival), that one is
+  preempted: it goes back to the waiting queue keeping its generated tokens, and when
+  admitted again pays prefill for its prompt *and* those tokens (vLLM recomputes a
+  preempted sequence's KV cache). vLLM preempts when KV blocks run out, not when slots
+  do; here slots stand for both. Preemptions are counted per sequence
+  (``EngineStep.preemptions``) and in total (:meth:`SimEngine.stats`).
 
 Token counts: the prompt counts one token per whitespace-separated word (chat: of
 every message's content, plus 4 per message and 2 for the reply's header);
@@ -29,8 +41,9 @@ once admitted to a step (its prefill is paid there) and the tokens generated so 
 from __future__ import annotations
 
 import asyncio
+import bisect
+import itertools
 import time
-from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -39,7 +52,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ...errors import EngineDeadError
 from ...tokens import sim_prompt_tokens
 from ...wire import InferenceRequest
-from .base import EngineStep, WorkDone, prompt_of, sampling_options
+from .base import EngineStats, EngineStep, WorkDone, prompt_of, sampling_options
 
 __all__ = ["SimEngine", "SimTiming", "count_prompt_tokens"]
 
@@ -57,12 +70,12 @@ class SimTiming(BaseModel):
     #: completion length cap below max_tokens (None: always max_tokens)
     output_tokens: int | None = Field(default=None, ge=1)
 
-    def step_s(self, running: int, admitted_prompt_tokens: int) -> float:
+    def step_s(self, running: int, admitted_tokens: int) -> float:
         """Duration of one step, in seconds."""
         ms = (
             self.decode_ms_per_step
             + self.decode_ms_per_seq * running
-            + self.prefill_ms_per_token * admitted_prompt_tokens
+            + self.prefill_ms_per_token * admitted_tokens
         )
         return ms / 1000.0
 
@@ -78,13 +91,22 @@ class _Seq:
     prompt_tokens: int
     target: int
     finish_reason: str
+    #: engine priority (lower runs first), then arrival order: the scheduling key
+    priority: int
+    arrival: int
     generated: int = 0
+    preemptions: int = 0
     pending: list[str] = field(default_factory=list)
     #: taken from the waiting queue into a step: its prefill is paid
     admitted: bool = False
     finished: bool = False
     aborted: bool = False
     ready: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def _key(seq: _Seq) -> tuple[int, int]:
+    """The scheduling order: priority, then arrival."""
+    return (seq.priority, seq.arrival)
 
 
 class SimEngine:
@@ -96,8 +118,11 @@ class SimEngine:
     def __init__(self, timing: SimTiming, capacity: int) -> None:
         self.timing = timing
         self.capacity = capacity
-        self._waiting: deque[_Seq] = deque()
+        #: ordered by :func:`_key`
+        self._waiting: list[_Seq] = []
         self._running: list[_Seq] = []
+        self._arrivals = itertools.count()
+        self._preemptions = 0
         self._by_id: dict[str, _Seq] = {}
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
@@ -115,6 +140,14 @@ class SimEngine:
         for rid in list(self._by_id):
             await self.abort(rid)
 
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            running=len(self._running),
+            waiting=len(self._waiting),
+            kv_cache_usage=None,
+            preemptions=self._preemptions,
+        )
+
     async def abort(self, request_id: str) -> WorkDone | None:
         seq = self._by_id.pop(request_id, None)
         if seq is None or seq.finished:
@@ -131,7 +164,9 @@ class SimEngine:
         seq.ready.set()
         return done
 
-    async def generate(self, request: InferenceRequest) -> AsyncIterator[EngineStep]:
+    async def generate(
+        self, request: InferenceRequest, priority: int = 0
+    ) -> AsyncIterator[EngineStep]:
         if self._dead is not None or self._loop_task is None:
             raise EngineDeadError(f"simulated engine is not running: {self._dead!r}")
         opts = sampling_options(request)
@@ -141,9 +176,11 @@ class SimEngine:
             prompt_tokens=count_prompt_tokens(request),
             target=target,
             finish_reason="length" if target == opts.max_tokens else "stop",
+            priority=priority,
+            arrival=next(self._arrivals),
         )
         self._by_id[request.id] = seq
-        self._waiting.append(seq)
+        bisect.insort(self._waiting, seq, key=_key)
         self._wake.set()
         try:
             while True:
@@ -161,6 +198,7 @@ class SimEngine:
                     completion_tokens=seq.generated,
                     prompt_tokens=seq.prompt_tokens,
                     finish_reason=seq.finish_reason if done else None,
+                    preemptions=seq.preemptions,
                 )
                 if done:
                     return
@@ -168,6 +206,26 @@ class SimEngine:
             if not seq.finished and not seq.aborted:
                 await self.abort(request.id)
             self._by_id.pop(request.id, None)
+
+    def _admit(self) -> int:
+        """Fill free slots from the waiting queue, preempting for better priorities;
+        returns the tokens to prefill (a preempted sequence recomputes its output)."""
+        tokens = 0
+        while self._waiting:
+            best = self._waiting[0]
+            if len(self._running) >= self.capacity:
+                worst = max(self._running, key=_key)
+                if best.priority >= worst.priority:
+                    break
+                self._running.remove(worst)
+                worst.preemptions += 1
+                self._preemptions += 1
+                bisect.insort(self._waiting, worst, key=_key)  # ranks below ``best``
+            del self._waiting[0]  # ``best``
+            best.admitted = True
+            self._running.append(best)
+            tokens += best.prompt_tokens + best.generated
+        return tokens
 
     async def _step_loop(self) -> None:
         try:
@@ -177,12 +235,7 @@ class SimEngine:
                     self._wake.clear()
                     await self._wake.wait()
                     next_at = time.monotonic()
-                admitted_tokens = 0
-                while self._waiting and len(self._running) < self.capacity:
-                    seq = self._waiting.popleft()
-                    seq.admitted = True
-                    self._running.append(seq)
-                    admitted_tokens += seq.prompt_tokens
+                admitted_tokens = self._admit()
                 step_s = self.timing.step_s(len(self._running), admitted_tokens)
                 next_at = max(next_at + step_s, time.monotonic() - 0.05)
                 await asyncio.sleep(max(0.0, next_at - time.monotonic()))
