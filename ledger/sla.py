@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -12,21 +12,11 @@ from sqlalchemy import case, func, or_, select
 from sqlalchemy.orm import Session
 
 from .errors import translated
-from .models import SlaRecord
+from .fairness import Served, percentile
+from .models import SlaRecord, UsageRecord
 from .types import utc
 
 # -- reports -------------------------------------------------------------------------
-
-
-def percentile(sorted_values: Sequence[float], q: float) -> float | None:
-    """The ``q``-quantile (0..1) of ascending values, interpolated linearly between
-    closest ranks (PostgreSQL's ``percentile_cont``); None when there are none."""
-    if not sorted_values:
-        return None
-    pos = (len(sorted_values) - 1) * q
-    lo = int(pos)
-    hi = min(lo + 1, len(sorted_values) - 1)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
 
 
 #: the figures an SLA report summarizes, in order
@@ -142,3 +132,31 @@ def sla_attainment(
             pt["tpot"] += int(tpot)
             pt["e2e"] += int(e2e)
     return [Attainment(t, n, met, per_target[t]) for t, (n, met) in sorted(totals.items())]
+
+
+@translated
+def served_requests(
+    session: Session, since: datetime, until: datetime | None = None
+) -> list[Served]:
+    """The requests that finished in ``since <= finished_at < until`` with an SLA record
+    (those of configured tenants), with their priority and tokens from the usage record:
+    the input of :func:`.fairness.fairness`."""
+    s, u = SlaRecord, UsageRecord
+    query = (
+        select(s.tenant, u.priority, s.model, s.finished_at, s.e2e_ms, s.queue_ms, s.ttft_ms,
+               s.tpot_ms, u.prompt_tokens, u.completion_tokens, s.met)
+        .join(u, u.request_id == s.request_id)
+        .where(s.finished_at >= utc(since))
+    )  # fmt: skip
+    if until is not None:
+        query = query.where(s.finished_at < utc(until))
+    out = []
+    for row in session.execute(query):
+        tenant, prio, model, finished, e2e, queue, ttft, tpot, pt, ct, met = row
+        out.append(Served(tenant, str(prio), model, finished.timestamp(), e2e / 1000.0,
+                          _s(queue), _s(ttft), _s(tpot), pt, ct, bool(met)))  # fmt: skip
+    return out
+
+
+def _s(ms: float | None) -> float | None:
+    return None if ms is None else ms / 1000.0
