@@ -31,6 +31,7 @@ from ..producers.batches import (
     check_metadata,
     parse_window,
 )
+from ..scheduler.deadlines import FORECASTS_KEY, forecast_json
 from ..wire import Endpoint
 from ..workers import keys
 from .auth import tenant_of
@@ -189,7 +190,20 @@ async def retrieve_batch(request: Request, batch_id: str, tenant: str = Depends(
         view = await asyncio.to_thread(batches.view, batch_id)
     except NotFound:
         raise ApiError.not_found("batch", batch_id, param="batch_id") from None
-    return JSONResponse(batch_json(view))
+    body = batch_json(view)
+    if not view.batch.status.is_terminal:
+        body["forecast"] = await _forecast(request, batch_id)
+    return JSONResponse(body)
+
+
+async def _forecast(request: Request, batch_id: str) -> dict[str, Any] | None:
+    """The scheduler's forecast for a batch with queued lines (an extension of the batch
+    object: when it should finish, and whether its window is at risk)."""
+    try:
+        raw = await request.app.state.backend.redis.hget(FORECASTS_KEY, batch_id)
+    except RedisError:
+        return None  # a status without its forecast beats no status
+    return forecast_json(raw)
 
 
 @router.post("/{batch_id}/cancel")

@@ -65,6 +65,11 @@ def _print_batch(batch: Batch, as_json: bool) -> None:
         ("input file", batch.input_file_id), ("output file", batch.output_file_id or "-"),
         ("error file", batch.error_file_id or "-"),
     ]
+    forecast = (batch.model_extra or {}).get("forecast")
+    if forecast:
+        eta = _when(forecast.get("estimated_completion_at"))
+        risk = "AT RISK: forecast past its window" if forecast.get("at_risk") else "within its window"
+        rows.append(("forecast", f"done by {eta} · {risk}"))
     for k, v in rows:
         table.add_row(k, v)
     console.print(table)

@@ -189,6 +189,9 @@ class BatchRunner:
         self._copies = 1
         self._copies_at = -_COPIES_EVERY_S
         self._renewed_at = 0.0
+        #: batches whose at-risk webhook is recorded (or that have none to record)
+        self._at_risk_reported: set[str] = set()
+        self._risk_read_at = 0.0
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -279,7 +282,40 @@ class BatchRunner:
             except Exception:  # one broken batch must not stall the others
                 log.exception("batch step failed; reloading it next poll", batch_id=batch.id)
                 self.trackers.pop(batch.id, None)
+        await self._report_at_risk([b for b in active if b.id in self.leases.held])
         return busy
+
+    async def _report_at_risk(self, held: list[Batch]) -> None:
+        """Tell a batch's webhook, once, that the scheduler forecasts it to miss its
+        completion window (``batch.at_risk``), while there is still time to act."""
+        from ..ledger import transaction
+        from ..scheduler.deadlines import FORECASTS_KEY, forecast_json
+        from ..workers.webhooks import enqueue_event
+        from .batches import batch_data
+
+        if time.monotonic() - self._risk_read_at < _RISK_EVERY_S:
+            return
+        self._risk_read_at = time.monotonic()
+        self._at_risk_reported &= {b.id for b in held}
+        todo = [b for b in held if b.id not in self._at_risk_reported
+                and b.status is BatchStatus.in_progress]  # fmt: skip
+        if not todo:
+            return
+        raws = await self.redis.hmget(FORECASTS_KEY, [b.id for b in todo])
+        for batch, raw in zip(todo, raws):
+            forecast = forecast_json(raw)
+            if forecast is None or not forecast["at_risk"]:
+                continue
+            log.warning("batch at risk of missing its window", batch_id=batch.id,
+                        tenant=batch.tenant, expires_at=batch.expires_at,
+                        estimated_completion_at=forecast["estimated_completion_at"])  # fmt: skip
+            if batch.webhook_url:
+                with transaction(self.factory) as session:
+                    b = await self._fenced(session, batch.id)
+                    enqueue_event(session, key=f"{b.id}:at_risk", tenant=b.tenant,
+                                  url=batch.webhook_url, event_type="batch.at_risk",
+                                  data={**batch_data(b), "forecast": forecast})  # fmt: skip
+            self._at_risk_reported.add(batch.id)
 
     async def _renew(self) -> None:
         for lost in await self.leases.renew():
@@ -537,6 +573,10 @@ class BatchRunner:
                 )
         log.info("batch ended", batch_id=batch_id, status=end.value,
                  counts=batch_data(b)["request_counts"])
+
+
+#: how often held batches' forecasts are read for at-risk webhooks
+_RISK_EVERY_S = 1.0
 
 
 def assemble(t: Tracker) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

@@ -8,11 +8,14 @@ pool with free slots shows the demand, not its capacity). From them, every tick:
 
 * ``eta_best``: the finish if the pool's batch capacity served the batches earliest
   deadline first (the order that meets every deadline that any order meets). Past the
-  deadline: the batch is **at risk**; it is reported then, not found expired later.
+  deadline: the batch is **at risk**; it is reported then, not found expired later. A
+  batch at risk gets no precedence (it would make the batches due after it late too),
+  so its work is not counted ahead of theirs.
 * ``eta_fair``: the finish at the tenant's fair share of that capacity (its weight over
   the weights of the tenants with batches queued in the pool), its own batches earliest
-  deadline first. Past ``deadline - margin``: the batch is **urgent**, and the scheduler
-  lets its tenant run ahead of its class (bounded: see ``Scheduler.set_urgent``).
+  deadline first. Past ``deadline - margin``: the batch is **urgent**, and, unless it is
+  at risk, the scheduler lets its tenant run ahead of its class (bounded: see
+  ``Scheduler.set_urgent``) and the engine runs its lines first among batch work.
 
 The batch capacity of a pool is its measured throughput times the fraction of it that
 went to batch lines in the window (at least ``min_batch_fraction``, the batch class's
@@ -21,11 +24,12 @@ share under saturation). Pure: no I/O, time is an argument.
 
 from __future__ import annotations
 
+import json
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-__all__ = ["DeadlinePlanner", "Forecast"]
+__all__ = ["FORECASTS_KEY", "DeadlinePlanner", "Forecast", "forecast_json"]
 
 
 @dataclass
@@ -172,10 +176,32 @@ class DeadlinePlanner:
                                         None, None, False, False))  # fmt: skip
                     continue
                 eta_best = now + ahead / rate
+                at_risk = eta_best > b.deadline
+                if at_risk:
+                    ahead -= b.units
                 share = weights[b.tenant] / total_weight
                 eta_fair = now + own[b.tenant] / (rate * share)
                 slack = max(0.0, b.deadline - now)
                 urgent = eta_fair > b.deadline - self.margin * slack
                 out.append(Forecast(b.batch_id, b.tenant, pool, b.deadline, b.queued,
-                                    eta_best, eta_fair, urgent, eta_best > b.deadline))  # fmt: skip
+                                    eta_best, eta_fair, urgent, at_risk))  # fmt: skip
         return out
+
+
+#: Redis hash: batch id -> its :class:`Forecast` (``to_dict`` JSON), written by the
+#: scheduler leader every half second for the batches with queued lines
+FORECASTS_KEY = "tokenmill:scheduler:batch-forecasts"
+
+
+def forecast_json(raw: bytes | str | None) -> dict[str, object] | None:
+    """A batch's published forecast as its batch object shows it (None: none)."""
+    if not raw:
+        return None
+    doc = json.loads(raw)
+    eta = doc.get("eta_best")
+    return {
+        "estimated_completion_at": None if eta is None else int(eta),
+        "at_risk": bool(doc.get("at_risk")),
+        "urgent": bool(doc.get("urgent")),
+        "queued_requests": int(doc.get("queued", 0)),
+    }

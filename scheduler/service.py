@@ -51,7 +51,7 @@ from ..workers import keys as worker_keys
 from ..workers.celery_app import celery_priority, create_app
 from ..workers.heartbeat import live_workers_async
 from ..workers.results import ResultStore
-from .deadlines import DeadlinePlanner, Forecast
+from .deadlines import FORECASTS_KEY, DeadlinePlanner, Forecast
 from .errors import BudgetExceeded, DuplicateRequest, InvalidPolicy, SchedulerError
 from .leader import ALL_POOLS, LEASE_TTL_S, POLL_EVERY_S, Fenced, LeaderLease, fenced_script
 from .offsets import OffsetTracker
@@ -78,9 +78,6 @@ SNAPSHOT_KEY = worker_keys.PREFIX + "scheduler:snapshot"
 IN_FLIGHT_KEY = worker_keys.PREFIX + "scheduler:in-flight"
 #: how often spending is re-read from the ledger
 SPENDING_REFRESH_S = 2.0
-#: batch id -> its deadline forecast (JSON, see scheduler.deadlines.Forecast), for
-#: batch status and the batch runner's at-risk webhook; written by the leader
-FORECASTS_KEY = worker_keys.PREFIX + "scheduler:batch-forecasts"
 #: an engine this full takes no more work below interactive (its KV cache is the
 #: limit, not its slots)
 KV_CACHE_HIGH = 0.95
@@ -846,7 +843,8 @@ class SchedulerService:
         self.planner.tick(dt, saturated)
         now = time.time()
         forecasts = self.planner.forecasts(now, self.settings.tenant_weight)
-        urgent = {f.batch_id for f in forecasts if f.urgent or f.at_risk}
+        # A batch at risk is reported, not favoured: it would make others late too.
+        urgent = {f.batch_id for f in forecasts if f.urgent and not f.at_risk}
         for f in forecasts:
             if f.at_risk and f.batch_id not in self._at_risk_logged:
                 log.warning("batch at risk of missing its window", batch_id=f.batch_id,
