@@ -43,6 +43,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tokenmill.config import Settings
 
 #: the scheduler's per-request overhead (``SchedulerConfig.w_req``; the service keeps the default)
 DEFAULT_W_REQ = 1.0
@@ -55,6 +59,10 @@ class Charge:
     w_in: float
     w_out: float
     w_req: float = DEFAULT_W_REQ
+
+    @classmethod
+    def of_settings(cls, settings: Settings) -> Charge:
+        return cls(settings.scheduler.w_in, settings.scheduler.w_out)
 
     def of(self, input_tokens: int, output_tokens: int) -> float:
         return self.w_req + self.w_in * input_tokens + self.w_out * output_tokens
@@ -207,6 +215,12 @@ def fairness(rows: Iterable[Served], weights: Mapping[str, float], charge: Charg
     jain = {prio: jain_index([t.normalised for t in out if t.priority == prio])
             for prio in sorted(class_service)}  # fmt: skip
     return Fairness(window_s, out, jain)
+
+
+def fairness_of(rows: Iterable[Served], settings: Settings, window_s: float) -> Fairness:
+    """:func:`fairness` with the configured tenants' weights and the scheduler's charge."""
+    weights = {name: settings.tenant_weight(name) for name in settings.tenants}
+    return fairness(rows, weights, Charge.of_settings(settings), window_s)
 
 
 def _quantile(rows: Sequence[Served], figure: str, q: float) -> float | None:

@@ -68,7 +68,8 @@ from tokenmill.logs import get_logger
 from tokenmill.redis_client import async_redis
 
 from ..db import transaction
-from ..sla import sla_attainment
+from ..fairness import Fairness, fairness_of
+from ..sla import served_requests, sla_attainment
 from .config import StreamsConfig
 from .metrics import StreamMetrics
 from .processor import BatchProcessor, BatchReport
@@ -348,15 +349,17 @@ class StreamProcessor(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def _refresh_gauges(self) -> None:
         assert self.metrics is not None
-        window = self.config.sla_window_s
+        window, fair_window = self.config.sla_window_s, self.config.fairness_window_s
         while True:
             await asyncio.sleep(self.config.gauge_interval_s)
             try:
                 rows = await asyncio.to_thread(_attainment, self.sink, window)
+                figures = await asyncio.to_thread(window_fairness, self.sink, fair_window)
             except Exception as exc:  # noqa: BLE001  (a gauge is not worth a crash; next tick retries)
                 log.warning("SLA gauges not refreshed", error=repr(exc))
                 continue
             self.metrics.set_window(rows, window)
+            self.metrics.set_fairness(figures)
 
 
 #: the service name copies announce themselves under
@@ -399,6 +402,14 @@ def _attainment(sink: LedgerSink, window_s: float) -> list[Any]:
     since = datetime.now(UTC) - timedelta(seconds=window_s)
     with transaction(sink.sessions) as session:
         return sla_attainment(session, since, sink.settings.sla)
+
+
+def window_fairness(sink: LedgerSink, window_s: float) -> Fairness:
+    """The fair-share figures of the requests that finished in the last ``window_s``."""
+    since = datetime.now(UTC) - timedelta(seconds=window_s)
+    with transaction(sink.sessions) as session:
+        rows = served_requests(session, since)
+    return fairness_of(rows, sink.settings, window_s)
 
 
 def _die(what: str, exc: BaseException) -> NoReturn:

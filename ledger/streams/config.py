@@ -46,6 +46,9 @@ class StreamsConfig(BaseSettings):
     metrics_port_file: Path | None = None
     #: window of the goodput and attainment gauges, read from the ledger
     sla_window_s: float = Field(default=300.0, gt=0)
+    #: window of the fair-share gauges (every request finished in it is read, each refresh:
+    #: keep it short at high throughput)
+    fairness_window_s: float = Field(default=60.0, gt=0)
     #: how often those gauges are refreshed
     gauge_interval_s: float = Field(default=10.0, gt=0)
 

@@ -11,6 +11,25 @@ window, so every worker exports the same values (take ``max``), and they survive
 restarts. Percentiles over windows: ``histogram_quantile`` over the histograms, or
 ``tokenmill sla`` for exact ones from the ledger.
 
+Fair-share gauges (:mod:`..fairness` defines each figure), from the ledger over the last
+``fairness_window_s`` seconds, per ``tenant`` and ``priority`` (class), refreshed with the
+SLA gauges; a tenant with no request finished in the window has none:
+
+* ``tokenmill_fair_share_requests``: requests finished in the window;
+* ``tokenmill_fair_share_service_tokens``: weighted tokens charged, as the scheduler
+  charges them (``w_req + w_in·input + w_out·output``);
+* ``tokenmill_fair_share_received_ratio`` / ``tokenmill_fair_share_entitled_ratio``: the
+  tenant's share of its class's service, and its weight's share among the class's
+  active tenants;
+* ``tokenmill_fairness_jain_index`` (``priority`` only): Jain's index of received over
+  entitled shares;
+* ``tokenmill_service_gap_seconds_max``: the longest time the tenant had a request
+  waiting while none of its requests was dispatched;
+* ``tokenmill_queue_wait_seconds`` (plus ``quantile`` = ``0.5``/``0.99``): exact from the
+  ledger, unlike ``tokenmill_request_queue_time_seconds``;
+* ``tokenmill_goodput_requests_per_second`` and ``tokenmill_goodput_ratio``: requests
+  meeting every SLA target, per second of the window and as a share (attainment).
+
 The figures are kept by one collector, updated once per batch on the processor's
 thread (``prometheus_client``'s per-call locking and label lookups cost more than the
 rest of the per-event work); the HTTP server's thread reads them.
@@ -33,6 +52,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import start_http_server
 from prometheus_client.registry import Collector
 
+from ..fairness import Fairness
 from ..sla import Attainment
 from .rates import units_to_decimal
 from .sink import BatchOutcome, Recorded
@@ -50,6 +70,32 @@ TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4
 LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 
 SLA_LABELS = ("tenant", "tier", "model")
+FAIR_LABELS = ("tenant", "priority")
+
+#: the fair-share gauges: name → (help, labels)
+FAIRNESS_GAUGES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "tokenmill_fair_share_requests": ("Requests finished in the fairness window.", FAIR_LABELS),
+    "tokenmill_fair_share_service_tokens": (
+        "Weighted tokens charged in the window (w_req + w_in*input + w_out*output).", FAIR_LABELS),
+    "tokenmill_fair_share_received_ratio": (
+        "The tenant's share of its priority class's weighted service in the window.", FAIR_LABELS),
+    "tokenmill_fair_share_entitled_ratio": (
+        "The tenant's weight over the weights of the class's tenants active in the window.",
+        FAIR_LABELS),
+    "tokenmill_fairness_jain_index": (
+        "Jain's index of received over entitled shares of a class's active tenants.",
+        ("priority",)),
+    "tokenmill_service_gap_seconds_max": (
+        "Longest time the tenant had a request waiting while none of its requests was dispatched.",
+        FAIR_LABELS),
+    "tokenmill_queue_wait_seconds": (
+        "Queue wait (submission to dispatch) quantiles over the window, exact from the ledger.",
+        (*FAIR_LABELS, "quantile")),
+    "tokenmill_goodput_requests_per_second": (
+        "Requests that met every SLA target, per second of the fairness window.", FAIR_LABELS),
+    "tokenmill_goodput_ratio": (
+        "Share of the window's requests that met every SLA target (attainment).", FAIR_LABELS),
+}  # fmt: skip
 
 
 class _Counter:
@@ -185,6 +231,9 @@ class StreamMetrics(Collector):
                 "Share of a tenant's finished requests meeting one target, over the window.",
                 ("tenant", "target"), {}),
         }  # fmt: skip
+        #: the fair-share gauges' samples, replaced whole by :meth:`set_fairness` (so the
+        #: HTTP thread reads one window's figures, and tenants gone from it disappear)
+        self.fair: dict[str, dict[tuple[str, ...], float]] = {}
         if registry is not None:
             registry.register(self)
 
@@ -199,6 +248,12 @@ class StreamMetrics(Collector):
         for name, (doc, labels, values) in self.gauges.items():
             fam = GaugeMetricFamily(name, doc, labels=labels)
             for key, value in list(values.items()):
+                fam.add_metric(list(key), value)
+            yield fam
+        fair = self.fair
+        for name, (doc, labels) in FAIRNESS_GAUGES.items():
+            fam = GaugeMetricFamily(name, doc, labels=labels)
+            for key, value in fair.get(name, {}).items():
                 fam.add_metric(list(key), value)
             yield fam
 
@@ -275,6 +330,25 @@ class StreamMetrics(Collector):
             rate[(row.tenant,)] = row.met / window_s
             for target, ok in row.target_met.items():
                 attainment[(row.tenant, target)] = ok / row.requests
+
+    def set_fairness(self, figures: Fairness) -> None:
+        """Set the fair-share gauges from one window's figures (all at once)."""
+        fair: dict[str, dict[tuple[str, ...], float]] = {name: {} for name in FAIRNESS_GAUGES}
+        for t in figures.tenants:
+            key = (t.tenant, t.priority)
+            fair["tokenmill_fair_share_requests"][key] = t.requests
+            fair["tokenmill_fair_share_service_tokens"][key] = t.service
+            fair["tokenmill_fair_share_received_ratio"][key] = t.received_share
+            fair["tokenmill_fair_share_entitled_ratio"][key] = t.entitled_share
+            fair["tokenmill_service_gap_seconds_max"][key] = t.largest_gap_s
+            for q, value in (("0.5", t.queue_p50_s), ("0.99", t.queue_p99_s)):
+                if value is not None:
+                    fair["tokenmill_queue_wait_seconds"][(*key, q)] = value
+            fair["tokenmill_goodput_requests_per_second"][key] = t.goodput_rps
+            fair["tokenmill_goodput_ratio"][key] = t.attainment
+        for prio, jain in figures.jain.items():
+            fair["tokenmill_fairness_jain_index"][(prio,)] = jain
+        self.fair = fair
 
 
 def serve(host: str, port: int, registry: CollectorRegistry = REGISTRY,
