@@ -19,6 +19,7 @@ import json
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from typing import Annotated, Any, TypeVar
 from urllib.parse import quote
 
@@ -272,12 +273,32 @@ def sla(
     base_url: BaseUrlOpt = None,
     all_tenants: AllTenantsOpt = False,
     as_json: JsonOpt = False,
+    live: Annotated[
+        bool,
+        typer.Option(
+            "--live",
+            help="Operator: fair share and SLA per tenant and class, redrawn "
+            "over the window --since (a span back) until Ctrl-C or --duration.",
+        ),
+    ] = False,
+    interval: Annotated[
+        float, typer.Option(min=0.1, help="--live: seconds between redraws.")
+    ] = 2.0,
+    duration: Annotated[
+        float | None, typer.Option(min=0.0, help="--live: stop after this many seconds.")
+    ] = None,
 ) -> None:
     """Your SLA percentiles per tier and model; attainment and goodput.
 
     p50/p95/p99 of TTFT, TPOT, end-to-end latency and queue wait over the span, exact
-    from the ledger's per-request records.
+    from the ledger's per-request records. ``--live`` (operator): received vs entitled
+    share, Jain's index, largest service gap, queue wait and latency p99, attainment and
+    goodput per tenant and priority class, the figures the stream processors export.
     """
+    if live:
+        _sla_live(since, until, all_tenants=all_tenants, as_json=as_json, interval=interval,
+                  duration=duration)  # fmt: skip
+        return
     if all_tenants:
         start, end = parse_span(since, until)
         doc = _operator(lambda s, settings: sla_report(s, start, end, targets=settings.sla))
@@ -309,6 +330,23 @@ def sla(
         per_tenant.add_row(name, f"{t['requests']:,}", f"{t['attainment']:.1%}", f"{ta['ttft']:.1%}",
                            f"{ta['tpot']:.1%}", f"{ta['e2e']:.1%}", goodput)  # fmt: skip
     console.print(per_tenant)
+
+
+def _sla_live(since: str, until: str | None, *, all_tenants: bool, as_json: bool,
+              interval: float, duration: float | None) -> None:  # fmt: skip
+    from .live import ledger_reader, run_live
+
+    if not all_tenants:  # fair shares compare tenants with one another: not a tenant's view
+        raise ValidationError("--live reads every tenant's figures from the ledger: "
+                              "add --all-tenants (operator)", field="live")  # fmt: skip
+    if until is not None or as_json:
+        raise ValidationError("--live is a window ending now, drawn as a table: "
+                              "no --until, no --json", field="live")  # fmt: skip
+    start, _ = parse_span(since, None)
+    window_s = (datetime.now(UTC) - start).total_seconds()
+    settings = load_settings()
+    with ledger_reader(settings, window_s) as read:
+        run_live(read, console=console, interval_s=interval, duration_s=duration)
 
 
 def _q(group: Mapping[str, Any], figure: str) -> str:

@@ -150,3 +150,75 @@ def test_up_starts_a_streams_service_with_a_metrics_probe(settings: Settings) ->
     )
     assert spec.argv(launch)[-4:] == ["tokenmill", "streams", "--metrics-port", "4321"]
     assert spec.address_of(launch) == "http://127.0.0.1:4321/metrics"
+
+
+def test_sla_live_draws_fair_shares_until_its_duration(
+    cli: typer.Typer, recorded: list[dict], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from rich.console import Console
+    from tokenmill.ledger import commands
+
+    monkeypatch.setattr(commands, "console", Console(width=200))  # a wide terminal
+    started = time.monotonic()
+    out = run(cli, "sla", "--all-tenants", "--live", "--since", "10m", "--interval", "0.1",
+              "--duration", "0.3")  # fmt: skip
+    assert time.monotonic() - started < 10
+    assert "Fair share and SLA, last 10 min" in out and "received / entitled" in out
+    assert "Jain's index" in out and "standard" in out and "batch" in out
+    # alpha (gold, weight 4) and beta (silver, 2) in standard: entitled 66.7% / 33.3%
+    assert "66.7%" in out and "33.3%" in out
+    refused = CliRunner().invoke(cli, ["sla", "--live", "--api-key", "tm-alpha-demo-key"])
+    assert getattr(refused.exception, "field", None) == "live"
+
+
+def test_sla_live_ends_cleanly_on_ctrl_c() -> None:
+    from rich.console import Console
+    from tokenmill.ledger.fairness import Fairness
+    from tokenmill.ledger.live import run_live
+
+    calls = []
+
+    def read(now: datetime) -> Fairness:
+        calls.append(now)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return Fairness(60.0, [], {})
+
+    console = Console(record=True, width=140)
+    assert run_live(read, console=console, interval_s=0.01, duration_s=None) == 2
+    assert "no finished requests in the window" in console.export_text()
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)  # a process start: once is enough
+def test_sla_live_exits_0_on_sigint(ledger_url: str, tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tokenmill.config import EXAMPLE_CONFIG
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENMILL_")}
+    env |= {"TOKENMILL_DATABASE_URL": ledger_url, "TOKENMILL_CONFIG": str(EXAMPLE_CONFIG),
+            "TOKENMILL_HOME": str(tmp_path / "home"), "COLUMNS": "200",
+            # draw as on a terminal, so the first frame shows it running
+            "TTY_COMPATIBLE": "1", "TTY_INTERACTIVE": "1"}  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tokenmill", "sla", "--all-tenants", "--live", "--interval", "0.2"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        seen = b""
+        while b"Jain's index" not in seen and b"no finished requests" not in seen:
+            chunk = proc.stdout.read1(4096)
+            assert chunk, f"exited {proc.wait(5)} before drawing: {seen.decode(errors='replace')}"
+            seen += chunk
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=20)
+        assert proc.returncode == 0, (seen + rest).decode(errors="replace")
+        assert b"Traceback" not in seen + rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
