@@ -30,6 +30,7 @@ TEST_ENV = {
     "REDIS_PASSWORD": "deploy-test-redis-pw",
     "POSTGRES_PASSWORD": "deploy-test-pg-pw",
     "FLOWER_BASIC_AUTH": "admin:deploy-test-flower-pw",
+    "GRAFANA_ADMIN_PASSWORD": "deploy-test-grafana-pw",
 }
 
 

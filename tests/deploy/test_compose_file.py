@@ -4,6 +4,7 @@ has the shape the deployment needs."""
 
 from __future__ import annotations
 
+import itertools
 import re
 from pathlib import Path
 
@@ -102,3 +103,129 @@ def test_secrets_stay_out_of_the_image() -> None:
     dockerfile = (REPO / "Dockerfile").read_text()
     assert not re.search(r"(?i)(password|secret|tokenmill\.toml)\S*\s*=", dockerfile)
     assert not re.search(r"(?im)^\s*(COPY|ADD)\b.*(tokenmill\.toml|\.env)", dockerfile)
+
+
+# -- monitoring: Prometheus and Grafana ---------------------------------------------
+
+DEPLOY = REPO / "deploy"
+DASHBOARDS = sorted((DEPLOY / "grafana" / "dashboards").glob("*.json"))
+#: PromQL words that are not metric names
+PROMQL_WORDS = {
+    "sum", "max", "min", "avg", "count", "by", "without", "rate", "irate", "increase",
+    "histogram_quantile", "label_values", "and", "or", "unless", "on", "ignoring",
+    "group_left", "group_right", "clamp_min", "clamp_max", "topk", "bottomk",
+}  # fmt: skip
+
+
+def exported_names() -> set[str]:
+    """Every sample name the stream processors and the gateway can export, from their
+    collectors (counters as ``_total``, histograms as ``_bucket``/``_sum``/``_count``)."""
+    from prometheus_client import CollectorRegistry
+    from tokenmill.gateway.metrics import GatewayMetrics
+    from tokenmill.ledger.streams.metrics import StreamMetrics
+
+    registry = CollectorRegistry()
+    StreamMetrics(registry)
+    GatewayMetrics(None, registry)
+    names = set()
+    for family in registry.collect():
+        suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count")}
+        names |= {family.name + s for s in suffixes.get(family.type, ("",))}
+    return names
+
+
+def metric_names(expr: str) -> set[str]:
+    """The metric names a PromQL expression reads: its identifiers, less label matchers,
+    grouping labels, ranges, strings and PromQL's own words."""
+    expr = re.sub(r'"[^"]*"', "", expr)
+    expr = re.sub(r"label_values\(([^,)]*),[^)]*\)", r"\1", expr)  # Grafana's: (metric, label)
+    expr = re.sub(r"\{[^}]*\}|\[[^\]]*\]", "", expr)
+    expr = re.sub(r"\b(by|without|on|ignoring)\s*\([^)]*\)", "", expr)
+    return {w for w in re.findall(r"[A-Za-z_:][A-Za-z0-9_:]*", expr) if w not in PROMQL_WORDS}
+
+
+def dashboard_queries(dashboard: dict) -> list[str]:
+    panels = [p for p in dashboard["panels"] for p in (p, *p.get("panels", []))]
+    exprs = [t["expr"] for p in panels for t in p.get("targets", [])]
+    variables = dashboard.get("templating", {}).get("list", [])
+    return exprs + [v["query"]["query"] for v in variables if v.get("type") == "query"]
+
+
+def test_the_dashboards_query_only_exported_metrics() -> None:
+    import json
+
+    assert DASHBOARDS, "no dashboard under deploy/grafana/dashboards"
+    exported = exported_names()
+    assert {"tokenmill_fairness_jain_index", "tokenmill_fair_share_received_ratio",
+            "tokenmill_time_to_first_token_seconds_bucket"} <= exported  # fmt: skip
+    for path in DASHBOARDS:
+        dashboard = json.loads(path.read_text())
+        queries = dashboard_queries(dashboard)
+        assert len(queries) >= 10, path.name
+        for expr in queries:
+            names = metric_names(expr)
+            assert names, f"{path.name}: {expr!r} reads no metric"
+            assert names <= exported, f"{path.name}: {expr!r} reads {names - exported}"
+        datasources = {t["datasource"]["uid"] for p in dashboard["panels"] for t in p.get("targets", [])}
+        assert datasources == {"prometheus"}, path.name
+
+
+def test_the_metric_name_check_catches_a_typo() -> None:
+    assert metric_names('max by (tenant) (tokenmil_fairness_jain_index{priority=~"$p"})') == {
+        "tokenmil_fairness_jain_index"
+    }
+    assert metric_names("histogram_quantile(0.99, sum by (le) (rate(x_bucket[5m])))") == {"x_bucket"}
+    assert metric_names("label_values(x, tenant)") == {"x"}
+
+
+def listening_port(service: dict, port: int) -> bool:
+    """Whether the service's command listens on ``port`` (``--port``/``--metrics-port``)."""
+    command = [str(a) for a in service.get("command") or []]
+    return any(flag in ("--port", "--metrics-port") and value == str(port)
+               for flag, value in itertools.pairwise(command))  # fmt: skip
+
+
+def test_prometheus_scrapes_real_services_and_grafana_reads_it() -> None:
+    import yaml
+
+    config = resolved(TEST_ENV)
+    services = config["services"]
+    scrape = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    targets = []
+    for job in scrape["scrape_configs"]:
+        for static in job.get("static_configs", []):
+            targets += [tuple(t.rsplit(":", 1)) for t in static["targets"]]
+        for sd in job.get("dns_sd_configs", []):
+            targets += [(name, str(sd["port"])) for name in sd["names"]]
+        auth = job.get("authorization")
+        if auth:  # the gateway's metrics key: a compose secret of the Prometheus service
+            mounted = {f"/run/secrets/{s['target']}" for s in services["prometheus"]["secrets"]}
+            assert auth["credentials_file"] in mounted, job["job_name"]
+    assert {host for host, _ in targets} == {"streams", "gateway"}
+    for host, port in targets:
+        assert host in services and listening_port(services[host], int(port)), f"{host}:{port}"
+    mounts = {v["target"]: v["source"] for v in services["prometheus"]["volumes"]}
+    assert mounts["/etc/prometheus/prometheus.yml"] == str(DEPLOY / "prometheus" / "prometheus.yml")
+
+    provisioning = DEPLOY / "grafana" / "provisioning"
+    sources = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())
+    [source] = sources["datasources"]
+    assert (source["uid"], source["url"]) == ("prometheus", "http://prometheus:9090")
+    providers = yaml.safe_load((provisioning / "dashboards" / "tokenmill.yml").read_text())
+    [provider] = providers["providers"]
+    grafana = services["grafana"]
+    mounts = {v["target"]: v["source"] for v in grafana["volumes"]}
+    assert mounts["/etc/grafana/provisioning"] == str(provisioning)
+    assert mounts[provider["options"]["path"]] == str(DEPLOY / "grafana" / "dashboards")
+
+
+def test_operator_uis_are_on_loopback_and_grafana_is_locked() -> None:
+    config = resolved(TEST_ENV)
+    for name in ("prometheus", "grafana"):
+        assert [p["host_ip"] for p in config["services"][name]["ports"]] == ["127.0.0.1"], name
+        assert config["services"][name].get("healthcheck"), name
+    env = config["services"]["grafana"]["environment"]
+    assert env["GF_SECURITY_ADMIN_PASSWORD"] == TEST_ENV["GRAFANA_ADMIN_PASSWORD"]
+    assert env["GF_AUTH_ANONYMOUS_ENABLED"] == "false" and env["GF_USERS_ALLOW_SIGN_UP"] == "false"
+    moved = resolved({**TEST_ENV, "GRAFANA_ADDRESS": "10.1.2.3"})
+    assert [p["host_ip"] for p in moved["services"]["grafana"]["ports"]] == ["10.1.2.3"]
