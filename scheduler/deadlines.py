@@ -15,7 +15,10 @@ pool with free slots shows the demand, not its capacity). From them, every tick:
   the weights of the tenants with batches queued in the pool), its own batches earliest
   deadline first. Past ``deadline - margin``: the batch is **urgent**, and, unless it is
   at risk, the scheduler lets its tenant run ahead of its class (bounded: see
-  ``Scheduler.set_urgent``) and the engine runs its lines first among batch work.
+  ``Scheduler.set_urgent``) and the engine runs its lines first among batch work. It
+  stays urgent until its last line is dispatched: help withdrawn as soon as the
+  forecast recovers would leave it finishing just at its deadline, and the batch's
+  results still have to be collected and its files written after that.
 
 The batch capacity of a pool is its measured throughput times the fraction of it that
 went to batch lines in the window (at least ``min_batch_fraction``, the batch class's
@@ -87,19 +90,27 @@ class DeadlinePlanner:
 
     Parameters:
         window_s: busy seconds of throughput samples kept per pool.
-        margin: an urgent batch's slack: urgent once its fair-share finish passes
-            ``deadline - margin * (deadline - now)``.
+        margin, min_margin_s: an urgent batch's slack: urgent once its fair-share finish
+            passes ``deadline - max(margin * (deadline - now), min_margin_s)``.
         min_batch_fraction: least share of a pool's throughput counted on for batches.
     """
 
     def __init__(
-        self, *, window_s: float = 30.0, margin: float = 0.1, min_batch_fraction: float = 0.1
+        self,
+        *,
+        window_s: float = 30.0,
+        margin: float = 0.1,
+        min_margin_s: float = 2.0,
+        min_batch_fraction: float = 0.1,
     ) -> None:
         self.window_s = window_s
         self.margin = margin
+        self.min_margin_s = min_margin_s
         self.min_batch_fraction = min_batch_fraction
         self._batches: dict[str, _Batch] = {}
         self._pools: dict[str, _Throughput] = {}
+        #: batches found urgent once (they stay so while they have queued lines)
+        self._urgent: set[str] = set()
 
     # -- work in and out -----------------------------------------------------------------
 
@@ -121,6 +132,7 @@ class DeadlinePlanner:
         b.units -= units
         if b.queued <= 0:
             del self._batches[batch_id]
+            self._urgent.discard(batch_id)
 
     def finished(self, pool: str, units: float, *, batch: bool) -> None:
         """A request of ``pool`` finished (any class): throughput."""
@@ -182,7 +194,10 @@ class DeadlinePlanner:
                 share = weights[b.tenant] / total_weight
                 eta_fair = now + own[b.tenant] / (rate * share)
                 slack = max(0.0, b.deadline - now)
-                urgent = eta_fair > b.deadline - self.margin * slack
+                margin = max(self.margin * slack, self.min_margin_s)
+                urgent = b.batch_id in self._urgent or eta_fair > b.deadline - margin
+                if urgent:
+                    self._urgent.add(b.batch_id)
                 out.append(Forecast(b.batch_id, b.tenant, pool, b.deadline, b.queued,
                                     eta_best, eta_fair, urgent, at_risk))  # fmt: skip
         return out

@@ -41,7 +41,7 @@ def test_batch_rate_is_the_batch_fraction_with_a_floor() -> None:
 
 
 def test_a_short_window_behind_a_long_batch_is_urgent_not_at_risk() -> None:
-    p = DeadlinePlanner()
+    p = DeadlinePlanner(min_margin_s=0.0)
     measured(p, "pool", 100.0, 1.0)
     for _ in range(100):
         p.queued("long", "a", "pool", 1000.0, 10)  # 1,000 units due at t=1000
@@ -52,6 +52,13 @@ def test_a_short_window_behind_a_long_batch_is_urgent_not_at_risk() -> None:
     assert f["short"].eta_fair == 4.0  # half the pool: 200 / 50
     assert f["short"].urgent and not f["short"].at_risk  # 4 > 4.2 - 0.1 * 4.2
     assert f["long"].eta_best == 12.0 and not f["long"].urgent
+    for _ in range(19):  # its forecast recovers as it goes ahead; it stays urgent
+        p.left_queue("short", 10)
+    f = {x.batch_id: x for x in p.forecasts(0.0, lambda t: 1.0)}
+    assert f["short"].eta_fair == 0.2 and f["short"].urgent
+    p.left_queue("short", 10)
+    p.queued("short", "b", "pool", 100.0, 10)  # done, then an unrelated batch of that id
+    assert not [x for x in p.forecasts(0.0, lambda t: 1.0) if x.batch_id == "short"][0].urgent
 
 
 def test_a_batch_no_order_can_finish_is_at_risk() -> None:

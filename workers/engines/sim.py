@@ -46,6 +46,7 @@ import itertools
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -69,6 +70,9 @@ class SimTiming(BaseModel):
     decode_ms_per_seq: float = Field(default=0.0, ge=0)
     #: completion length cap below max_tokens (None: always max_tokens)
     output_tokens: int | None = Field(default=None, ge=1)
+    #: ``priority`` (as described above) or ``fcfs``: arrival order only, no
+    #: preemption (vLLM's default policy), e.g. for contrast in bench/isolation.py
+    scheduling_policy: Literal["priority", "fcfs"] = "priority"
 
     def step_s(self, running: int, admitted_tokens: int) -> float:
         """Duration of one step, in seconds."""
@@ -176,7 +180,7 @@ class SimEngine:
             prompt_tokens=count_prompt_tokens(request),
             target=target,
             finish_reason="length" if target == opts.max_tokens else "stop",
-            priority=priority,
+            priority=priority if self.timing.scheduling_policy == "priority" else 0,
             arrival=next(self._arrivals),
         )
         self._by_id[request.id] = seq
