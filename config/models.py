@@ -163,6 +163,9 @@ class SchedulerSettings(Section):
     max_slice: int = Field(default=256, gt=0, le=4096)
     #: under load, wait up to this long for a full slice of free capacity
     slice_fill_s: float = Field(default=0.02, ge=0, le=1)
+    #: how far (weighted tokens / tenant weight) a tenant whose batch window is at risk
+    #: may run ahead of the least served tenant of the batch class
+    urgency_lead: float = Field(default=200_000.0, ge=0)
 
 
 class BatchSettings(Section):

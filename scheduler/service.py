@@ -178,6 +178,7 @@ def build_policy(settings: Settings, clock: PricingClock | None = None) -> Sched
         batch_share=s.class_shares.get("batch", 0.1),
         # About one class step of credit (in weighted tokens / share) per `aging_s` waited.
         aging_rate=10_000.0 / s.aging_s,
+        urgency_lead=s.urgency_lead,
     )
     tenants = []
     for name, t in settings.tenants.items():
