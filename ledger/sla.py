@@ -153,6 +153,8 @@ def served_requests(
     out = []
     for row in session.execute(query):
         tenant, prio, model, finished, e2e, queue, ttft, tpot, pt, ct, met = row
+        if e2e is None:  # nullable in the schema, always written by the sink: no times
+            continue
         out.append(Served(tenant, str(prio), model, finished.timestamp(), e2e / 1000.0,
                           _s(queue), _s(ttft), _s(tpot), pt, ct, bool(met)))  # fmt: skip
     return out
