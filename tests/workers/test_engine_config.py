@@ -31,6 +31,16 @@ def test_factory_builds_each_kind(tmp_path: Path) -> None:
     assert isinstance(remote, OpenAIRemoteEngine) and remote.model == "m" and not remote.simulated
 
 
+def test_interactive_headroom_adds_engine_slots(tmp_path: Path) -> None:
+    """The headroom slots are the engine's too: the scheduler keeps them for interactive
+    requests, the engine runs them like any other."""
+    cfg = ModelConfig(engine=EngineKind.sim, max_in_flight=5, interactive_headroom=2)
+    assert create_engine("sim", cfg, home=tmp_path).capacity == 7
+    remote = ModelConfig(engine=EngineKind.openai, max_in_flight=5, interactive_headroom=2,
+                         engine_args={"base_url": "http://127.0.0.1:1/v1"})  # fmt: skip
+    assert create_engine("m", remote, home=tmp_path).capacity == 7
+
+
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 
 
@@ -45,6 +55,13 @@ def test_vllm_engine_args_resolve_home(tmp_path: Path) -> None:
     assert engine.engine_args["max_num_seqs"] == 12 == engine.capacity  # type: ignore[attr-defined]
     assert "frontend" not in engine.engine_args and engine.batch_interval == 32  # type: ignore[attr-defined]
     assert engine.engine_args["served_model_name"] == "x"  # type: ignore[attr-defined]
+    assert engine.engine_args["scheduling_policy"] == "priority"  # type: ignore[attr-defined]
+    headroom = create_engine(
+        "x", cfg.model_copy(update={"interactive_headroom": 3, "engine_args": {
+            **cfg.engine_args, "scheduling_policy": "fcfs"}}), home=tmp_path,
+    )  # fmt: skip
+    assert headroom.engine_args["max_num_seqs"] == 15 == headroom.capacity  # type: ignore[attr-defined]
+    assert headroom.engine_args["scheduling_policy"] == "fcfs"  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize(

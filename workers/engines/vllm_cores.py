@@ -15,7 +15,9 @@ requests between steps; they differ in where it runs:
   does, and sends an output only every ``stream_interval`` tokens of a request.
 * :class:`InprocCore` (``inproc``): in a thread of the worker's process.
 
-Outputs reach the caller as :class:`Delta` records, one per vLLM ``DELTA`` output.
+Outputs reach the caller as :class:`Delta` records, one per vLLM ``DELTA`` output;
+the engine's stats (:class:`~.vllm_meter.EngineMeter`) every ``STATS_INTERVAL_S`` while
+it steps (a ``stats`` message of the pipe).
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from typing import Any, NamedTuple
 
 from ...errors import EngineDeadError, EngineError, ValidationError
 from ...logs import get_logger
+from .base import EngineStats
+from .vllm_meter import EngineMeter
 
 __all__ = ["Delta", "InprocCore", "ProcessCore", "delta_of", "render", "sampling_params"]
 
@@ -50,13 +54,15 @@ class Delta(NamedTuple):
     prompt_tokens: int
     finished: bool
     finish_reason: str | None
+    #: times the engine preempted the request so far (0 where it cannot tell)
+    preemptions: int = 0
 
 
-def delta_of(out: Any) -> Delta:
-    """The :class:`Delta` of a vLLM ``RequestOutput``."""
+def delta_of(out: Any, preemptions: int = 0) -> Delta:
+    """The :class:`Delta` of a vLLM ``RequestOutput`` (which does not count preemptions)."""
     c = out.outputs[0]
     return Delta(c.text, len(c.token_ids), len(out.prompt_token_ids or ()), bool(out.finished),
-                 c.finish_reason)  # fmt: skip
+                 c.finish_reason, preemptions)  # fmt: skip
 
 
 def sampling_params(kwargs: dict[str, Any]) -> Any:
@@ -96,7 +102,8 @@ def render(renderer: Any, model_config: Any, prompt: str | list[dict[str, Any]])
 
 # -- the loop (in the engine's thread or process) ----------------------------------------
 
-#: a command for the loop: ("add", rid, prompt, sampling kwargs) | ("abort", rid) | ("stop",)
+#: a command for the loop: ("add", rid, prompt, sampling kwargs, priority) | ("abort", rid)
+#: | ("stop",)
 Command = tuple[Any, ...]
 #: a step's outputs: (request id, delta) pairs
 Outputs = list[tuple[str, Delta]]
@@ -138,30 +145,41 @@ def step_loop(
     next_command: Callable[[bool], Command | None],
     emit: Callable[[Outputs], object],
     refuse: Callable[[str, str], object],
+    report: Callable[[EngineStats], object],
 ) -> None:
     """Step ``engine`` while it has requests, taking every waiting command before each
-    step; block for a command (``next_command(True)``) when idle. Returns on ``stop``."""
+    step; block for a command (``next_command(True)``) when idle. Returns on ``stop``.
+    ``report`` gets the engine's stats now and then (see :meth:`EngineMeter.due`)."""
+    meter = EngineMeter(engine)
     while True:
         cmd = next_command(not engine.has_unfinished_requests())
         while cmd is not None:
             if cmd[0] == "stop":
                 return
             if cmd[0] == "add":
-                _, rid, prompt, kwargs = cmd
+                _, rid, prompt, kwargs, priority = cmd
                 try:
                     params = sampling_params(kwargs)
-                    engine.add_request(rid, render(engine.renderer, engine.model_config, prompt), params)
+                    engine_input = render(engine.renderer, engine.model_config, prompt)
+                    meter.added(rid, engine.add_request(rid, engine_input, params, priority=priority))
                 except ValidationError as exc:
                     refuse(rid, str(exc))
                 except Exception as exc:  # noqa: BLE001 - a bad request, not a dead engine
                     refuse(rid, f"vLLM refused the request: {exc}")
             elif cmd[0] == "abort":
                 engine.abort_request([cmd[1]])
+                meter.preemptions(cmd[1], ended=True)
             cmd = next_command(False)
         if engine.has_unfinished_requests():
             outputs = engine.step()
             if outputs:
-                emit([(out.request_id, delta_of(out)) for out in outputs])
+                emit([
+                    (out.request_id, delta_of(out, meter.preemptions(out.request_id, ended=out.finished)))
+                    for out in outputs
+                ])  # fmt: skip
+        stats = meter.due(idle=not engine.has_unfinished_requests())  # idle: after an abort too
+        if stats is not None:
+            report(stats)
 
 
 # -- the caller's side -----------------------------------------------------------------
@@ -195,6 +213,8 @@ class _Core:
         self._collectors: dict[str, _Collector] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._dead: BaseException | None = None
+        #: the engine's latest stats (None until it first stepped)
+        self.stats: EngineStats | None = None
 
     def _send(self, cmd: Command) -> None:
         raise NotImplementedError
@@ -205,13 +225,16 @@ class _Core:
             self._send(("abort", rid))
             col.put(None)  # None: aborted
 
-    async def generate(self, rid: str, prompt: Any, kwargs: dict[str, Any]) -> AsyncIterator[Delta]:
-        """The deltas of a request; ``kwargs`` are its ``SamplingParams`` arguments."""
+    async def generate(
+        self, rid: str, prompt: Any, kwargs: dict[str, Any], priority: int = 0
+    ) -> AsyncIterator[Delta]:
+        """The deltas of a request; ``kwargs`` are its ``SamplingParams`` arguments,
+        ``priority`` vLLM's (lower runs first)."""
         if self._dead is not None:
             raise EngineDeadError(f"vLLM engine died: {self._dead}")
         col = _Collector()
         self._collectors[rid] = col
-        self._send(("add", rid, prompt, kwargs))
+        self._send(("add", rid, prompt, kwargs, priority))
         finished = False
         try:
             while True:
@@ -238,6 +261,9 @@ class _Core:
             col = cols.get(rid)
             if col is not None:
                 col.put(delta)
+
+    def _report(self, stats: EngineStats) -> None:
+        self.stats = stats
 
     def _refuse(self, rid: str, reason: str) -> None:
         col = self._collectors.get(rid)
@@ -294,6 +320,7 @@ class InprocCore(_Core):
                 engine, self._next,
                 lambda outputs: loop.call_soon_threadsafe(self._deliver, outputs),
                 lambda rid, reason: loop.call_soon_threadsafe(self._refuse, rid, reason),
+                lambda stats: loop.call_soon_threadsafe(self._report, stats),
             )  # fmt: skip
         except BaseException as exc:  # noqa: BLE001 - the engine is dead
             loop.call_soon_threadsafe(self._died, repr(exc))
@@ -376,6 +403,8 @@ class ProcessCore(_Core):
                 loop.call_soon_threadsafe(self._deliver, msg[1])
             elif msg[0] == "refuse":
                 loop.call_soon_threadsafe(self._refuse, msg[1], msg[2])
+            elif msg[0] == "stats":
+                loop.call_soon_threadsafe(self._report, msg[1])
             elif msg[0] == "dead":
                 loop.call_soon_threadsafe(self._died, msg[1])
 
@@ -407,7 +436,8 @@ def engine_process(engine_args: dict[str, Any], conn: Connection) -> None:
 
     try:
         step_loop(engine, next_command, lambda outputs: conn.send(("out", outputs)),
-                  lambda rid, reason: conn.send(("refuse", rid, reason)))  # fmt: skip
+                  lambda rid, reason: conn.send(("refuse", rid, reason)),
+                  lambda stats: conn.send(("stats", stats)))  # fmt: skip
     except BaseException as exc:  # noqa: BLE001 - tell the worker, then exit
         with contextlib.suppress(OSError):
             conn.send(("dead", repr(exc)))

@@ -22,6 +22,16 @@ streaming requests, every ``batch_interval`` tokens for the others (the first to
 always at once), so a request costs a few output objects, not one per token. Token
 counts are vLLM's own (``prompt_token_ids``, output ``token_ids``).
 
+Requests carry their engine priority (:func:`~.base.engine_priority`) to vLLM, which
+runs with ``scheduling_policy="priority"`` unless ``engine_args`` say otherwise: the
+waiting queue is ordered by (priority, arrival), and when KV-cache blocks run out the
+scheduler preempts the worst running request (it recomputes later). vLLM does not
+preempt for a *slot*, so ``max_num_seqs`` is ``max_in_flight`` plus the model's
+``interactive_headroom``: slots the scheduler fills only with interactive requests.
+The ``process`` and ``inproc`` front ends report the engine's stats (running, waiting,
+KV-cache use, preemptions; :mod:`.vllm_meter`) and each request's preemptions; the
+``async`` one reports neither.
+
 ``engine_args`` are vLLM engine arguments plus ``frontend``, ``stream_interval`` and
 ``batch_interval``;
 ``@home/`` in ``model``/``tokenizer`` means the tokenmill home directory.
@@ -38,7 +48,7 @@ from ...config.models import ModelConfig
 from ...errors import EngineDeadError, EngineError, ValidationError
 from ...logs import get_logger
 from ...wire import InferenceRequest
-from .base import EngineStep, WorkDone, prompt_of, sampling_options
+from .base import EngineStats, EngineStep, WorkDone, prompt_of, sampling_options
 from .vllm_cores import Delta, InprocCore, ProcessCore, delta_of, render, sampling_params
 
 __all__ = ["VllmEngine"]
@@ -91,7 +101,10 @@ class VllmEngine:
             raise ValueError(f"frontend must be one of {', '.join(FRONTENDS)}, not {frontend!r}")
         if stream_interval < 1 or batch_interval < 1:
             raise ValueError("stream_interval and batch_interval must be >= 1")
-        self.engine_args = {"max_num_seqs": capacity, "disable_log_stats": True, **engine_args}
+        self.engine_args = {
+            "max_num_seqs": capacity, "disable_log_stats": True, "scheduling_policy": "priority",
+            **engine_args,
+        }  # fmt: skip
         self.capacity = int(self.engine_args["max_num_seqs"])
         self.frontend = frontend
         self.stream_interval = stream_interval
@@ -103,7 +116,7 @@ class VllmEngine:
 
     @classmethod
     def from_config(cls, model: str, cfg: ModelConfig, *, home: Path) -> VllmEngine:
-        from .factory import resolve_home_path
+        from .factory import engine_slots, resolve_home_path
 
         args = dict(cfg.engine_args)
         own = {k: args.pop(k) for k in _OWN_ARGS if k in args}
@@ -115,7 +128,7 @@ class VllmEngine:
         args.setdefault("served_model_name", model)
         return cls(
             args,
-            capacity=cfg.max_in_flight,
+            capacity=engine_slots(cfg),
             frontend=own.get("frontend"),
             stream_interval=int(own.get("stream_interval", DEFAULT_STREAM_INTERVAL)),
             batch_interval=int(own.get("batch_interval", DEFAULT_BATCH_INTERVAL)),
@@ -144,6 +157,9 @@ class VllmEngine:
         if self._async_llm is not None:
             self._async_llm.shutdown()
             self._async_llm = None
+
+    def stats(self) -> EngineStats | None:
+        return None if self._core is None else self._core.stats
 
     async def abort(self, request_id: str) -> WorkDone | None:
         done = self._work.pop(request_id, None)
@@ -180,13 +196,13 @@ class VllmEngine:
             kwargs["repetition_penalty"] = o.repetition_penalty
         return kwargs
 
-    async def generate(self, request: InferenceRequest) -> AsyncIterator[EngineStep]:
+    async def generate(self, request: InferenceRequest, priority: int = 0) -> AsyncIterator[EngineStep]:
         kwargs = self.sampling_kwargs(request)
         prompt = prompt_of(request)
         if self._core is not None:
-            outputs = self._core.generate(request.id, prompt, kwargs)
+            outputs = self._core.generate(request.id, prompt, kwargs, priority)
         elif self._async_llm is not None:
-            outputs = self._async_generate(request.id, prompt, sampling_params(kwargs))
+            outputs = self._async_generate(request.id, prompt, sampling_params(kwargs), priority)
         else:
             raise EngineDeadError("vLLM engine is not running")
         completion = 0
@@ -203,13 +219,16 @@ class VllmEngine:
                     completion_tokens=completion,
                     prompt_tokens=out.prompt_tokens,
                     finish_reason=finish,
+                    preemptions=out.preemptions,
                 )
                 if out.finished:
                     return
         finally:
             self._work.pop(request.id, None)
 
-    async def _async_generate(self, rid: str, prompt: Any, params: Any) -> AsyncIterator[Delta]:
+    async def _async_generate(
+        self, rid: str, prompt: Any, params: Any, priority: int
+    ) -> AsyncIterator[Delta]:
         from vllm.v1.engine.exceptions import EngineDeadError as VllmDead
 
         llm = self._async_llm
@@ -218,7 +237,7 @@ class VllmEngine:
         except Exception as exc:
             raise ValidationError(f"prompt: {exc}") from exc
         try:
-            async for out in llm.generate(engine_input, params, rid):
+            async for out in llm.generate(engine_input, params, rid, priority=priority):
                 yield delta_of(out)
         except VllmDead as exc:
             raise EngineDeadError(f"vLLM engine died: {exc}") from exc
