@@ -32,6 +32,8 @@ class Attempt:
     event_tokens: int = 0
     event_at: float = 0.0
     first_token_at: float | None = None
+    #: times the engine preempted it (the engine's count, from its latest step)
+    preemptions: int = 0
     finish_reason: str | None = None
     cancel_requested: bool = False
     gen_task: asyncio.Task[None] | None = None

@@ -25,7 +25,7 @@ def worker_command(
         str | None, typer.Option(help="Worker pool (Celery queue); default: the model's pool.")
     ] = None,
     concurrency: Annotated[
-        int | None, typer.Option(help="Task threads (slices in flight); default min(max_in_flight, 64).")
+        int | None, typer.Option(help="Task threads (slices in flight); default min(max_in_flight, 64) + interactive_headroom.")
     ] = None,
     visibility_timeout: Annotated[
         float, typer.Option(help="Seconds before an unacked message of a dead worker is redelivered.")

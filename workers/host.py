@@ -23,7 +23,12 @@ For each request it:
    usage) carry the engine's counts of the work done so far (see ``Engine.abort``),
    zero for a request the engine never had.
 
-Once a second (``maintenance_interval_s``) it publishes the worker's heartbeat,
+Each request runs at its engine priority (:func:`~.engines.base.engine_priority`: its
+class, and the dispatch's ``urgent`` flag for batch lines), and its terminal event
+counts the times the engine preempted it.
+
+Once a second (``maintenance_interval_s``) it publishes the worker's heartbeat (capacity,
+the slots of it reserved for interactive requests, and the engine's own stats),
 renews its leases and its messages' broker visibility; every ``cancel_poll_s`` it
 checks the cancel keys of the requests it runs.
 """
@@ -58,7 +63,7 @@ from . import heartbeat
 from .attempt import Attempt
 from .batching import Coalescer
 from .cancel import CancelWatch
-from .engines.base import Engine, EngineStep
+from .engines.base import Engine, EngineStep, engine_priority
 from .events import EventSink
 from .lease import Admission, Leases, renew_visibility
 from .outbox import Outbox
@@ -75,6 +80,9 @@ class HostConfig:
     worker: str
     pool: str
     model: str
+    #: slots of the engine's capacity that only interactive requests take (the model's
+    #: ``interactive_headroom``): told to the scheduler in the heartbeat
+    reserved: int = 0
     #: a ``progress`` event after this many new tokens ...
     progress_tokens: int = 64
     #: ... or when this long has passed since the previous event of the request
@@ -421,7 +429,9 @@ class EngineHost:
 
     async def _generate(self, run: Attempt) -> None:
         cfg = self.config
-        gen = self.engine.generate(run.request)
+        gen = self.engine.generate(
+            run.request, engine_priority(run.request.priority, run.dispatch.urgent)
+        )
         try:
             async for step in gen:
                 self._apply(run, step)
@@ -455,6 +465,7 @@ class EngineHost:
                 run.stream_text.append(step.text)
         run.completion_tokens = step.completion_tokens
         run.prompt_tokens = step.prompt_tokens
+        run.preemptions = step.preemptions
         if step.done:
             run.finish_reason = step.finish_reason
 
@@ -499,6 +510,7 @@ class EngineHost:
             kind,
             finished_at=now,
             reason=None if error is None else f"{error.code}: {error.message}",
+            preemptions=run.preemptions,
         )
         result = Result(
             request_id=req.id, tenant=req.tenant, model=req.model, status=status, body=body,
@@ -583,9 +595,16 @@ class EngineHost:
 
     async def _beat(self) -> None:
         cfg = self.config
+        capacity = self.capacity
+        stats = self.engine.stats()
         beat = WorkerHeartbeat(
             worker=cfg.worker, pool=cfg.pool, models=(cfg.model,), engine=self.engine.name,
-            simulated=self.engine.simulated, capacity=self.capacity, in_flight=self.in_flight,
+            simulated=self.engine.simulated, capacity=capacity, in_flight=self.in_flight,
+            reserved=min(cfg.reserved, capacity),
+            engine_running=None if stats is None else stats.running,
+            engine_waiting=None if stats is None else stats.waiting,
+            kv_cache_usage=None if stats is None else stats.kv_cache_usage,
+            preemptions=0 if stats is None else stats.preemptions,
         )
         # One round trip: each one wakes this thread (with vLLM's ``inproc`` front end,
         # each wake-up stalls the engine thread, one GIL, for longer than the work itself).

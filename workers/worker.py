@@ -42,7 +42,8 @@ def worker_name(model: str, pool: str, *, simulated: bool) -> str:
 class WorkerOptions:
     model: str
     pool: str | None = None
-    #: task threads (slices in flight); default: the model's max_in_flight, at most 64
+    #: task threads (slices in flight); default: the model's max_in_flight, at most 64,
+    #: plus its interactive_headroom
     concurrency: int | None = None
     visibility_timeout_s: float = DEFAULT_VISIBILITY_TIMEOUT_S
     lease_ttl_s: float = 15.0
@@ -109,8 +110,8 @@ def run_worker(settings: Settings, opts: WorkerOptions) -> int:
     host = EngineHost(
         engine,
         HostConfig(
-            worker=name, pool=pool, model=opts.model, lease_ttl_s=opts.lease_ttl_s,
-            visibility_index_key=UNACKED_INDEX_KEY,
+            worker=name, pool=pool, model=opts.model, reserved=cfg.interactive_headroom,
+            lease_ttl_s=opts.lease_ttl_s, visibility_index_key=UNACKED_INDEX_KEY,
         ),
         redis_url=redis_url,
         sink=sink,
@@ -121,7 +122,9 @@ def run_worker(settings: Settings, opts: WorkerOptions) -> int:
     runtime.tune_gc()  # after the engine loaded: its heap is frozen with the rest
     app = create_app(redis_url, visibility_timeout_s=opts.visibility_timeout_s)
     app.tokenmill_host = host  # type: ignore[attr-defined]
-    concurrency = opts.concurrency or min(cfg.max_in_flight, 64)
+    # Headroom threads on top: an interactive slice must find a free task thread even
+    # when batch slices hold all the others.
+    concurrency = opts.concurrency or min(cfg.max_in_flight, 64) + cfg.interactive_headroom
     worker = app.Worker(
         hostname=name,
         queues=[queue_name(pool)],

@@ -15,6 +15,7 @@ import pytest
 import redis
 from tokenmill.workers import keys
 from tokenmill.workers.celery_app import create_app, queue_name, send_slice
+from tokenmill.workers.heartbeat import live_workers
 from tokenmill.workers.results import wait_result
 from workers_helpers import (
     WorkerProcess,
@@ -29,7 +30,8 @@ from tokenmill.stack import processes
 from tokenmill.wire import EventKind, ResultStatus
 
 MODELS = {
-    "sim": {"engine": "sim", "max_in_flight": 64, "engine_args": {"decode_ms_per_step": 2.0}},
+    "sim": {"engine": "sim", "max_in_flight": 64, "interactive_headroom": 2,
+            "engine_args": {"decode_ms_per_step": 2.0}},
     # ~50 ms per token: a 60-token request runs ~3 s
     "slow": {"engine": "sim", "max_in_flight": 8, "engine_args": {"decode_ms_per_step": 50.0}},
 }
@@ -69,6 +71,11 @@ def test_worker_runs_slices_and_reports_events(
 ) -> None:
     name = sim_worker.name()
     assert name is not None and name.startswith("sim.simulated@sim@")
+    # the headroom slots are the engine's, reserved for interactive requests, with a
+    # task thread each
+    [beat] = [b for b in live_workers(rclient, "sim") if b.worker == name]
+    assert (beat.capacity, beat.reserved, beat.engine_running, beat.preemptions) == (66, 2, 0, 0)
+    assert b"concurrency: 66 (thread)" in sim_worker.log_path.read_bytes()
     reqs = [chat_request("sim", f"hello {i}", max_tokens=40) for i in range(6)]
     send_slice(app, "sim", dispatches(reqs[:4]))
     send_slice(app, "sim", dispatches(reqs[4:]))

@@ -39,6 +39,7 @@ from tokenmill.wire import (
     Dispatch,
     EventKind,
     InferenceRequest,
+    Priority,
     Result,
     ResultStatus,
     TokenEvent,
@@ -337,6 +338,38 @@ def test_heartbeats_show_capacity_and_drop_out(make_host: HostFactory, rclient: 
     assert rclient.zscore(keys.pool_workers(pool), "ghost") is None
     host.stop()
     assert live_workers(rclient, pool) == []
+
+
+def test_heartbeats_carry_engine_stats_and_events_count_preemptions(
+    make_host: HostFactory, rclient: redis.Redis
+) -> None:
+    """Requests run at their engine priority (an urgent batch line above plain batch
+    work); the heartbeat tells the reserved slots and the engine's stats, and a terminal
+    event how often the engine preempted its request."""
+    engine = SimEngine(SimTiming(decode_ms_per_step=5.0), capacity=2)
+    host, sink = make_host(engine=engine, reserved=1)
+    pool = host.config.pool
+
+    def batch(urgent: bool) -> Dispatch:
+        req = chat_request("sim", max_tokens=150).model_copy(update={"priority": Priority.batch})
+        return Dispatch(request=req, urgent=urgent)
+
+    plain, urgent = batch(False), batch(True)  # plain arrives first: FIFO alone keeps it
+    fut = host.submit_slice([plain, urgent])
+    [busy] = wait_for(
+        lambda: [b for b in live_workers(rclient, pool) if b.engine_running == 2], 5, "busy heartbeat"
+    )
+    assert (busy.capacity, busy.reserved, busy.in_flight) == (2, 1, 2)
+    assert (busy.engine_waiting, busy.kv_cache_usage, busy.preemptions) == (0, None, 0)
+    interactive = chat_request("sim", max_tokens=5).model_copy(update={"priority": Priority.interactive})
+    [outcome] = host.run_slice(dispatches([interactive]))
+    assert outcome.status == "succeeded"
+    assert not fut.done()  # it did not wait for the batch lines
+    assert {o.status for o in fut.result(10)} == {"succeeded"}
+    finished = {e.request_id: e for e in sink.events if e.kind is EventKind.finished}
+    assert [finished[d.request.id].preemptions for d in (plain, urgent)] == [1, 0]
+    assert finished[interactive.id].preemptions == 0
+    wait_for(lambda: [b for b in live_workers(rclient, pool) if b.preemptions == 1], 5, "preemption count")
 
 
 def test_request_past_its_deadline_expires_without_running(make_host: HostFactory, rclient: redis.Redis) -> None:
