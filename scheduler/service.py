@@ -309,7 +309,7 @@ class SchedulerService:
             min_batch_fraction=self.policy.config.share(Priority.BATCH)
             / sum(self.policy.config.share(p) for p in Priority)
         )
-        #: per dispatched request: its pool's planning units and whether it is a batch line
+        #: per dispatched request: its planning units and whether it is of the batch class
         self._units: dict[str, tuple[float, bool]] = {}
         #: batches whose lines go to the engine marked urgent
         self._urgent_batches: set[str] = set()
@@ -678,7 +678,7 @@ class SchedulerService:
             if q.priority is Priority.INTERACTIVE:
                 pool.interactive.add(q.request_id)
             self._pool_of_request[q.request_id] = pool.name
-            self._units[q.request_id] = (_units(h.request), h.request.batch_id is not None)
+            self._units[q.request_id] = (_units(h.request), q.priority is Priority.BATCH)
             self._left_queue(h.request)
             self._owner.pop(q.request_id, None)
             self.offsets.release(h.tp, h.offset)

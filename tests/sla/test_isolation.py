@@ -28,6 +28,7 @@ def test_a_batch_flood_leaves_interactive_requests_and_itself_untouched(
     stack: IsolationStack,
 ) -> None:
     async def run() -> tuple[list, list, list, list]:  # type: ignore[type-arg]
+        await stack.trickle("iso", every_s=0.05, max_tokens=4, until=None, at_most=4)  # warm-up
         alone = await stack.trickle("iso", every_s=0.2, max_tokens=4, until=None, at_most=12)
         flood_alone = await stack.flood("iso", 64, 48)
         flood, trickle = await flood_with_trickle(
