@@ -261,3 +261,19 @@ async def test_a_preempted_sequence_recomputes_its_prompt_and_output() -> None:
     # prefills: the batch prompt, the interactive prompt, then the batch prompt again
     # with every token it had generated when it was preempted
     assert timing._admitted == [10, 1, 10 + generated] and generated >= 5
+
+
+async def test_fcfs_policy_ignores_priorities() -> None:
+    engine = SimEngine(SimTiming(decode_ms_per_step=2.0, scheduling_policy="fcfs"), capacity=1)
+    await engine.start()
+    finished: list[str] = []
+    running = engine.generate(completion_request("sim", max_tokens=10), BATCH)
+    await running.__anext__()
+    tasks = [
+        asyncio.create_task(_drain(running, finished, "batch")),
+        asyncio.create_task(_drain(engine.generate(completion_request("sim", max_tokens=2), INTERACTIVE),
+                                   finished, "interactive")),
+    ]  # fmt: skip
+    await asyncio.wait_for(asyncio.gather(*tasks), 5.0)
+    await engine.shutdown()
+    assert finished == ["batch", "interactive"] and engine.stats().preemptions == 0

@@ -29,6 +29,7 @@ runs first, see :func:`~.base.engine_priority`):
   preempted sequence's KV cache). vLLM preempts when KV blocks run out, not when slots
   do; here slots stand for both. Preemptions are counted per sequence
   (``EngineStep.preemptions``) and in total (:meth:`SimEngine.stats`).
+* ``scheduling_policy = "fcfs"`` ignores priorities: arrival order, no preemption.
 
 Token counts: the prompt counts one token per whitespace-separated word (chat: of
 every message's content, plus 4 per message and 2 for the reply's header);
