@@ -357,6 +357,28 @@ def test_sla_gauges_come_from_the_ledger_window(
     assert 'tokenmill_sla_attainment_ratio{target="e2e",tenant="alpha"} 1.0' in text
 
 
+def test_fairness_gauges_read_the_window_and_drop_tenants_gone_from_it(
+    sink: LedgerSink, sessions: sessionmaker[Session]
+) -> None:
+    from tokenmill.ledger.streams.app import window_fairness
+
+    now = time.time()
+    sink.write([ev("a", finished_at=now), ev("b", tenant="beta", finished_at=now),
+                ev("old", tenant="gamma", finished_at=now - 3600)])  # fmt: skip
+    registry = CollectorRegistry()
+    metrics = StreamMetrics(registry)
+    metrics.set_fairness(window_fairness(sink, 300))
+    text = generate_latest(registry).decode()
+    # alpha (gold, 4) and beta (silver, 2) active in standard: gamma's request is too old
+    assert 'tokenmill_fair_share_entitled_ratio{priority="standard",tenant="beta"} 0.333' in text
+    assert 'tokenmill_fair_share_received_ratio{priority="standard",tenant="alpha"} 0.5' in text
+    assert 'tenant="gamma"' not in text
+    assert 'tokenmill_fairness_jain_index{priority="standard"} 0.9' in text  # x = 0.75, 1.5
+    metrics.set_fairness(window_fairness(sink, 0.001))  # nothing finished that recently
+    text = generate_latest(registry).decode()
+    assert 'tenant="alpha"' not in text and "# TYPE tokenmill_fairness_jain_index gauge" in text
+
+
 # -- one cost function: the scheduler's budget settles at the ledger's charge -----------------
 
 
