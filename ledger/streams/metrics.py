@@ -13,7 +13,8 @@ restarts. Percentiles over windows: ``histogram_quantile`` over the histograms, 
 
 Fair-share gauges (:mod:`..fairness` defines each figure), from the ledger over the last
 ``fairness_window_s`` seconds, per ``tenant`` and ``priority`` (class), refreshed with the
-SLA gauges; a tenant with no request finished in the window has none:
+SLA gauges; a tenant with no request finished in the window has none. No ``model``
+label: the scheduler keeps one counter per tenant and class, across models.
 
 * ``tokenmill_fair_share_requests``: requests finished in the window;
 * ``tokenmill_fair_share_service_tokens``: weighted tokens charged, as the scheduler
