@@ -308,7 +308,7 @@ def sla(
     if as_json:
         _print_json(doc)
         return
-    if not doc["groups"]:
+    if not doc["groups"] and not doc["tenants"]:
         console.print("no finished requests in that span")
         return
     table = Table(title=f"SLA since {doc['since']} (ms: p50 / p95 / p99)")
@@ -322,14 +322,21 @@ def sla(
     console.print(table)
     per_tenant = Table(title="Attainment and goodput per tenant")
     per_tenant.add_column("tenant")
-    for col in ("requests", "all targets", "TTFT", "TPOT", "end-to-end", "goodput req/s"):
+    for col in ("requests", "all targets", "TTFT", "TPOT", "end-to-end", "goodput req/s",
+                "batches in window"):  # fmt: skip
         per_tenant.add_column(col, justify="right")
     for name, t in doc["tenants"].items():
         ta = t["target_attainment"]
         goodput = "-" if t["goodput_rps"] is None else f"{t['goodput_rps']:.3f}"
-        per_tenant.add_row(name, f"{t['requests']:,}", f"{t['attainment']:.1%}", f"{ta['ttft']:.1%}",
-                           f"{ta['tpot']:.1%}", f"{ta['e2e']:.1%}", goodput)  # fmt: skip
+        b = t.get("batches") or {}
+        windows = f"{b['within_window']}/{b['ended']}" if b.get("ended") else "-"
+        per_tenant.add_row(name, f"{t['requests']:,}", _pct(t["attainment"]), _pct(ta["ttft"]),
+                           _pct(ta["tpot"]), _pct(ta["e2e"]), goodput, windows)  # fmt: skip
     console.print(per_tenant)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
 
 
 def _sla_live(since: str, until: str | None, *, all_tenants: bool, as_json: bool,

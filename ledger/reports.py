@@ -19,7 +19,7 @@ from tokenmill.errors import ValidationError
 
 from .billing import Period, invoice
 from .models import DeliveryStatus
-from .sla import FIGURES, QUANTILES, sla_groups
+from .sla import FIGURES, QUANTILES, BatchWindows, batch_windows, sla_groups
 from .usage import usage_rows
 from .webhooks import list_webhooks
 
@@ -158,9 +158,11 @@ def sla_report(
 ) -> dict[str, Any]:
     """p50/p95/p99 of queue wait, TTFT, TPOT and end-to-end latency per tenant × tier ×
     model (exact, from the per-request records), and per tenant the attainment of all
-    targets and of each, and goodput (requests meeting every target per second of the
-    span, which ends at ``until`` or ``now``)."""
+    targets and of each, goodput (requests meeting every target per second of the
+    span, which ends at ``until`` or ``now``), and the batches that ended in the span
+    against their completion windows."""
     groups = sla_groups(session, since, until, tenant=tenant, targets=targets)
+    windows = {w.tenant: w for w in batch_windows(session, since, until, tenant=tenant)}
     span_s = ((until or now or datetime.now(UTC)) - since).total_seconds()
     totals: dict[str, dict[str, Any]] = {}
     for g in groups:
@@ -169,13 +171,18 @@ def sla_report(
         t["met"] += g.met
         for k, v in g.target_met.items():
             t["target_met"][k] += v
+    for name in windows.keys() - totals.keys():  # batches ended, no request finished in the span
+        totals[name] = {"requests": 0, "met": 0, "target_met": dict.fromkeys(("ttft", "tpot", "e2e"), 0)}
     return {
         "object": "tokenmill.sla", "since": _iso(since), "until": _iso(until),
         "tenants": {
-            name: {"requests": t["requests"], "met": t["met"], "attainment": t["met"] / t["requests"],
-                   "target_attainment": {k: v / t["requests"] for k, v in t["target_met"].items()},
-                   "goodput_rps": t["met"] / span_s if span_s > 0 else None}
-            for name, t in totals.items()
+            name: {"requests": t["requests"], "met": t["met"],
+                   "attainment": t["met"] / t["requests"] if t["requests"] else None,
+                   "target_attainment": {k: v / t["requests"] if t["requests"] else None
+                                         for k, v in t["target_met"].items()},
+                   "goodput_rps": t["met"] / span_s if span_s > 0 else None,
+                   "batches": _windows_json(windows.get(name))}
+            for name, t in sorted(totals.items())
         },
         "groups": [{"tenant": g.tenant, "tier": g.tier, "model": g.model, "sla_class": g.sla_class,
                     "requests": g.requests, "met": g.met, "attainment": g.attainment,
@@ -183,6 +190,13 @@ def sla_report(
                        for fig in FIGURES for i, q in enumerate(QUANTILES)}}
                    for g in groups],
     }  # fmt: skip
+
+
+def _windows_json(w: BatchWindows | None) -> dict[str, Any]:
+    if w is None:
+        return {"ended": 0, "within_window": 0, "expired": 0, "within_window_rate": None}
+    return {"ended": w.ended, "within_window": w.within_window, "expired": w.expired,
+            "within_window_rate": w.rate}  # fmt: skip
 
 
 def webhooks_report(

@@ -11,9 +11,10 @@ from typing import Any
 from sqlalchemy import case, func, or_, select
 from sqlalchemy.orm import Session
 
+from ..wire import BatchStatus
 from .errors import translated
 from .fairness import Served, percentile
-from .models import SlaRecord, UsageRecord
+from .models import BatchRow, SlaRecord, UsageRecord
 from .types import utc
 
 # -- reports -------------------------------------------------------------------------
@@ -162,3 +163,49 @@ def served_requests(
 
 def _s(ms: float | None) -> float | None:
     return None if ms is None else ms / 1000.0
+
+
+@dataclass(frozen=True, slots=True)
+class BatchWindows:
+    """A tenant's batches that ended in a span, against their completion windows."""
+
+    tenant: str
+    #: completed, expired or failed (a cancelled batch is the tenant's choice: not counted)
+    ended: int
+    #: completed no later than its window's end
+    within_window: int
+    expired: int
+
+    @property
+    def rate(self) -> float:
+        return self.within_window / self.ended if self.ended else 1.0
+
+
+@translated
+def batch_windows(
+    session: Session, since: datetime, until: datetime | None = None, *, tenant: str | None = None
+) -> list[BatchWindows]:
+    """Per tenant, the batches that ended in [since, until) and how many met their window."""
+    ended_at = func.coalesce(BatchRow.completed_at, BatchRow.expired_at, BatchRow.failed_at)
+    met = case(
+        (
+            (BatchRow.status == BatchStatus.completed) & (BatchRow.completed_at <= BatchRow.expires_at),
+            1,
+        ),
+        else_=0,
+    )
+    expired = case((BatchRow.status == BatchStatus.expired, 1), else_=0)
+    query = (
+        select(BatchRow.tenant, func.count(), func.sum(met), func.sum(expired))
+        .where(
+            BatchRow.status.in_((BatchStatus.completed, BatchStatus.expired, BatchStatus.failed)),
+            ended_at >= utc(since),
+        )
+        .group_by(BatchRow.tenant)
+        .order_by(BatchRow.tenant)
+    )
+    if until is not None:
+        query = query.where(ended_at < utc(until))
+    if tenant is not None:
+        query = query.where(BatchRow.tenant == tenant)
+    return [BatchWindows(t, n, int(m or 0), int(e or 0)) for t, n, m, e in session.execute(query)]

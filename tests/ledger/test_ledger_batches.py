@@ -86,3 +86,36 @@ def test_listing_pages_newest_first(sessions: sessionmaker[Session]) -> None:
         assert [b.id for b in rest] == ["batch_2", "batch_1", "batch_0"]
         assert [b.id for b in list_batches(s, "alpha", limit=1, after="batch_x")] == ["batch_4"]
         assert timedelta(seconds=first[0].created_at - T0) == timedelta(seconds=4)
+
+
+def test_batches_are_counted_against_their_completion_windows(
+    sessions: sessionmaker[Session],
+) -> None:
+    from tokenmill.ledger.reports import sla_report
+    from tokenmill.ledger.sla import batch_windows
+
+    end = T0 + 100  # every batch below expires then
+    with transaction(sessions) as s:
+        for bid, tenant, status, at in (
+            ("b_in", "alpha", BatchStatus.completed, T0 + 50),
+            ("b_edge", "alpha", BatchStatus.completed, end),  # at the window's end: met
+            ("b_late", "alpha", BatchStatus.completed, end + 1),  # finalized after it
+            ("b_exp", "alpha", BatchStatus.expired, end),
+            ("b_cancel", "alpha", BatchStatus.cancelled, T0 + 10),  # the tenant's choice
+            ("b_beta", "beta", BatchStatus.failed, T0 + 20),
+            ("b_old", "beta", BatchStatus.completed, T0 - 3600),  # ended before the span
+            ("b_run", "beta", BatchStatus.in_progress, None),
+        ):
+            times = {} if at is None else {f"{status.value}_at": at}
+            upsert_batch(s, _batch(bid, tenant, status=status, expires_at=end, **times))
+    since = datetime.fromtimestamp(T0 - 60, UTC)
+    with transaction(sessions) as s:
+        got = {w.tenant: w for w in batch_windows(s, since)}
+        assert (got["alpha"].ended, got["alpha"].within_window, got["alpha"].expired) == (4, 2, 1)
+        assert got["alpha"].rate == 0.5
+        assert (got["beta"].ended, got["beta"].within_window) == (1, 0)
+        assert [w.tenant for w in batch_windows(s, since, tenant="beta")] == ["beta"]
+        report = sla_report(s, since, targets={}, now=datetime.fromtimestamp(T0 + 200, UTC))
+    assert report["tenants"]["alpha"]["batches"]["within_window_rate"] == 0.5
+    assert report["tenants"]["beta"]["batches"]["ended"] == 1
+    assert report["tenants"]["beta"]["attainment"] is None  # no request finished in the span
