@@ -81,9 +81,14 @@ FULL_ONLY = {
     f"{SCHEDULER}-alone": "`make test` kills the scheduler in test_supervised_stack and tests/pipeline",
     f"{SCHEDULER}-up": "`make test` kills the scheduler in test_supervised_stack and tests/pipeline",
     f"{BATCH_RUNNER}-up": "`make test` kills the batch runner in test_supervised_stack and test_runner_copies",
-    f"{STREAMS}-up": "`make test` covers the stream processor started alone",
+    f"{STREAMS}-up": "`make faults` covers the stream processor",
+    # tests/streams SIGKILLs a stream processor mid-stream and checks the ledger exact
+    # after its restart on both databases; tests/webhooks kills the webhook dispatcher
+    # mid-delivery (each webhook once).
+    f"{STREAMS}-alone": "tests/streams restarts a SIGKILLed stream processor, ledger exact",
+    f"{WEBHOOKS}-alone": "tests/webhooks kills the dispatcher mid-delivery, each webhook once",
     f"{BATCH_RUNNER}-alone": "`make test` kills the batch runner in test_supervised_stack and test_runner_copies",
-    f"{WEBHOOKS}-up": "`make test` covers the webhook dispatcher started alone",
+    f"{WEBHOOKS}-up": "`make faults` covers the webhook dispatcher",
     # Request webhooks are noted in Redis at acceptance now, so one no longer depends on
     # the broker keeping its request; `make test` covers a lost Redis (the same full
     # restart) with redis-up.

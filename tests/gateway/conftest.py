@@ -18,7 +18,9 @@ from batch_stack import Stack, running_stack, stack_config
 KEYS = {"alpha": "tm-alpha-demo-key", "beta": "tm-beta-demo-key", "gamma": "tm-gamma-demo-key"}
 
 
-@pytest.fixture(scope="module")
+# One stack for the modules that take it as it is (a module needing another config
+# defines its own): each starts in ~10 s, and their tests read only their own requests.
+@pytest.fixture(scope="package")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     with running_stack(tmp_path_factory.mktemp("gateway-stack"), stack_config()) as s:
         yield s
