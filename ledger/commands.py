@@ -312,12 +312,13 @@ def sla(
         console.print("no finished requests in that span")
         return
     table = Table(title=f"SLA since {doc['since']} (ms: p50 / p95 / p99)")
-    for col in ("tenant", "tier", "model"):
+    for col in ("tenant", "tier", "model", "class"):
         table.add_column(col)
     for col in ("requests", "attainment", "TTFT", "TPOT", "end-to-end", "queue"):
         table.add_column(col, justify="right")
     for g in doc["groups"]:
-        table.add_row(g["tenant"], g["tier"], g["model"], f"{g['requests']:,}", f"{g['attainment']:.1%}",
+        table.add_row(g["tenant"], g["tier"], g["model"], g.get("priority", "-"), f"{g['requests']:,}",
+                      f"{g['attainment']:.1%}",
                       *(_q(g, f) for f in ("ttft_ms", "tpot_ms", "e2e_ms", "queue_ms")))  # fmt: skip
     console.print(table)
     per_tenant = Table(title="Attainment and goodput per tenant")

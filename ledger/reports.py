@@ -184,7 +184,8 @@ def sla_report(
                    "batches": _windows_json(windows.get(name))}
             for name, t in sorted(totals.items())
         },
-        "groups": [{"tenant": g.tenant, "tier": g.tier, "model": g.model, "sla_class": g.sla_class,
+        "groups": [{"tenant": g.tenant, "tier": g.tier, "model": g.model, "priority": g.priority,
+                    "sla_class": g.sla_class,
                     "requests": g.requests, "met": g.met, "attainment": g.attainment,
                     **{f"{fig}_p{round(q * 100)}": g.quantiles[fig][i]
                        for fig in FIGURES for i, q in enumerate(QUANTILES)}}

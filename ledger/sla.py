@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import case, func, or_, select
 from sqlalchemy.orm import Session
 
-from ..wire import BatchStatus
+from ..wire import BatchStatus, Priority
 from .errors import translated
 from .fairness import Served, percentile
 from .models import BatchRow, SlaRecord, UsageRecord
@@ -27,12 +27,15 @@ QUANTILES = (0.5, 0.95, 0.99)
 
 @dataclass(frozen=True)
 class SlaGroup:
-    """SLA figures of one tenant × tier × model over a span of time."""
+    """SLA figures of one tenant × tier × model × priority class over a span of time."""
 
     tenant: str
     tier: str
     model: str
     sla_class: str
+    #: the requests' priority class (batch requests have no latency targets: see
+    #: :mod:`.streams.measure`)
+    priority: str
     requests: int
     #: requests that met every target of their class (goodput)
     met: int
@@ -55,8 +58,9 @@ def sla_groups(
     tenant: str | None = None,
     targets: Mapping[str, Any] | None = None,
 ) -> list[SlaGroup]:
-    """Per tenant × tier × model: p50/p95/p99 of queue wait, TTFT, TPOT and end-to-end
-    latency, and how many requests met their targets, over ``since <= finished_at < until``.
+    """Per tenant × tier × model × priority class: p50/p95/p99 of queue wait, TTFT, TPOT
+    and end-to-end latency, and how many requests met their targets, over
+    ``since <= finished_at < until``.
 
     Parameters:
         targets: SLA class name → its targets (objects with ``ttft_ms``, ``tpot_ms``,
@@ -64,30 +68,33 @@ def sla_groups(
     """
     query = select(
         SlaRecord.tenant, SlaRecord.tier, SlaRecord.model, SlaRecord.sla_class,
+        func.coalesce(UsageRecord.priority, Priority.standard),
         SlaRecord.queue_ms, SlaRecord.ttft_ms, SlaRecord.tpot_ms, SlaRecord.e2e_ms, SlaRecord.met,
-    ).where(SlaRecord.finished_at >= utc(since))  # fmt: skip
+    ).outerjoin(UsageRecord, UsageRecord.request_id == SlaRecord.request_id).where(
+        SlaRecord.finished_at >= utc(since))  # fmt: skip
     if until is not None:
         query = query.where(SlaRecord.finished_at < utc(until))
     if tenant is not None:
         query = query.where(SlaRecord.tenant == tenant)
-    groups: dict[tuple[str, str, str, str], list[Any]] = {}
+    groups: dict[tuple[str, str, str, str, str], list[Any]] = {}
     for row in session.execute(query):
-        groups.setdefault(tuple(row[:4]), []).append(row)  # type: ignore[arg-type]
+        priority = Priority(row[4]).value
+        groups.setdefault((*row[:4], priority), []).append(row)  # type: ignore[arg-type]
     out = []
-    for (ten, tier, model, cls), rows in sorted(groups.items()):
+    for (ten, tier, model, cls, priority), rows in sorted(groups.items()):
         quantiles = {}
         for i, fig in enumerate(FIGURES):
-            values = sorted(r[4 + i] for r in rows if r[4 + i] is not None)
+            values = sorted(r[5 + i] for r in rows if r[5 + i] is not None)
             quantiles[fig] = tuple(percentile(values, q) for q in QUANTILES)
-        target = (targets or {}).get(cls)
+        target = None if priority == Priority.batch.value else (targets or {}).get(cls)
         target_met = {}
-        for name, col in (("ttft", 5), ("tpot", 6), ("e2e", 7)):
+        for name, col in (("ttft", 6), ("tpot", 7), ("e2e", 8)):
             limit = getattr(target, f"{name}_ms", None)
             target_met[name] = sum(
                 1 for r in rows if limit is None or r[col] is None or r[col] <= limit
             )
-        out.append(SlaGroup(ten, tier, model, cls, len(rows), sum(1 for r in rows if r[8]),
-                            quantiles, target_met))  # type: ignore[arg-type]  # fmt: skip
+        out.append(SlaGroup(ten, tier, model, cls, priority, len(rows),
+                            sum(1 for r in rows if r[9]), quantiles, target_met))  # type: ignore[arg-type]  # fmt: skip
     return out
 
 

@@ -9,7 +9,10 @@ From the timestamps a ``finished`` event carries (seconds since the epoch)::
 
 A request meets its SLA class when it meets every target that applies to it. A figure
 that is undefined does not count against it: TPOT with fewer than two output tokens,
-TTFT without a first token. Queue wait has no target; it is reported only.
+TTFT without a first token. Queue wait has no target; it is reported only. A
+batch-class request has no latency target: it is meant to wait behind interactive work,
+and its SLA is its batch's completion window (a line past it expires; ``tokenmill sla``
+counts the batches completed within their windows).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import NamedTuple
 
 from tokenmill.config import SlaClass
 
-from tokenmill.wire import TokenEvent
+from tokenmill.wire import Priority, TokenEvent
 
 #: the targets of an SLA class, in report order
 TARGETS = ("ttft", "tpot", "e2e")
@@ -58,7 +61,7 @@ def measure(event: TokenEvent, targets: SlaClass | None) -> Measurement:
     if ttft is not None and n >= 2:
         tpot = (e2e - ttft) / (n - 1)
     missed: tuple[str, ...] = ()
-    if targets is not None:
+    if targets is not None and event.priority is not Priority.batch:
         late_first = ttft is not None and ttft > targets.ttft_ms
         slow = tpot is not None and tpot > targets.tpot_ms
         late = e2e > targets.e2e_ms

@@ -102,6 +102,10 @@ def test_sla_percentiles_attainment_and_goodput(cli: typer.Typer, recorded: list
     assert group["ttft_ms_p50"] == pytest.approx(
         (100 + 4000) / 2
     )  # interpolated median of 100, 4000
+    # one row per priority class; a batch line has no latency target (its window is)
+    batch = next(g for g in doc["groups"] if (g["tenant"], g["model"]) == ("alpha", "smollm2"))
+    assert (group["priority"], batch["priority"]) == ("standard", "batch")
+    assert batch["attainment"] == 1.0
     table = run(cli, "sla", "--all-tenants")
     assert "gold" in table and "66.7%" in table
 

@@ -44,7 +44,7 @@ from tokenmill.ledger.streams import (
 from tokenmill.ledger.streams.metrics import LATENCY_BUCKETS, _Histogram
 
 from tokenmill.pricing import PriceBook
-from tokenmill.wire import EventKind, TokenEvent
+from tokenmill.wire import EventKind, Priority, TokenEvent
 
 T_FINISH = datetime(2026, 11, 3, 12, 0, 30, tzinfo=UTC).timestamp()
 
@@ -95,6 +95,11 @@ def test_measure_follows_the_definitions(settings: Settings) -> None:
     assert measure(ev(ttft_s=99), None).met  # no SLA class: nothing to miss
     no_first = ev(completion_tokens=0).model_copy(update={"first_token_at": None})
     assert measure(no_first, gold).ttft_ms is None
+    # a batch line waits behind interactive work by design: its SLA is its batch's window
+    late = ev(completion_tokens=3, ttft_s=2.0, tpot_s=0.5)
+    for priority, missed in ((Priority.interactive, ("ttft", "tpot")), (Priority.batch, ())):
+        got = measure(late.model_copy(update={"priority": priority}), gold)
+        assert got.missed == missed and got.ttft_ms == pytest.approx(2000)
 
 
 # -- the ledger sink ------------------------------------------------------------------------
