@@ -23,6 +23,7 @@ from typing import TypeVar
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
+from redis.exceptions import RedisError
 from sqlalchemy.orm import Session
 
 from ..ledger import transaction
@@ -34,6 +35,7 @@ from ..ledger.reports import (
     usage_report,
     webhooks_report,
 )
+from ..scheduler.deadlines import FORECASTS_KEY, at_risk_by_tenant
 from .auth import tenant_of
 from .backend import Backend
 from .errors import ApiError
@@ -100,8 +102,19 @@ async def sla(
 ) -> Response:
     start, end, now = _span(since, until, detail=True)
     targets = request.app.state.settings.sla
-    doc = await _read(request, lambda s: sla_report(s, start, end, targets=targets, tenant=tenant, now=now))
+    at_risk = await _at_risk(request)
+    doc = await _read(request, lambda s: sla_report(s, start, end, targets=targets, tenant=tenant,
+                                                    now=now, at_risk=at_risk))  # fmt: skip
     return JSONResponse(doc)
+
+
+async def _at_risk(request: Request) -> dict[str, int] | None:
+    """Batches forecast to miss their windows now, per tenant (None: Redis unreachable;
+    the report is the ledger's and goes out without them)."""
+    try:
+        return at_risk_by_tenant(await request.app.state.backend.redis.hgetall(FORECASTS_KEY))
+    except RedisError:
+        return None
 
 
 @router.get("/webhooks")

@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session
 from tokenmill.config import Settings, load_settings
 from tokenmill.producers.commands import ApiKeyOpt, BaseUrlOpt, TenantOpt
 
-from tokenmill.errors import StackError, ValidationError
+from tokenmill.errors import StackError, TokenmillError, ValidationError
 from tokenmill.stack import ServiceSpec, StopStage, endpoints, register_factory
 
 from .reports import (
@@ -301,7 +301,8 @@ def sla(
         return
     if all_tenants:
         start, end = parse_span(since, until)
-        doc = _operator(lambda s, settings: sla_report(s, start, end, targets=settings.sla))
+        doc = _operator(lambda s, settings: sla_report(s, start, end, targets=settings.sla,
+                                                       at_risk=_at_risk_now(settings)))  # fmt: skip
     else:
         params = {"since": since, "until": until}
         doc = fetch("/v1/tokenmill/sla", params, api_key=api_key, tenant=tenant, base_url=base_url)
@@ -324,7 +325,7 @@ def sla(
     per_tenant = Table(title="Attainment and goodput per tenant")
     per_tenant.add_column("tenant")
     for col in ("requests", "all targets", "TTFT", "TPOT", "end-to-end", "goodput req/s",
-                "batches in window"):  # fmt: skip
+                "batches in window", "at risk now"):  # fmt: skip
         per_tenant.add_column(col, justify="right")
     for name, t in doc["tenants"].items():
         ta = t["target_attainment"]
@@ -332,8 +333,24 @@ def sla(
         b = t.get("batches") or {}
         windows = f"{b['within_window']}/{b['ended']}" if b.get("ended") else "-"
         per_tenant.add_row(name, f"{t['requests']:,}", _pct(t["attainment"]), _pct(ta["ttft"]),
-                           _pct(ta["tpot"]), _pct(ta["e2e"]), goodput, windows)  # fmt: skip
+                           _pct(ta["tpot"]), _pct(ta["e2e"]), goodput, windows,
+                           str(b.get("at_risk_now", "-")))  # fmt: skip
     console.print(per_tenant)
+
+
+def _at_risk_now(settings: Settings) -> dict[str, int] | None:
+    """Batches the scheduler forecasts to miss their windows now, per tenant (None: no
+    stack to ask)."""
+    import redis
+    from tokenmill.scheduler.deadlines import FORECASTS_KEY, at_risk_by_tenant
+
+    try:
+        client = redis.Redis.from_url(endpoints(settings).redis_url, socket_timeout=2.0,
+                                      socket_connect_timeout=2.0)  # fmt: skip
+        with client:
+            return at_risk_by_tenant(client.hgetall(FORECASTS_KEY))  # type: ignore[arg-type]
+    except (TokenmillError, redis.RedisError):
+        return None
 
 
 def _pct(value: float | None) -> str:

@@ -155,12 +155,14 @@ def sla_report(
     targets: Mapping[str, Any],
     tenant: str | None = None,
     now: datetime | None = None,
+    at_risk: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
     """p50/p95/p99 of queue wait, TTFT, TPOT and end-to-end latency per tenant × tier ×
     model (exact, from the per-request records), and per tenant the attainment of all
     targets and of each, goodput (requests meeting every target per second of the
-    span, which ends at ``until`` or ``now``), and the batches that ended in the span
-    against their completion windows."""
+    span, which ends at ``until`` or ``now``), the batches that ended in the span
+    against their completion windows, and ``at_risk``: per tenant, its running batches
+    the scheduler forecasts to miss their windows now (None: not known)."""
     groups = sla_groups(session, since, until, tenant=tenant, targets=targets)
     windows = {w.tenant: w for w in batch_windows(session, since, until, tenant=tenant)}
     span_s = ((until or now or datetime.now(UTC)) - since).total_seconds()
@@ -171,7 +173,8 @@ def sla_report(
         t["met"] += g.met
         for k, v in g.target_met.items():
             t["target_met"][k] += v
-    for name in windows.keys() - totals.keys():  # batches ended, no request finished in the span
+    at_risk = {t: n for t, n in (at_risk or {}).items() if tenant is None or t == tenant}
+    for name in (windows.keys() | at_risk.keys()) - totals.keys():  # no request finished
         totals[name] = {"requests": 0, "met": 0, "target_met": dict.fromkeys(("ttft", "tpot", "e2e"), 0)}
     return {
         "object": "tokenmill.sla", "since": _iso(since), "until": _iso(until),
@@ -181,7 +184,8 @@ def sla_report(
                    "target_attainment": {k: v / t["requests"] if t["requests"] else None
                                          for k, v in t["target_met"].items()},
                    "goodput_rps": t["met"] / span_s if span_s > 0 else None,
-                   "batches": _windows_json(windows.get(name))}
+                   "batches": {**_windows_json(windows.get(name)),
+                               "at_risk_now": at_risk.get(name, 0)}}
             for name, t in sorted(totals.items())
         },
         "groups": [{"tenant": g.tenant, "tier": g.tier, "model": g.model, "priority": g.priority,

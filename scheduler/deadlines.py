@@ -29,10 +29,10 @@ from __future__ import annotations
 
 import json
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
-__all__ = ["FORECASTS_KEY", "DeadlinePlanner", "Forecast", "forecast_json"]
+__all__ = ["FORECASTS_KEY", "DeadlinePlanner", "Forecast", "at_risk_by_tenant", "forecast_json"]
 
 
 @dataclass
@@ -206,6 +206,17 @@ class DeadlinePlanner:
 #: Redis hash: batch id -> its :class:`Forecast` (``to_dict`` JSON), written by the
 #: scheduler leader every half second for the batches with queued lines
 FORECASTS_KEY = "tokenmill:scheduler:batch-forecasts"
+
+
+def at_risk_by_tenant(published: Mapping[bytes, bytes]) -> dict[str, int]:
+    """Batches forecast to miss their windows now, per tenant (``published``: the
+    :data:`FORECASTS_KEY` hash)."""
+    out: dict[str, int] = {}
+    for raw in published.values():
+        doc = json.loads(raw)
+        if doc.get("at_risk"):
+            out[doc["tenant"]] = out.get(doc["tenant"], 0) + 1
+    return out
 
 
 def forecast_json(raw: bytes | str | None) -> dict[str, object] | None:

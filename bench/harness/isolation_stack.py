@@ -298,11 +298,23 @@ def batch_status(stack: IsolationStack, b: WindowedBatch) -> dict[str, Any]:
     return doc
 
 
+def sla_report(stack: IsolationStack, tenant: str) -> dict[str, Any]:
+    """The tenant's own SLA report (``GET /v1/tokenmill/sla``)."""
+    import httpx
+
+    r = httpx.get(f"{stack.gateway}/v1/tokenmill/sla", params={"since": "1h"},
+                  headers={"Authorization": f"Bearer {api_key(tenant)}"}, timeout=10)  # fmt: skip
+    r.raise_for_status()
+    doc: dict[str, Any] = r.json()
+    return doc
+
+
 def wait_ended(stack: IsolationStack, batches: list[WindowedBatch], timeout_s: float) -> dict[str, dict[str, Any]]:
     """Each batch's final object, keyed by id; watches each for a forecast at risk on the way
-    (recorded as ``seen_at_risk_at`` in its object)."""
+    (recorded as ``seen_at_risk_at`` in its object, with ``sla_at_risk_now``: what its
+    tenant's SLA report said of its batches at risk then)."""
     deadline = time.monotonic() + timeout_s
-    seen: dict[str, float] = {}
+    seen: dict[str, tuple[float, int]] = {}
     ended: dict[str, dict[str, Any]] = {}
     while len(ended) < len(batches) and time.monotonic() < deadline:
         for b in batches:
@@ -311,9 +323,11 @@ def wait_ended(stack: IsolationStack, batches: list[WindowedBatch], timeout_s: f
             doc = batch_status(stack, b)
             forecast = doc.get("forecast") or {}
             if forecast.get("at_risk") and b.batch_id not in seen:
-                seen[b.batch_id] = time.time()
+                report = sla_report(stack, b.tenant)["tenants"].get(b.tenant, {})
+                seen[b.batch_id] = (time.time(), report.get("batches", {}).get("at_risk_now", 0))
             if doc["status"] in ("completed", "expired", "failed", "cancelled"):
-                ended[b.batch_id] = {**doc, "seen_at_risk_at": seen.get(b.batch_id)}
+                at, in_report = seen.get(b.batch_id, (None, None))
+                ended[b.batch_id] = {**doc, "seen_at_risk_at": at, "sla_at_risk_now": in_report}
         time.sleep(0.2)
     if len(ended) < len(batches):
         raise TimeoutError(f"{len(batches) - len(ended)} batches did not end in {timeout_s:g}s")

@@ -115,7 +115,33 @@ def test_batches_are_counted_against_their_completion_windows(
         assert got["alpha"].rate == 0.5
         assert (got["beta"].ended, got["beta"].within_window) == (1, 0)
         assert [w.tenant for w in batch_windows(s, since, tenant="beta")] == ["beta"]
-        report = sla_report(s, since, targets={}, now=datetime.fromtimestamp(T0 + 200, UTC))
+        now = datetime.fromtimestamp(T0 + 200, UTC)
+        report = sla_report(s, since, targets={}, now=now, at_risk={"gamma": 2, "beta": 1})
+        own = sla_report(s, since, targets={}, now=now, at_risk={"gamma": 2}, tenant="beta")
     assert report["tenants"]["alpha"]["batches"]["within_window_rate"] == 0.5
     assert report["tenants"]["beta"]["batches"]["ended"] == 1
     assert report["tenants"]["beta"]["attainment"] is None  # no request finished in the span
+    # batches at risk now: every tenant's for the operator, only its own for a tenant
+    assert [report["tenants"][t]["batches"]["at_risk_now"] for t in ("alpha", "beta", "gamma")] == [
+        0,
+        1,
+        2,
+    ]
+    assert set(own["tenants"]) == {"beta"} and own["tenants"]["beta"]["batches"]["at_risk_now"] == 0
+
+
+def test_at_risk_batches_are_counted_per_tenant_from_the_published_forecasts() -> None:
+    import json
+
+    from tokenmill.scheduler.deadlines import at_risk_by_tenant
+
+    def fc(tenant: str, at_risk: bool) -> bytes:
+        return json.dumps({"tenant": tenant, "at_risk": at_risk, "deadline": 1.0}).encode()
+
+    published = {
+        b"b1": fc("a", True),
+        b"b2": fc("a", True),
+        b"b3": fc("b", False),
+        b"b4": fc("c", True),
+    }
+    assert at_risk_by_tenant(published) == {"a": 2, "c": 1}

@@ -66,6 +66,8 @@ def test_batches_are_planned_against_their_windows(
     # flagged while there was time to act, and told to its webhook once
     assert doomed["seen_at_risk_at"] is not None
     assert doomed["seen_at_risk_at"] < doomed["expires_at"]
+    assert doomed["sla_at_risk_now"] == 1  # the tenant's SLA report said so too
+    assert late["sla_at_risk_now"] is None  # never at risk
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         at_risk = [
