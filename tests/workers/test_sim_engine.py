@@ -277,3 +277,26 @@ async def test_fcfs_policy_ignores_priorities() -> None:
     await asyncio.wait_for(asyncio.gather(*tasks), 5.0)
     await engine.shutdown()
     assert finished == ["batch", "interactive"] and engine.stats().preemptions == 0
+
+
+async def test_waiting_counts_what_a_step_could_not_admit_not_what_just_arrived() -> None:
+    """The scheduler holds batch work back while an engine reports requests waiting: a
+    sequence that only waits for the next step to start must not count."""
+    engine = await _engine(decode_ms_per_step=20.0, capacity=2)
+    gens = [engine.generate(completion_request("sim", max_tokens=50), BATCH) for _ in range(3)]
+    await gens[0].__anext__()
+    assert engine.stats().waiting == 0 and engine.stats().running == 1
+    second = asyncio.create_task(gens[1].__anext__())
+    await asyncio.sleep(0)  # it arrived; the step in progress has not ended yet
+    assert engine.stats().waiting == 0
+    await second
+    third = asyncio.create_task(gens[2].__anext__())  # no slot: no step can admit it
+    deadline = time.monotonic() + 2.0
+    while engine.stats().waiting == 0 and time.monotonic() < deadline:
+        await asyncio.sleep(0.005)
+    assert engine.stats() == EngineStats(running=2, waiting=1, kv_cache_usage=None, preemptions=0)
+    third.cancel()
+    await asyncio.gather(third, return_exceptions=True)
+    for gen in gens:
+        await gen.aclose()
+    await engine.shutdown()

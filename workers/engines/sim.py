@@ -128,6 +128,8 @@ class SimEngine:
         self._running: list[_Seq] = []
         self._arrivals = itertools.count()
         self._preemptions = 0
+        #: sequences the last step could not admit (see :meth:`stats`)
+        self._not_admitted = 0
         self._by_id: dict[str, _Seq] = {}
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
@@ -146,9 +148,13 @@ class SimEngine:
             await self.abort(rid)
 
     def stats(self) -> EngineStats:
+        # Waiting: what the last step could not admit, as vLLM's count after a step. A
+        # sequence that arrived since waits only for the next step to start; counted, it
+        # read as a full engine to the scheduler, which held batch work back for a
+        # heartbeat (up to a second).
         return EngineStats(
             running=len(self._running),
-            waiting=len(self._waiting),
+            waiting=self._not_admitted,
             kv_cache_usage=None,
             preemptions=self._preemptions,
         )
@@ -237,10 +243,12 @@ class SimEngine:
             next_at = time.monotonic()
             while True:
                 if not self._running and not self._waiting:
+                    self._not_admitted = 0
                     self._wake.clear()
                     await self._wake.wait()
                     next_at = time.monotonic()
                 admitted_tokens = self._admit()
+                self._not_admitted = len(self._waiting)
                 step_s = self.timing.step_s(len(self._running), admitted_tokens)
                 next_at = max(next_at + step_s, time.monotonic() - 0.05)
                 await asyncio.sleep(max(0.0, next_at - time.monotonic()))
