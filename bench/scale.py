@@ -1,6 +1,6 @@
 """Scale-out benchmark: one copy of every service against two, scheduler failover, and
 the ceiling of one scheduler — on this machine's cores, with the zero-cost SIMULATED
-engine, every service a real process (``bench/harness/scale_stack.py``) on loopback Kafka
+engine, every service a real process (``tests/harness/scale_stack.py``) on loopback Kafka
 (embedded Tansu), Redis and a SQLite ledger.
 
 * ``requests_per_s_1x`` / ``_2x``: requests/s end to end with one copy of each service,
@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/harness
 from harness.scale_stack import CEILING_MODEL, MODEL, TENANTS, Copy, ScaleStack, api_key, wait_for
 from pipeline import pct
 

@@ -1,4 +1,4 @@
-"""One local stack for the SLA tests: the isolation benchmark's (bench/harness), with its
+"""One local stack for the SLA tests: the isolation benchmark's (tests/harness), with its
 SLA-aware timed sim model; the fault suite's webhook receiver."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 _ROOT = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(_ROOT / "bench"), str(_ROOT / "tests" / "faults")]
+sys.path[:0] = [str(_ROOT / "tests"), str(_ROOT / "tests" / "faults")]
 
 from harness.isolation_stack import IsolationStack, sim_model
 from webhook_receiver import Receiver, receiving
