@@ -51,7 +51,7 @@ from ..workers import keys as worker_keys
 from ..workers.celery_app import celery_priority, create_app
 from ..workers.heartbeat import live_workers_async
 from ..workers.results import ResultStore
-from .deadlines import FORECASTS_KEY, DeadlinePlanner, Forecast
+from .deadlines import FORECASTS_KEY, DeadlinePlanner
 from .errors import BudgetExceeded, DuplicateRequest, InvalidPolicy, SchedulerError
 from .leader import ALL_POOLS, LEASE_TTL_S, POLL_EVERY_S, Fenced, LeaderLease, fenced_script
 from .offsets import OffsetTracker
@@ -313,7 +313,6 @@ class SchedulerService:
         self._units: dict[str, tuple[float, bool]] = {}
         #: batches whose lines go to the engine marked urgent
         self._urgent_batches: set[str] = set()
-        self.forecasts: list[Forecast] = []
         self._at_risk_logged: set[str] = set()
 
     # -- lifecycle ------------------------------------------------------------------
@@ -857,7 +856,6 @@ class SchedulerService:
         for name in tenants:
             self.policy.set_urgent(name, Priority.BATCH, True)
         self._urgent_batches = urgent
-        self.forecasts = forecasts
         fields = {f.batch_id: json.dumps(f.to_dict()) for f in forecasts}
         stale = {k.decode() for k in await self.redis.hkeys(FORECASTS_KEY)} - set(fields)
         await self._leading()
