@@ -70,6 +70,7 @@ from .batch_files import (
     write_atomic,
 )
 from .batch_lease import BatchLeases, LeaseLost
+from .batch_partial import invalid_rows, recorded_results
 from .batches import batch_data, output_file_records
 
 __all__ = ["BatchRunner", "serve"]
@@ -580,18 +581,13 @@ _RISK_EVERY_S = 1.0
 
 
 def assemble(t: Tracker) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The output and error entries of a finished batch, each line once, in input order."""
-    seen: set[int] = set()
+    """The output and error entries of a finished batch, each line once (its first
+    record), in input order: the rows :mod:`.batch_partial` reads progressively, sorted."""
     output: list[tuple[int, dict[str, Any]]] = []
     errors: list[tuple[int, dict[str, Any]]] = []
-    for rec in read_jsonl(t.dir.results):
-        line = rec["line"]
-        if line in seen or rec["request_id"] not in t.lines:
-            continue
-        seen.add(line)
-        (output if rec["status"] == "succeeded" else errors).append((line, rec["entry"]))
-    for entry in read_jsonl(t.dir.invalid):
-        errors.append((entry["error"]["line"], entry))
+    for line, kind, entry in recorded_results(t.dir, lambda rec: rec.get("request_id") in t.lines):
+        (output if kind == "output" else errors).append((line, entry))
+    errors.extend(invalid_rows(t.dir))
     return [e for _, e in sorted(output, key=_first)], [e for _, e in sorted(errors, key=_first)]
 
 
