@@ -232,6 +232,18 @@ class BatchSummary:
     #: the ledger's token counts of the batch's requests so far
     input_tokens: int
     output_tokens: int
+    #: OpenAI's ``{"anchor", "seconds"}`` asked for at creation (None: never expire)
+    output_expires_after: dict[str, Any] | None = None
+    #: epoch seconds its output and error files expire (set when they are made)
+    output_expires_at: float | None = None
+    #: epoch seconds the cleanup removed them
+    output_expired_at: float | None = None
+
+    def output_expired(self, now: float) -> bool:
+        """Whether the output and error files have expired by ``now`` (removed or not)."""
+        return self.output_expired_at is not None or (
+            self.output_expires_at is not None and self.output_expires_at <= now
+        )
 
 
 @translated
@@ -255,15 +267,87 @@ def batch_summaries(session: Session, batch_ids: Sequence[str]) -> dict[str, Bat
         )
     }
     found: dict[str, BatchSummary] = {}
-    for batch_id, input_file_id in session.execute(
-        select(BatchRow.id, BatchRow.input_file_id).where(BatchRow.id.in_(batch_ids))
+    for row in session.execute(
+        select(
+            BatchRow.id,
+            BatchRow.input_file_id,
+            BatchRow.output_expires_after,
+            BatchRow.output_expires_at,
+            BatchRow.output_expired_at,
+        ).where(BatchRow.id.in_(batch_ids))
     ):
-        u = usage.get(batch_id)
+        u = usage.get(row.id)
         model = u.first_model if u is not None and u.first_model == u.last_model else None
-        found[batch_id] = BatchSummary(
-            input_file_id=input_file_id,
+        found[row.id] = BatchSummary(
+            input_file_id=row.input_file_id,
             model=model,
             input_tokens=int(u.input_tokens) if u is not None else 0,
             output_tokens=int(u.output_tokens) if u is not None else 0,
+            output_expires_after=row.output_expires_after,
+            output_expires_at=_epoch(row.output_expires_at),
+            output_expired_at=_epoch(row.output_expired_at),
         )
     return found
+
+
+@translated
+def record_output_expiry(session: Session, batch_id: str, files_at: float) -> float | None:
+    """Set when a batch's output and error files expire, made at ``files_at`` (epoch
+    seconds): OpenAI's ``output_expires_after`` counts from the files' creation. Call
+    in the transaction that records the files.
+
+    Returns:
+        The expiry in epoch seconds; None for a batch without ``output_expires_after``.
+    """
+    after = session.execute(
+        select(BatchRow.output_expires_after).where(BatchRow.id == batch_id)
+    ).scalar_one_or_none()
+    if not after:
+        return None
+    expires = files_at + float(after["seconds"])
+    session.execute(
+        update(BatchRow).where(BatchRow.id == batch_id).values(output_expires_at=utc(expires))
+    )
+    return expires
+
+
+@dataclass(frozen=True, slots=True)
+class ExpiredOutput:
+    """An ended batch whose output and error files are due for removal."""
+
+    batch_id: str
+    tenant: str
+    output_file: str | None
+    error_file: str | None
+
+
+@translated
+def due_output_expiries(session: Session, now: float, *, limit: int = 100) -> list[ExpiredOutput]:
+    """Every tenant's batches whose output files expired by ``now`` and are not yet
+    removed, the longest expired first: one query on the
+    ``(output_expired_at, output_expires_at)`` index (services only)."""
+    rows = session.execute(
+        select(BatchRow.id, BatchRow.tenant, BatchRow.output_file, BatchRow.error_file)
+        .where(BatchRow.output_expired_at.is_(None), BatchRow.output_expires_at <= utc(now))
+        .order_by(BatchRow.output_expires_at)
+        .limit(limit)
+    )
+    return [ExpiredOutput(r.id, r.tenant, r.output_file, r.error_file) for r in rows]
+
+
+@translated
+def mark_outputs_expired(session: Session, batch_ids: Sequence[str], at: float) -> int:
+    """Record that the cleanup removed these batches' output files (once: a batch
+    marked already keeps its first time).
+
+    Returns:
+        How many were marked now.
+    """
+    if not batch_ids:
+        return 0
+    done = session.execute(
+        update(BatchRow)
+        .where(BatchRow.id.in_(batch_ids), BatchRow.output_expired_at.is_(None))
+        .values(output_expired_at=utc(at))
+    )
+    return int(getattr(done, "rowcount", 0) or 0)

@@ -45,6 +45,13 @@ class StoredFile:
     created_at: float
     path: str
     status: FileStatus
+    #: epoch seconds the file expires (a batch's output or error file made with
+    #: ``output_expires_after``); None: never
+    expires_at: float | None = None
+
+    def expired(self, now: float) -> bool:
+        """Whether the file has expired by ``now`` (its bytes are gone, or soon will be)."""
+        return self.expires_at is not None and self.expires_at <= now
 
 
 def new_file_id() -> str:
@@ -60,6 +67,7 @@ def _stored(row: FileRow) -> StoredFile:
     return StoredFile(
         id=row.id, tenant=row.tenant, purpose=row.purpose, filename=row.filename, bytes=row.bytes,
         created_at=row.created_at.timestamp(), path=row.path, status=row.status,
+        expires_at=None if row.expires_at is None else row.expires_at.timestamp(),
     )  # fmt: skip
 
 
@@ -73,7 +81,7 @@ def add_file(session: Session, file: StoredFile) -> bool:
     values = {
         "id": file.id, "tenant": file.tenant, "purpose": file.purpose, "filename": file.filename,
         "bytes": file.bytes, "created_at": utc(file.created_at), "path": file.path,
-        "status": file.status,
+        "status": file.status, "expires_at": None if file.expires_at is None else utc(file.expires_at),
     }  # fmt: skip
     return insert_ignore(session, FileRow, values, ["id"])
 
@@ -102,17 +110,21 @@ def list_files(
     limit: int = 10_000,
     after: str | None = None,
     order: Literal["asc", "desc"] = "desc",
+    live_at: float | None = None,
 ) -> list[StoredFile]:
     """A tenant's files by creation time (OpenAI ``GET /v1/files`` paging).
 
     Parameters:
         purpose: only files of this purpose.
         after: a file id from a previous page; list the ones that follow it in ``order``.
+        live_at: leave out the files expired by this time (epoch seconds).
 
     Raises:
         NotFound: ``after`` is not one of this tenant's files.
     """
     query = select(FileRow).where(FileRow.tenant == tenant)
+    if live_at is not None:
+        query = query.where(or_(FileRow.expires_at.is_(None), FileRow.expires_at > utc(live_at)))
     if purpose is not None:
         query = query.where(FileRow.purpose == purpose)
     if after is not None:

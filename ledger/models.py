@@ -171,6 +171,8 @@ class BatchRow(Base):
             name="request_counts",
         ),
         Index(None, "tenant", "created_at"),
+        # the output cleanup's one query: files due to expire and not yet removed
+        Index(None, "output_expired_at", "output_expires_at"),
     )
 
     id: Mapped[str] = mapped_column(String(128), primary_key=True)
@@ -200,6 +202,11 @@ class BatchRow(Base):
     input_file_id: Mapped[str | None] = mapped_column(FILE_ID)
     #: OpenAI's ``{"anchor", "seconds"}`` for the batch's output files, as given
     output_expires_after: Mapped[dict[str, Any] | None] = mapped_column(JSON_DOC)
+    #: when its output and error files expire: their creation (the batch's end) plus
+    #: ``output_expires_after.seconds``; None without an expiry or before the end
+    output_expires_at: Mapped[datetime | None]
+    #: when the batch runner's cleanup removed those files
+    output_expired_at: Mapped[datetime | None]
 
 
 class FileRow(Base):
@@ -220,6 +227,9 @@ class FileRow(Base):
     created_at: Mapped[datetime]
     path: Mapped[str] = mapped_column(Text)
     status: Mapped[FileStatus] = mapped_column(str_enum(FileStatus, "status"))
+    #: when the file expires (a batch's output or error file with
+    #: ``output_expires_after``); gone from the Files API from then on
+    expires_at: Mapped[datetime | None]
 
 
 class UsageRecord(Base):
