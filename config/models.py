@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 from enum import StrEnum
 from pathlib import Path
@@ -96,6 +96,22 @@ class ModelConfig(Section):
     engine_args: dict[str, Any] = Field(default_factory=dict)
     #: scheduling estimate of output tokens when a request gives no max_tokens
     default_max_tokens: int = Field(default=256, gt=0)
+    #: the sizes an embeddings request's ``dimensions`` may ask for (a Matryoshka
+    #: model's); empty: the model's own size only, and ``dimensions`` is refused
+    embedding_dimensions: tuple[int, ...] = ()
+
+    @property
+    def embeds(self) -> bool:
+        """Serves ``/v1/embeddings``: a vLLM model on the pooling runner, or the sim engine
+        (which answers both kinds)."""
+        return self.engine is EngineKind.sim or (
+            self.engine is EngineKind.vllm and self.engine_args.get("runner") == "pooling"
+        )
+
+    @property
+    def generates(self) -> bool:
+        """Serves the text endpoints (chat, completions, responses)."""
+        return not (self.engine is EngineKind.vllm and self.engine_args.get("runner") == "pooling")
 
 
 class PriceCard(Section):
@@ -105,9 +121,11 @@ class PriceCard(Section):
     effective_from: datetime
     currency: str = "USD"
     input_per_million: Decimal = Field(ge=0)
-    output_per_million: Decimal = Field(ge=0)
+    #: required for a model that generates text; an embedding model's card may leave it
+    #: out (it bills input tokens only)
+    output_per_million: Decimal = Field(default=Decimal(0), ge=0)
     #: fraction taken off batch-priority requests (0.5 = half price)
-    batch_discount: Decimal = Field(default=Decimal("0"), ge=0, le=1)
+    batch_discount: Decimal = Field(default=Decimal(0), ge=0, le=1)
 
     @field_validator("input_per_million", "output_per_million", "batch_discount", mode="before")
     @classmethod
@@ -129,7 +147,7 @@ class PriceCard(Section):
     @field_validator("effective_from")
     @classmethod
     def _aware(cls, v: datetime) -> datetime:
-        return v if v.tzinfo else v.replace(tzinfo=timezone.utc)
+        return v if v.tzinfo else v.replace(tzinfo=UTC)
 
 
 def _max_places(v: Decimal, places: int, what: str) -> None:

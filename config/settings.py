@@ -139,6 +139,11 @@ class Settings(BaseSettings):
         for i, card in enumerate(self.price_cards):
             if card.model not in self.models:
                 raise ValueError(f"price_cards.{i}.model: unknown model {card.model!r}")
+            if "output_per_million" not in card.model_fields_set and self.models[card.model].generates:
+                raise ValueError(
+                    f"price_cards.{i}.output_per_million: required for {card.model!r}, a model that "
+                    "generates text (only an embedding model's card may leave it out)"
+                )
         starts: dict[tuple[str, datetime], int] = {}
         for i, card in enumerate(self.price_cards):
             first = starts.setdefault((card.model, card.effective_from), i)

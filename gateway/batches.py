@@ -113,8 +113,10 @@ async def create_batch(request: Request, tenant: str = Depends(tenant_of)) -> Re
     settings = request.app.state.settings
     body = await read_json(request, settings.gateway.max_body_bytes)
     input_file_id = _required(body, "input_file_id")
+    # OpenAI requires it (its SDK always sends it); left out, a tokenmill extension:
+    # lines may mix endpoints, as `vllm run-batch` files may.
     endpoint = body.get("endpoint")
-    if endpoint not in _ENDPOINTS:
+    if endpoint is not None and endpoint not in _ENDPOINTS:
         raise ApiError(400, f"endpoint: must be one of {', '.join(_ENDPOINTS)}, got {endpoint!r}",
                        param="endpoint", code="invalid_value")
     window = _required(body, "completion_window")

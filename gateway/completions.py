@@ -1,6 +1,7 @@
-"""``POST /v1/chat/completions`` and ``POST /v1/completions``: through the queue, the
-fair-share scheduler and the workers like every request, answered in OpenAI's shapes,
-plain or streamed (SSE chunks, ``data: [DONE]``, ``stream_options.include_usage``).
+"""``POST /v1/chat/completions``, ``/v1/completions``, ``/v1/responses`` and
+``/v1/embeddings``: through the queue, the fair-share scheduler and the workers like
+every request, answered in OpenAI's shapes; chat and completions plain or streamed (SSE
+chunks, ``data: [DONE]``, ``stream_options.include_usage``).
 
 A caller that goes away (mid-stream, or while waiting for a plain answer) cancels its
 request: the worker stops generating, and what it generated is what the ledger sees.
@@ -51,6 +52,16 @@ async def completions(request: Request) -> Response:
     return await _complete(request, await tenant_of(request), Endpoint.completions)
 
 
+@router.post("/v1/responses")
+async def responses(request: Request) -> Response:
+    return await _complete(request, await tenant_of(request), Endpoint.responses)
+
+
+@router.post("/v1/embeddings")
+async def embeddings(request: Request) -> Response:
+    return await _complete(request, await tenant_of(request), Endpoint.embeddings)
+
+
 def accept(request: Request, tenant: str, body: dict[str, Any], endpoint: Endpoint) -> InferenceRequest:
     """Validate an OpenAI body for ``tenant`` into a request with a fresh server id.
 
@@ -86,8 +97,10 @@ async def _complete(request: Request, tenant: str, endpoint: Endpoint) -> Respon
     result = await _wait_or_leave(request, backend, req)
     if result.status is not ResultStatus.succeeded:
         raise result_error(result)
-    return JSONResponse({**(result.body or {}), "service_tier": SERVICE_TIER[req.priority]},
-                        headers={"X-Request-Id": req.id})
+    body = result.body or {}
+    if endpoint is not Endpoint.embeddings:  # OpenAI's embeddings object has no service tier
+        body = {**body, "service_tier": SERVICE_TIER[req.priority]}
+    return JSONResponse(body, headers={"X-Request-Id": req.id})
 
 
 async def _wait_or_leave(request: Request, backend: Backend, req: InferenceRequest) -> Result:

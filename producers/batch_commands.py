@@ -85,7 +85,10 @@ def submit_command(
     tenant: TenantOpt = None,
     api_key: ApiKeyOpt = None,
     base_url: BaseUrlOpt = None,
-    endpoint: Annotated[str, typer.Option(help="The url of every line.")] = "/v1/chat/completions",
+    endpoint: Annotated[
+        str | None, typer.Option(help="Require this url on every line (default: lines may mix endpoints, "
+                                      "as `vllm run-batch` files do).")
+    ] = None,
     completion_window: Annotated[str, typer.Option(help="How long it may run: 24h, 90m, 30s …")] = "24h",
     webhook: Annotated[str | None, typer.Option(help="URL to notify when the batch ends.")] = None,
     model: Annotated[str | None, typer.Option(help="Model of lines whose body names none.")] = None,

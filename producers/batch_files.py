@@ -168,8 +168,11 @@ def outcome_entry(
     if result is not None and result.status is ResultStatus.failed:
         code = result.error.code if result.error else "server_error"
         message = result.error.message if result.error else "the request failed"
-        body = {"error": {"message": message, "type": "server_error", "param": None, "code": code}}
-        response = {"status_code": 500, "request_id": result.request_id, "body": body}
+        # The reason goes in ``error``, the body stays null: vLLM's run_batch writes failed
+        # lines so (its BatchRequestOutput allows no error body), and OpenAI's readers look
+        # at ``error`` first.
+        status_code = 400 if code == "invalid_request" else 500
+        response = {"status_code": status_code, "request_id": result.request_id, "body": None}
         return "failed", {
             "id": eid, "custom_id": custom_id, "response": response,
             "error": {"code": code, "message": message},

@@ -1,10 +1,14 @@
 """Reading a batch file in the OpenAI Batch JSONL format, line by line.
 
 Each non-blank line must be a JSON object ``{"custom_id", "method", "url", "body"}``:
-``custom_id`` a unique string, ``method`` POST, ``url`` ``/v1/chat/completions`` or
-``/v1/completions``, ``body`` a valid request for a configured model. Blank lines are
-skipped, as vLLM's ``run_batch`` skips them, so a file ``run_batch`` accepts is
-accepted unchanged (a body without ``model`` takes the batch's default model).
+``custom_id`` a unique string, ``method`` POST, ``url`` one of ``/v1/chat/completions``,
+``/v1/completions``, ``/v1/responses`` and ``/v1/embeddings``, ``body`` a valid request
+for a configured model that serves that endpoint. Blank lines are skipped, as vLLM's
+``run_batch`` skips them, so a file ``run_batch`` accepts is accepted unchanged (a body
+without ``model`` takes the batch's default model; one file may mix endpoints unless
+the batch names one). Endpoints other batch APIs take and tokenmill does not run yet
+(vLLM's score and rerank, OpenAI's moderations) fail their line as
+``unsupported_endpoint``, naming it.
 
 One bad line never fails a batch: it becomes a :class:`LineError` naming the line,
 the reason and (where it has one) its ``custom_id``, and the valid lines run. Only
@@ -46,6 +50,8 @@ __all__ = [
 #: ``method`` values accepted (OpenAI and vLLM take POST only)
 METHOD = "POST"
 URLS = {e.value: e for e in Endpoint}
+#: endpoints `vllm run-batch` or OpenAI's Batch API take that tokenmill does not run
+UNSUPPORTED_URLS = frozenset({"/v1/score", "/score", "/v1/rerank", "/rerank", "/v2/rerank", "/v1/moderations"})
 
 
 class LineErrorCode(StrEnum):
@@ -66,6 +72,8 @@ class LineErrorCode(StrEnum):
     duplicate_custom_id = "duplicate_custom_id"
     invalid_method = "invalid_method"
     invalid_url = "invalid_url"
+    #: an endpoint of OpenAI's or vLLM's batch APIs that tokenmill does not run (yet)
+    unsupported_endpoint = "unsupported_endpoint"
     missing_body = "missing_body"
     invalid_body = "invalid_body"
     model_not_found = "model_not_found"
@@ -92,10 +100,12 @@ class LineError:
     param: str | None = None
 
     def entry(self, batch_id: str) -> dict[str, Any]:
-        """The error-file entry (OpenAI's output shape; ``error`` as OpenAI's BatchError)."""
+        """The error-file entry (OpenAI's output shape; ``error`` as OpenAI's BatchError).
+        A line without a custom_id of its own gets ``""`` (never a valid one, so no clash):
+        vLLM's ``BatchRequestOutput`` needs a string, and ``error.line`` says which line."""
         return {
             "id": entry_id(batch_id, self.line),
-            "custom_id": self.custom_id,
+            "custom_id": self.custom_id or "",
             "response": None,
             "error": {
                 "code": self.code.value,
@@ -267,10 +277,16 @@ def _request(
         raise _LineInvalid(LineErrorCode.invalid_method, f"method must be POST, not {method!r}", "method")
     url = obj.get("url")
     endpoint = URLS.get(url) if isinstance(url, str) else None
+    if endpoint is None and url in UNSUPPORTED_URLS:
+        raise _LineInvalid(
+            LineErrorCode.unsupported_endpoint,
+            f"unsupported endpoint {url!r}: batch lines may use {', '.join(URLS)}",
+            "url",
+        )
     if endpoint is None:
         raise _LineInvalid(
             LineErrorCode.invalid_url,
-            f"url must be {' or '.join(URLS)}, not {url!r}",
+            f"url must be one of {', '.join(URLS)}, not {url!r}",
             "url",
         )
     if only is not None and endpoint is not only:
@@ -295,12 +311,16 @@ def _request(
         request = build_request(
             settings, tenant=tenant, model=model, body=body, priority=priority,
             request_id=batch_request_id(batch_id, custom_id), batch_id=batch_id,
-            custom_id=custom_id, deadline=deadline,
+            custom_id=custom_id, deadline=deadline, endpoint=endpoint,
         )
     except ValidationError as exc:
         param = f"body.{exc.field}" if exc.field else None
         raise _LineInvalid(LineErrorCode.invalid_body, f"body: {exc}", param) from None
     return request
+
+
+_INPUT_KINDS = {Endpoint.responses: "a string or a list of input items",
+                Endpoint.embeddings: "a string, strings, token ids or lists of token ids"}
 
 
 def _check_body(body: Mapping[str, Any], endpoint: Endpoint) -> None:
@@ -321,6 +341,13 @@ def _check_body(body: Mapping[str, Any], endpoint: Endpoint) -> None:
                     f"body.messages[{i}] must be an object with a string role",
                     f"body.messages.{i}",
                 )
+    elif endpoint in _INPUT_KINDS:
+        if not isinstance(body.get("input"), (str, list)) or not body["input"]:
+            raise _LineInvalid(
+                LineErrorCode.invalid_body,
+                f"body.input must be {_INPUT_KINDS[endpoint]} for {endpoint.value}",
+                "body.input",
+            )
     else:
         if "messages" in body:
             raise _LineInvalid(

@@ -1,7 +1,8 @@
 """The OpenAI request bodies tokenmill accepts, validated in one place.
 
-Every door uses :func:`validate_body`: the gateway's ``/v1/chat/completions`` and
-``/v1/completions``, batch lines and the trusted producer. A problem is a
+Every door uses :func:`validate_body`: the gateway's ``/v1/chat/completions``,
+``/v1/completions`` and ``/v1/embeddings``, batch lines (``/v1/responses`` too) and the
+trusted producer. A problem is a
 :class:`~tokenmill.errors.ValidationError` whose ``field`` is the OpenAI ``param``
 (``messages[0].role``), so the HTTP answer and a batch error row name the same place.
 
@@ -104,7 +105,95 @@ class CompletionBody(_Common):
         return v
 
 
-_MODEL_OF = {Endpoint.chat_completions: ChatBody, Endpoint.completions: CompletionBody}
+#: OpenAI's bound on the inputs of one embeddings request
+MAX_EMBEDDING_INPUTS = 2048
+
+
+def _token_ids(v: list[int]) -> list[int]:
+    if not v:
+        raise ValueError("a token-id input must not be empty")
+    if any(t < 0 for t in v):
+        raise ValueError("token ids must be >= 0")
+    return v
+
+
+class EmbeddingBody(_Strict):
+    model: str = Field(min_length=1, max_length=256)
+    # a string, strings, token ids, or lists of token ids (OpenAI's four shapes)
+    input: str | list[str] | list[int] | list[list[int]] = Field(min_length=1)
+    encoding_format: Literal["float", "base64"] | None = None
+    dimensions: int | None = Field(default=None, ge=1)
+    user: str | None = Field(default=None, max_length=256)
+    # vLLM's own, so `vllm run-batch` embedding lines run unchanged
+    truncate_prompt_tokens: int | None = Field(default=None, ge=-1)
+    add_special_tokens: Literal[True] | None = None
+
+    @field_validator("input")
+    @classmethod
+    def _inputs(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            if len(v) > MAX_EMBEDDING_INPUTS and not all(isinstance(t, int) for t in v):
+                raise ValueError(f"at most {MAX_EMBEDDING_INPUTS} inputs a request")
+            if v and isinstance(v[0], list):
+                if len(v) > MAX_EMBEDDING_INPUTS:
+                    raise ValueError(f"at most {MAX_EMBEDDING_INPUTS} inputs a request")
+                for ids in v:
+                    _token_ids(ids)
+            elif v and isinstance(v[0], int):
+                _token_ids(v)
+        return v
+
+
+class ResponsesContentPart(_Strict):
+    type: Literal["input_text", "output_text"]
+    text: str
+    # output_text parts of an earlier reply carry these; they do not reach the model
+    annotations: list[Any] | None = None
+    logprobs: list[Any] | None = None
+
+
+class ResponsesMessage(_Strict):
+    type: Literal["message"] | None = None
+    role: Literal["user", "assistant", "system", "developer"]
+    content: str | list[ResponsesContentPart]
+    # an earlier reply's item id and status, as OpenAI echoes them
+    id: str | None = None
+    status: str | None = None
+
+
+class TextFormat(_Strict):
+    # Only plain text: structured output (json_schema, json_object) is not run yet,
+    # and refusing it beats returning unconstrained text.
+    type: Literal["text"]
+
+
+class TextConfig(_Strict):
+    format: TextFormat | None = None
+
+
+class ResponsesBody(_Strict):
+    model: str = Field(min_length=1, max_length=256)
+    input: str | list[ResponsesMessage] = Field(min_length=1)
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    text: TextConfig | None = None
+    metadata: dict[str, str] | None = Field(default=None, max_length=16)
+    user: str | None = Field(default=None, max_length=256)
+    # Responses are answered, not kept for retrieval by id: store is accepted and moot.
+    store: bool | None = None
+    stream: Literal[False] | None = None
+    truncation: Literal["disabled"] | None = None
+    service_tier: Literal["auto", "default", "flex", "priority"] | None = None
+
+
+_MODEL_OF: dict[Endpoint, type[BaseModel]] = {
+    Endpoint.chat_completions: ChatBody,
+    Endpoint.completions: CompletionBody,
+    Endpoint.responses: ResponsesBody,
+    Endpoint.embeddings: EmbeddingBody,
+}
 
 #: the sampling parameters a body may carry besides model, messages/prompt and limits
 SAMPLING_PARAMS = frozenset(
@@ -203,6 +292,11 @@ def _first_problem(errors: list[Any]) -> tuple[tuple[int | str, ...], str]:
     first = errors[0]
     if first["type"] == "extra_forbidden":
         return first["loc"], "unrecognized request argument"
+    deep = max(errors, key=lambda e: len(e["loc"]))
+    if len(deep["loc"]) >= len(first["loc"]) + 2 and any(_is_member(s) for s in deep["loc"]):
+        # A union member the value took the shape of failed inside: that is the problem
+        # (``input[0].content[0].type``), not "must be a string or an array".
+        first = {**deep, "loc": tuple(s for s in deep["loc"] if not _is_member(s))}
     k = len(first["loc"]) - 1
     # Union members differ in a last, named step (``str``, ``list[ContentPart]``), not an index.
     same = [e for e in errors if len(e["loc"]) > k and e["loc"][:k] == first["loc"][:k]
@@ -221,6 +315,12 @@ def _first_problem(errors: list[Any]) -> tuple[tuple[int | str, ...], str]:
     if first["type"] not in ("missing", "value_error") and "input" in first:
         msg += f", got {_describe(first['input'])}"
     return first["loc"], msg
+
+
+def _is_member(step: int | str) -> bool:
+    """A union member's name in a pydantic location (``str``, ``list[int]``, a model)."""
+    return isinstance(step, str) and (step in ("str", "int", "float", "bool") or step.startswith(("list[", "dict["))
+                                      or step[:1].isupper())
 
 
 def _expected(err: Any) -> str:

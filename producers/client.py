@@ -356,7 +356,7 @@ class AsyncBatches:
         file: BatchFile,
         *,
         completion_window: str = "24h",
-        endpoint: wire.Endpoint | str = wire.Endpoint.chat_completions,
+        endpoint: wire.Endpoint | str | None = wire.Endpoint.chat_completions,
         metadata: Mapping[str, str] | None = None,
         model: str | None = None,
         webhook: str | None = None,
@@ -367,7 +367,8 @@ class AsyncBatches:
         Parameters:
             file: a path, the file's bytes, or a file object opened in binary mode.
             completion_window: how long it may run (``24h``).
-            endpoint: the url every line names.
+            endpoint: the url every line names; None (tokenmill's extension): lines may
+                mix endpoints, as ``vllm run-batch`` files may.
             metadata: up to 16 string pairs kept with the batch.
             model: tokenmill's extension: the model of lines whose body names none.
             webhook: tokenmill's extension: URL notified when the batch ends.
@@ -382,13 +383,14 @@ class AsyncBatches:
         if webhook is not None:
             _check_webhook(webhook)
         try:
-            url = wire.Endpoint(endpoint).value
+            url = None if endpoint is None else wire.Endpoint(endpoint).value
         except ValueError:
             raise ValidationError(f"endpoint: must be one of {', '.join(wire.Endpoint)}, got {endpoint!r}",
                                   field="endpoint") from None
         uploaded = await self._upload(file)
-        body: dict[str, Any] = {"input_file_id": uploaded, "endpoint": url,
-                                "completion_window": completion_window}
+        body: dict[str, Any] = {"input_file_id": uploaded, "completion_window": completion_window}
+        if url is not None:
+            body["endpoint"] = url
         for key, value in (("metadata", metadata), ("model", model), ("webhook", webhook)):
             if value is not None:
                 body[key] = dict(value) if isinstance(value, Mapping) else value

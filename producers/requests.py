@@ -22,11 +22,39 @@ from ..workers.webhook_targets import check_target
 from .bodies import SAMPLING_PARAMS, validate_body
 
 
-def max_tokens_of(body: Mapping[str, Any], default: int) -> int:
-    value = body.get("max_completion_tokens", body.get("max_tokens", default))
+def max_tokens_of(body: Mapping[str, Any], default: int, endpoint: Endpoint = Endpoint.chat_completions) -> int:
+    """The most output tokens ``body`` may generate: 0 for embeddings; the Responses
+    API's ``max_output_tokens``; else ``max_completion_tokens`` or ``max_tokens``."""
+    if not endpoint.generates:
+        return 0
+    if endpoint is Endpoint.responses:
+        name, value = "max_output_tokens", body.get("max_output_tokens", default)
+    else:
+        name, value = "max_tokens", body.get("max_completion_tokens", body.get("max_tokens", default))
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValidationError(f"max_tokens: must be a positive integer, got {value!r}", field="max_tokens")
+        raise ValidationError(f"{name}: must be a positive integer, got {value!r}", field=name)
     return value
+
+
+def check_serves(settings: Settings, model: str, endpoint: Endpoint, body: Mapping[str, Any]) -> None:
+    """``model`` answers ``endpoint`` (an embedding model embeds only, a vLLM generation
+    model does not embed), and an embeddings ``dimensions`` is one it allows.
+
+    Raises:
+        ValidationError: naming ``model`` or ``dimensions``.
+    """
+    cfg = settings.models[model]
+    if not (cfg.embeds if endpoint is Endpoint.embeddings else cfg.generates):
+        does = "an embedding model" if cfg.embeds else "a text generation model"
+        raise ValidationError(f"model: {model!r} is {does}: it does not serve {endpoint.value}", field="model")
+    dims = body.get("dimensions") if endpoint is Endpoint.embeddings else None
+    if dims is not None and dims not in cfg.embedding_dimensions:
+        allowed = ", ".join(map(str, cfg.embedding_dimensions))
+        raise ValidationError(
+            f"dimensions: {model!r} " + (f"gives {allowed} dimensions, not {dims}" if allowed
+                                         else "has one size: leave dimensions out"),
+            field="dimensions",
+        )
 
 
 def check_webhook_url(url: str, settings: Settings, tenant: str) -> str:
@@ -116,6 +144,7 @@ def build_request(
     if endpoint is None:
         endpoint = Endpoint.chat_completions if "messages" in body else Endpoint.completions
     validate_body(body, endpoint)
+    check_serves(settings, model, endpoint, body)
     now = time.time()
     try:
         return InferenceRequest(
@@ -125,10 +154,10 @@ def build_request(
             model=model,
             endpoint=endpoint,
             body=dict(body),
-            max_tokens=max_tokens_of(body, model_cfg.default_max_tokens),
+            max_tokens=max_tokens_of(body, model_cfg.default_max_tokens, endpoint),
             # Exact for sim and vLLM models, an upper bound otherwise: budgets reserve
             # it with max_tokens, so the reservation bounds what the engine bills.
-            prompt_tokens_estimate=prompt_tokens(settings, model, body),
+            prompt_tokens_estimate=prompt_tokens(settings, model, body, endpoint),
             submitted_at=now,
             deadline=deadline_of(deadline, now),
             webhook_url=check_webhook_url(webhook, settings, tenant) if webhook else None,

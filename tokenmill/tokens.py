@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any
 from .config.models import EngineKind, ModelConfig
 from .errors import ConfigError
 from .logs import get_logger
+from .prompts import embedding_inputs, responses_messages
+from .wire import Endpoint
 from .workers.engines.factory import resolve_home_path
 
 if TYPE_CHECKING:
@@ -39,9 +41,12 @@ __all__ = ["PromptCounter", "counter_for", "load_counters", "message_text", "pro
 
 log = get_logger(__name__)
 
-#: a prompt as the engines take it: completion text, or chat messages
-Prompt = str | list[str] | list[dict[str, Any]]
-PromptCounter = Callable[[Mapping[str, Any]], int]
+#: a prompt as the engines take it: completion text, several prompts or embedding
+#: inputs (text or token ids), or chat messages
+#: (``list[str | list[int] | Mapping]``: which it is, the list's items say)
+Prompt = str | list[Any]
+#: counts a body's prompt tokens (``endpoint`` None: chat if it has messages, else completions)
+PromptCounter = Callable[[Mapping[str, Any], "Endpoint | None"], int]
 
 #: sim: tokens per message (role markers) and for the reply's header
 SIM_PER_MESSAGE = 4
@@ -69,7 +74,19 @@ def message_text(message: Mapping[str, Any]) -> str:
     return str(content)
 
 
-def _prompt_of(body: Mapping[str, Any]) -> Prompt:
+def _prompt_of(body: Mapping[str, Any], endpoint: Endpoint | None = None) -> Prompt:
+    """What the engine reads for ``body`` (``endpoint`` None: chat if it has messages,
+    else completions); malformed shapes count as empty (validation says why)."""
+    if endpoint is Endpoint.embeddings:
+        try:
+            return list(embedding_inputs(body))
+        except ValueError:
+            return ""
+    if endpoint is Endpoint.responses:
+        try:
+            return responses_messages(body)
+        except ValueError:
+            return []
     if "messages" in body:
         return [m for m in body["messages"] if isinstance(m, Mapping)]
     prompt = body.get("prompt", "")
@@ -82,25 +99,32 @@ def _prompt_of(body: Mapping[str, Any]) -> Prompt:
     return str(prompt)
 
 
+def _several(prompt: Any) -> bool:
+    """Several completion prompts or embedding inputs (strings or token-id lists), not
+    chat messages."""
+    return bool(prompt) and all(isinstance(p, (str, list)) for p in prompt)
+
+
 def sim_prompt_tokens(prompt: str | list[Any]) -> int:
-    """The sim engine's prompt length: words (chat: of each message, plus markers)."""
+    """The sim engine's prompt length: words (chat: of each message, plus markers; a
+    token-id input: its length)."""
     if isinstance(prompt, str):
         return max(1, len(prompt.split()))
-    if prompt and all(isinstance(p, str) for p in prompt):  # several completion prompts
-        return sum(max(1, len(p.split())) for p in prompt)
+    if _several(prompt):  # several completion prompts or embedding inputs
+        return sum(max(1, len(p.split())) if isinstance(p, str) else len(p) for p in prompt)
     return sum(len(message_text(m).split()) + SIM_PER_MESSAGE for m in prompt) + SIM_REPLY
 
 
-def _sim(body: Mapping[str, Any]) -> int:
-    return sim_prompt_tokens(_prompt_of(body))
+def _sim(body: Mapping[str, Any], endpoint: Endpoint | None = None) -> int:
+    return sim_prompt_tokens(_prompt_of(body, endpoint))
 
 
-def _remote_bound(body: Mapping[str, Any]) -> int:
-    prompt = _prompt_of(body)
+def _remote_bound(body: Mapping[str, Any], endpoint: Endpoint | None = None) -> int:
+    prompt = _prompt_of(body, endpoint)
     if isinstance(prompt, str):
         return len(prompt.encode()) + 2  # BOS/EOS the server may add
-    if prompt and all(isinstance(p, str) for p in prompt):
-        return sum(len(p.encode()) + 2 for p in prompt)
+    if _several(prompt):
+        return sum(len(p.encode()) + 2 if isinstance(p, str) else len(p) for p in prompt)
     total = REMOTE_REPLY
     for m in prompt:
         total += REMOTE_PER_MESSAGE + len(message_text(m).encode())
@@ -121,13 +145,14 @@ class _HfCounter:
                 f"cannot load the tokenizer at {path!r} to count prompt tokens: {exc}"
             ) from exc
 
-    def __call__(self, body: Mapping[str, Any]) -> int:
-        prompt = _prompt_of(body)
+    def __call__(self, body: Mapping[str, Any], endpoint: Endpoint | None = None) -> int:
+        prompt = _prompt_of(body, endpoint)
         tok = self.tokenizer
         if isinstance(prompt, str):
             return len(tok(prompt, add_special_tokens=True)["input_ids"])
-        if prompt and all(isinstance(p, str) for p in prompt):
-            return sum(len(tok(p, add_special_tokens=True)["input_ids"]) for p in prompt)
+        if _several(prompt):  # token ids go to the engine as they are
+            return sum(len(tok(p, add_special_tokens=True)["input_ids"]) if isinstance(p, str) else len(p)
+                       for p in prompt)
         messages = [{**m, "content": message_text(m)} for m in prompt]
         text = tok.apply_chat_template(
             messages, add_generation_prompt=True, continue_final_message=False, tokenize=False
@@ -239,10 +264,15 @@ def load_counters(settings: Settings) -> None:
             log.error("prompt counter not loaded", model=name, error=str(exc))
 
 
-def prompt_tokens(settings: Settings, model: str, body: Mapping[str, Any]) -> int:
-    """Prompt tokens ``model`` sees for ``body``: exact (sim, vLLM) or an upper bound.
+def prompt_tokens(
+    settings: Settings, model: str, body: Mapping[str, Any], endpoint: Endpoint | None = None
+) -> int:
+    """Prompt tokens ``model`` sees for ``body`` sent to ``endpoint`` (None: chat if it
+    has messages, else completions): exact (sim, vLLM) or an upper bound. Embeddings:
+    the sum over the inputs (each text with the tokenizer's special tokens, as the
+    engine adds them; token ids as given).
 
     Raises:
         ConfigError: the model's tokenizer cannot be loaded.
     """
-    return counter_for(model, settings.models[model], settings.home)(body)
+    return counter_for(model, settings.models[model], settings.home)(body, endpoint)

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from .errors import SchemaError, UnsupportedSchemaVersion
 
-SCHEMA_VERSION = "1.1"
+SCHEMA_VERSION = "1.2"
 SCHEMA_MAJOR = 1
 
 # Kafka topics.
@@ -55,6 +55,15 @@ REQUEST_TOPICS: tuple[str, ...] = tuple(p.topic for p in Priority)
 class Endpoint(StrEnum):
     chat_completions = "/v1/chat/completions"
     completions = "/v1/completions"
+    #: OpenAI's Responses API, run on chat models (since 1.2)
+    responses = "/v1/responses"
+    #: vectors from an embedding model: no output tokens (since 1.2)
+    embeddings = "/v1/embeddings"
+
+    @property
+    def generates(self) -> bool:
+        """True for the endpoints that generate text (and output tokens)."""
+        return self is not Endpoint.embeddings
 
 
 class EventKind(StrEnum):
@@ -160,9 +169,11 @@ class InferenceRequest(WireModel):
     priority: Priority = Priority.standard
     model: str = Field(min_length=1, max_length=256)
     endpoint: Endpoint = Endpoint.chat_completions
-    #: the OpenAI-compatible request body (``messages`` or ``prompt``, sampling params)
+    #: the OpenAI-compatible request body (``messages``, ``prompt`` or ``input``, and
+    #: sampling params)
     body: dict[str, Any]
-    max_tokens: int = Field(ge=1, le=1_000_000)
+    #: output tokens the request may generate: >= 1, except 0 for embeddings
+    max_tokens: int = Field(ge=0, le=1_000_000)
     #: prompt tokens as :mod:`tokenmill.tokens` counts them: exact for sim and vLLM
     #: models, an upper bound for remote ones; budgets reserve it + ``max_tokens``
     #: (billing uses the engine's count, which never exceeds it)
@@ -180,9 +191,15 @@ class InferenceRequest(WireModel):
             msgs = self.body.get("messages")
             if not isinstance(msgs, list) or not msgs:
                 raise ValueError("body.messages must be a non-empty list for /v1/chat/completions")
-        else:
+        elif self.endpoint is Endpoint.completions:
             if not isinstance(self.body.get("prompt"), (str, list)):
                 raise ValueError("body.prompt must be a string or list for /v1/completions")
+        elif not isinstance(self.body.get("input"), (str, list)):
+            raise ValueError(f"body.input must be a string or list for {self.endpoint.value}")
+        if self.endpoint.generates and self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1 for {self.endpoint.value}")
+        if not self.endpoint.generates and self.max_tokens != 0:
+            raise ValueError(f"max_tokens must be 0 for {self.endpoint.value} (it generates no tokens)")
         if (self.batch_id is None) != (self.custom_id is None):
             raise ValueError("batch_id and custom_id go together")
         return self

@@ -35,6 +35,8 @@ class Attempt:
     #: times the engine preempted it (the engine's count, from its latest step)
     preemptions: int = 0
     finish_reason: str | None = None
+    #: an embeddings request's vectors (its engine's only step)
+    embeddings: tuple[list[float], ...] | None = None
     cancel_requested: bool = False
     gen_task: asyncio.Task[None] | None = None
 

@@ -67,7 +67,7 @@ from .engines.base import Engine, EngineStep, engine_priority
 from .events import EventSink
 from .lease import Admission, Leases, renew_visibility
 from .outbox import Outbox
-from .responses import completion_body
+from .responses import response_body
 from .results import ResultStore
 
 __all__ = ["EngineHost", "HostConfig", "Outcome"]
@@ -466,6 +466,8 @@ class EngineHost:
         run.completion_tokens = step.completion_tokens
         run.prompt_tokens = step.prompt_tokens
         run.preemptions = step.preemptions
+        if step.embeddings is not None:
+            run.embeddings = step.embeddings
         if step.done:
             run.finish_reason = step.finish_reason
 
@@ -490,8 +492,8 @@ class EngineHost:
         usage = Usage(prompt_tokens=run.prompt_tokens, completion_tokens=run.completion_tokens)
         body = None
         if status is ResultStatus.succeeded:
-            body = completion_body(
-                req, "".join(run.text), run.finish_reason or "stop", usage,
+            body = response_body(
+                req, "".join(run.text), run.finish_reason or "stop", usage, embeddings=run.embeddings,
                 simulated=self.engine.simulated, created=now,
             )
         error = None

@@ -72,7 +72,7 @@ def test_each_kind_of_bad_line_is_reported_with_its_line_and_reason(settings) ->
         b"{not json",                                                   # 2
         chat("ok1"),                                                    # 3 duplicate
         chat("m", model="nope"),                                        # 4 unknown model
-        {**chat("u"), "url": "/v1/embeddings"},                         # 5 wrong url
+        {**chat("u"), "url": "/v1/chat"},                               # 5 wrong url
         {"custom_id": "nb", "method": "POST", "url": "/v1/chat/completions"},  # 6 missing body
         b"[1, 2]",                                                      # 7 not an object
         {**chat("g"), "method": "GET"},                                 # 8 wrong method
@@ -87,6 +87,9 @@ def test_each_kind_of_bad_line_is_reported_with_its_line_and_reason(settings) ->
         chat("st", stream=True),                                        # 16 streaming
         b"   ",                                                         # 17 blank: skipped
         chat("ok2"),                                                    # 18
+        {**chat("sc"), "url": "/v1/score"},                             # 19 vLLM's, not run
+        {**chat("rr"), "url": "/v1/rerank"},                            # 20 vLLM's, not run
+        {**chat("em"), "url": "/v1/embeddings"},                        # 21 chat body, embeddings url
     )
     parsed = parse(settings, data, limits=BatchSettings(max_line_bytes=4096))
     assert [(a.line, a.custom_id) for a in parsed.accepted] == [(1, "ok1"), (18, "ok2")]
@@ -98,8 +101,9 @@ def test_each_kind_of_bad_line_is_reported_with_its_line_and_reason(settings) ->
         (8, C.invalid_method, "g"), (9, C.missing_custom_id, None), (10, C.invalid_custom_id, None),
         (11, C.invalid_body, "mt"), (12, C.invalid_body, "p"), (13, C.invalid_encoding, None),
         (14, C.line_too_large, None), (15, C.invalid_json, None), (16, C.invalid_body, "st"),
+        (19, C.unsupported_endpoint, "sc"), (20, C.unsupported_endpoint, "rr"), (21, C.invalid_body, "em"),
     ]
-    assert parsed.lines == 17
+    assert parsed.lines == 20
     dup = parsed.errors[1]
     assert dup.message == "custom_id 'ok1' is already used on line 1"
     assert parsed.errors[9].param == "body.max_tokens"
@@ -107,7 +111,7 @@ def test_each_kind_of_bad_line_is_reported_with_its_line_and_reason(settings) ->
     assert entry == {
         "id": entry_id(BATCH, 4), "custom_id": "m", "response": None,
         "error": {"code": "model_not_found", "line": 4, "param": "body.model",
-                  "message": "line 4: unknown model 'nope' (known: sim, smollm2)"},
+                  "message": "line 4: unknown model 'nope' (known: minilm, sim, smollm2)"},
     }
 
 

@@ -64,8 +64,8 @@ def test_mixed_batch_output_and_error_files_are_exact(client_env: Stack, tmp_pat
     ))
     big = len(json.dumps(chat("f", "x" * 5000)))
     out, errs = tmp_path / "out.jsonl", tmp_path / "errs.jsonl"
-    proc = client_env.cli("batch", "submit", str(src), "--tenant", "alpha", "--wait",
-                          "--output", str(out), "--errors", str(errs), "--json")
+    proc = client_env.cli("batch", "submit", str(src), "--tenant", "alpha", "--wait", "--endpoint",
+                          "/v1/chat/completions", "--output", str(out), "--errors", str(errs), "--json")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     batch = json.loads(proc.stdout)
     bid = batch["id"]
@@ -84,19 +84,18 @@ def test_mixed_batch_output_and_error_files_are_exact(client_env: Stack, tmp_pat
         assert e["response"]["body"]["usage"]["completion_tokens"] == tokens
     assert set(output[0]) == {"id", "custom_id", "response", "error"}
 
-    def err(line: int, cid: str | None, code: str, param: str | None, message: str) -> dict:
+    def err(line: int, cid: str, code: str, param: str | None, message: str) -> dict:
         return {"id": entry_id(bid, line), "custom_id": cid, "response": None,
                 "error": {"code": code, "message": f"line {line}: {message}", "param": param, "line": line}}
 
     assert read(errs) == [
-        err(2, None, "invalid_json", None,
+        err(2, "", "invalid_json", None,
             "invalid JSON: Expecting property name enclosed in double quotes: line 1 column 2 (char 1)"),
-        err(4, None, "duplicate_custom_id", "custom_id", "custom_id 'a' is already used on line 1"),
-        err(5, "c", "model_not_found", "body.model", "unknown model 'nope' (known: sim, slowsim, smollm2)"),
-        err(6, "d", "invalid_url", "url",
-            "url must be /v1/chat/completions or /v1/completions, not '/v1/embeddings'"),
+        err(4, "", "duplicate_custom_id", "custom_id", "custom_id 'a' is already used on line 1"),
+        err(5, "c", "model_not_found", "body.model", "unknown model 'nope' (known: minilm, sim, slowsim, smollm2)"),
+        err(6, "d", "invalid_url", "url", "url must be /v1/chat/completions in this batch, not '/v1/embeddings'"),
         err(7, "e", "missing_body", "body", "body is required"),
-        err(8, None, "line_too_large", None, f"{big} bytes is over the limit of 4096 bytes a line"),
+        err(8, "", "line_too_large", None, f"{big} bytes is over the limit of 4096 bytes a line"),
         err(9, "g", "invalid_url", "url", "url must be /v1/chat/completions in this batch, not '/v1/completions'"),
     ]
     # The batch object lists the same refused lines (OpenAI's BatchError shape).

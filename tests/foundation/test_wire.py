@@ -69,7 +69,9 @@ def test_newer_major_is_rejected_clearly() -> None:
         ({"tenant": ""}, "tenant"),
         ({"body": {"messages": []}}, "messages"),
         ({"endpoint": "/v1/completions", "body": {"messages": [{"role": "user", "content": "x"}]}}, "prompt"),
-        ({"endpoint": "/v1/embeddings"}, "endpoint"),
+        ({"endpoint": "/v1/rerank"}, "endpoint"),
+        ({"endpoint": "/v1/embeddings"}, "body.input"),
+        ({"endpoint": "/v1/embeddings", "body": {"input": "x"}}, "max_tokens must be 0"),
         ({"batch_id": "b1"}, "custom_id"),
     ],
 )

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from ...errors import ValidationError
+from ...prompts import EmbeddingInput, embedding_inputs, responses_messages
 from ...wire import Endpoint, InferenceRequest, Priority
 
 __all__ = [
@@ -27,6 +28,8 @@ __all__ = [
     "EngineStep",
     "SamplingOptions",
     "WorkDone",
+    "embedding_dimensions",
+    "embeddings_of",
     "engine_priority",
     "prompt_of",
     "sampling_options",
@@ -59,6 +62,9 @@ class EngineStep:
     #: times the engine preempted the request so far (its engine's own count; engines
     #: that cannot tell report 0)
     preemptions: int = 0
+    #: an embeddings request's vectors, one per input in order (its only step: no text,
+    #: ``completion_tokens`` 0, ``prompt_tokens`` summed over the inputs)
+    embeddings: tuple[list[float], ...] | None = None
 
     @property
     def done(self) -> bool:
@@ -154,6 +160,27 @@ def _num(body: dict[str, Any], key: str, kind: type, default: Any, lo: float, hi
     return kind(value)
 
 
+def embeddings_of(request: InferenceRequest) -> list[EmbeddingInput]:
+    """The inputs of an embeddings request, one per vector.
+
+    Raises:
+        ValidationError: the request is not an embeddings request, or its input is
+            malformed.
+    """
+    if request.endpoint is not Endpoint.embeddings:
+        raise ValidationError(f"{request.endpoint.value} is not an embeddings request", field="body.input")
+    try:
+        return embedding_inputs(request.body)
+    except ValueError as exc:
+        raise ValidationError(f"body.{exc}", field="body.input") from None
+
+
+def embedding_dimensions(request: InferenceRequest) -> int | None:
+    """The ``dimensions`` an embeddings request asks for (None: the model's own size)."""
+    value = request.body.get("dimensions")
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def sampling_options(request: InferenceRequest) -> SamplingOptions:
     """Read the sampling parameters of ``request.body``.
 
@@ -193,13 +220,21 @@ def sampling_options(request: InferenceRequest) -> SamplingOptions:
 
 
 def prompt_of(request: InferenceRequest) -> str | list[dict[str, Any]]:
-    """The chat messages (chat endpoint) or the prompt text (completions endpoint).
+    """The chat messages (chat and Responses endpoints) or the prompt text (completions).
 
     Raises:
-        ValidationError: a list prompt (token ids or several prompts) was sent.
+        ValidationError: a list prompt (token ids or several prompts) was sent, or a
+            Responses input that is not text messages.
     """
     if request.endpoint is Endpoint.chat_completions:
         return list(request.body["messages"])
+    if request.endpoint is Endpoint.responses:
+        try:
+            return responses_messages(request.body)
+        except ValueError as exc:
+            raise ValidationError(f"body.{exc}", field="body.input") from None
+    if request.endpoint is Endpoint.embeddings:
+        raise ValidationError("an embeddings request has no prompt to generate from", field="body.input")
     prompt = request.body["prompt"]
     if isinstance(prompt, list):
         if len(prompt) == 1 and isinstance(prompt[0], str):

@@ -37,13 +37,24 @@ the completion is ``min(max_tokens, output_tokens)`` tokens (``output_tokens``
 unset: ``max_tokens``), each one filler word; ``finish_reason`` is ``length``
 when ``max_tokens`` ends it, else ``stop``. An abort reports the work done: the prompt
 once admitted to a step (its prefill is paid there) and the tokens generated so far.
+
+Embeddings (``/v1/embeddings``): a request is one sequence that is admitted like any
+other, pays the prefill of all its inputs in that step and ends with it, generating
+nothing. Its vectors are deterministic — the same input always gives the same vector:
+``embedding_dim`` normal deviates seeded by a hash of the input (text or token ids),
+cut to ``dimensions`` if asked, L2-normalised. They carry no meaning: control-plane
+tests and load tests only.
 """
 
 from __future__ import annotations
 
 import asyncio
 import bisect
+import hashlib
 import itertools
+import json
+import math
+import random
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -53,10 +64,18 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ...errors import EngineDeadError
 from ...tokens import sim_prompt_tokens
-from ...wire import InferenceRequest
-from .base import EngineStats, EngineStep, WorkDone, prompt_of, sampling_options
+from ...wire import Endpoint, InferenceRequest
+from .base import (
+    EngineStats,
+    EngineStep,
+    WorkDone,
+    embedding_dimensions,
+    embeddings_of,
+    prompt_of,
+    sampling_options,
+)
 
-__all__ = ["SimEngine", "SimTiming", "count_prompt_tokens"]
+__all__ = ["SimEngine", "SimTiming", "count_prompt_tokens", "sim_embedding"]
 
 _WORDS = ("lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit")
 
@@ -74,6 +93,8 @@ class SimTiming(BaseModel):
     #: ``priority`` (as described above) or ``fcfs``: arrival order only, no
     #: preemption (vLLM's default policy), e.g. for contrast in bench/isolation.py
     scheduling_policy: Literal["priority", "fcfs"] = "priority"
+    #: size of the simulated embedding vectors
+    embedding_dim: int = Field(default=384, ge=1, le=65_536)
 
     def step_s(self, running: int, admitted_tokens: int) -> float:
         """Duration of one step, in seconds."""
@@ -88,7 +109,18 @@ class SimTiming(BaseModel):
 def count_prompt_tokens(request: InferenceRequest) -> int:
     """The simulated prompt length: :func:`tokenmill.tokens.sim_prompt_tokens`, the
     count budgets reserve with (see the module docstring)."""
+    if request.endpoint is Endpoint.embeddings:
+        return sim_prompt_tokens(embeddings_of(request))
     return sim_prompt_tokens(prompt_of(request))
+
+
+def sim_embedding(value: str | list[int], dim: int, dimensions: int | None = None) -> list[float]:
+    """The simulated vector of one input (see the module docstring)."""
+    seed = hashlib.blake2b(json.dumps(value).encode(), digest_size=16).digest()
+    rng = random.Random(seed)
+    vec = [rng.gauss(0.0, 1.0) for _ in range(dim)][: dimensions or dim]
+    norm = math.sqrt(sum(x * x for x in vec)) or 1.0
+    return [x / norm for x in vec]
 
 
 @dataclass(eq=False)
@@ -102,6 +134,8 @@ class _Seq:
     generated: int = 0
     preemptions: int = 0
     pending: list[str] = field(default_factory=list)
+    #: an embeddings request: ends in the step that admits it, generating nothing
+    embeds: bool = False
     #: taken from the waiting queue into a step: its prefill is paid
     admitted: bool = False
     finished: bool = False
@@ -180,15 +214,21 @@ class SimEngine:
     ) -> AsyncIterator[EngineStep]:
         if self._dead is not None or self._loop_task is None:
             raise EngineDeadError(f"simulated engine is not running: {self._dead!r}")
-        opts = sampling_options(request)
-        cap = self.timing.output_tokens
-        target = opts.max_tokens if cap is None else min(cap, opts.max_tokens)
+        embeds = request.endpoint is Endpoint.embeddings
+        if embeds:
+            target, finish = 0, "stop"
+        else:
+            opts = sampling_options(request)
+            cap = self.timing.output_tokens
+            target = opts.max_tokens if cap is None else min(cap, opts.max_tokens)
+            finish = "length" if target == opts.max_tokens else "stop"
         seq = _Seq(
             prompt_tokens=count_prompt_tokens(request),
             target=target,
-            finish_reason="length" if target == opts.max_tokens else "stop",
+            finish_reason=finish,
             priority=priority if self.timing.scheduling_policy == "priority" else 0,
             arrival=next(self._arrivals),
+            embeds=embeds,
         )
         self._by_id[request.id] = seq
         bisect.insort(self._waiting, seq, key=_key)
@@ -204,12 +244,17 @@ class SimEngine:
                 text = "".join(seq.pending)
                 seq.pending.clear()
                 done = seq.finished
+                vectors = None
+                if seq.embeds and done:
+                    dim, want = self.timing.embedding_dim, embedding_dimensions(request)
+                    vectors = tuple(sim_embedding(v, dim, want) for v in embeddings_of(request))
                 yield EngineStep(
                     text=text,
                     completion_tokens=seq.generated,
                     prompt_tokens=seq.prompt_tokens,
                     finish_reason=seq.finish_reason if done else None,
                     preemptions=seq.preemptions,
+                    embeddings=vectors,
                 )
                 if done:
                     return
@@ -255,6 +300,10 @@ class SimEngine:
                 still: list[_Seq] = []
                 for seq in self._running:
                     if seq.aborted:
+                        continue
+                    if seq.embeds:  # prefilled in this step: done, nothing generated
+                        seq.finished = True
+                        seq.ready.set()
                         continue
                     seq.pending.append(" " + _WORDS[seq.generated % len(_WORDS)])
                     seq.generated += 1
