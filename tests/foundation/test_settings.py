@@ -35,6 +35,11 @@ def test_example_config_defines_the_demo_world(monkeypatch: pytest.MonkeyPatch) 
     assert s.tenant_for_key("tm-alpha-demo-keyX") is None
     card = s.price_card("sim", datetime(2026, 11, 1, tzinfo=timezone.utc))
     assert isinstance(card.input_per_million, Decimal)
+    # the embedding model: no text endpoints, and a card that bills input tokens only
+    assert s.models["minilm"].embeds and not s.models["minilm"].generates
+    assert s.models["sim"].embeds and s.models["sim"].generates and not s.models["smollm2"].embeds
+    embed = s.price_card("minilm", datetime(2026, 11, 1, tzinfo=timezone.utc))
+    assert embed.output_per_million == 0 < embed.input_per_million
 
 
 def test_env_overrides_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -89,6 +94,8 @@ def test_minimal_config_loads(config_file) -> None:
          "price_cards.0.input_per_million", "not a float"),
         (lambda t: t + "\nbogus_key = 1\n", "bogus_key", "not permitted"),
         (lambda t: t.replace('model = "m"', 'model = "x"'), "price_cards.0.model", "unknown model"),
+        (lambda t: t.replace('output_per_million = "2"', ""), "price_cards.0.output_per_million",
+         "required for 'm', a model that generates text"),
     ],
 )
 def test_bad_config_fails_with_one_clear_line(config_file, mutate, key: str, reason: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import httpx
 import openai
+import pytest
 from batch_stack import wait_for
 from openai.types import Completion, Model
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
@@ -138,3 +139,44 @@ def test_health_and_readiness(gateway: str) -> None:
     ready = httpx.get(gateway + "/readyz", timeout=10)
     assert ready.status_code == 200
     assert ready.json()["checks"] == {"kafka": "ok", "redis": "ok", "ledger": "ok"}
+
+
+def test_embeddings_parse_as_the_sdks_type(sdk) -> None:
+    from openai.types import CreateEmbeddingResponse
+    from tokenmill.workers.engines.sim import sim_embedding
+
+    # The SDK asks for base64 and decodes it: the float32 bytes of the float vectors.
+    resp = sdk("alpha").embeddings.create(model="sim", input=["one two three", "four"])
+    assert isinstance(resp, CreateEmbeddingResponse)
+    _complete_fields(resp)
+    assert [d.index for d in resp.data] == [0, 1] and resp.model == "sim"
+    want = sim_embedding("one two three", 384)
+    assert max(abs(a - b) for a, b in zip(resp.data[0].embedding, want)) < 1e-6
+    assert resp.usage.prompt_tokens == resp.usage.total_tokens == 3 + 1
+    floats = sdk("alpha").embeddings.create(model="sim", input="one two three", encoding_format="float")
+    assert floats.data[0].embedding == want
+
+
+def test_embeddings_on_a_chat_model_or_bad_input_are_400s(sdk) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        sdk("alpha").embeddings.create(model="smollm2", input="x", encoding_format="float")
+    assert caught.value.body["param"] == "model"  # type: ignore[index]
+    assert "does not serve /v1/embeddings" in caught.value.body["message"]  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError) as caught:
+        sdk("alpha").embeddings.create(model="sim", input=[[1, 2], []], encoding_format="float")
+    assert caught.value.body["param"] == "input"  # type: ignore[index]
+
+
+def test_responses_parse_as_the_sdks_type(sdk) -> None:
+    from openai.types.responses import Response
+
+    resp = sdk("alpha").responses.create(model="sim", input="Say something.", instructions="Be brief.",
+                                         max_output_tokens=4)
+    assert isinstance(resp, Response)
+    _complete_fields(resp)
+    assert resp.object == "response" and resp.status == "incomplete" and resp.output_text
+    assert resp.usage is not None and resp.usage.output_tokens == 4
+    assert resp.usage.input_tokens == (2 + 4) + (2 + 4) + 2  # the sim engine's count
+    with pytest.raises(openai.BadRequestError) as caught:
+        sdk("alpha").responses.create(model="sim", input="x", text={"format": {"type": "json_object"}})
+    assert caught.value.body["param"] == "text.format.type"  # type: ignore[index]
