@@ -10,6 +10,11 @@ leaves nothing behind. A complete upload is fsynced, renamed to its id and recor
 the ledger. Batches' output and error files are files here too (the batch runner
 records them). Every id is scoped to the caller's tenant; another tenant's answers 404
 exactly as an unknown one does.
+
+A batch's output and error files made with ``output_expires_after`` show their
+``expires_at``; from then on they are gone from the list, and reading one (its object
+or its content) answers 404 ``file_expired`` saying when it expired (the batch runner
+removes the bytes soon after). Deleting one still works.
 """
 
 from __future__ import annotations
@@ -66,7 +71,7 @@ def file_json(f: StoredFile) -> dict[str, Any]:
     return {
         "id": f.id, "object": "file", "bytes": f.bytes, "created_at": int(f.created_at),
         "filename": f.filename, "purpose": f.purpose.value, "status": f.status.value,
-        "expires_at": None, "status_details": None,
+        "expires_at": None if f.expires_at is None else int(f.expires_at), "status_details": None,
     }  # fmt: skip
 
 
@@ -286,7 +291,7 @@ async def list_tenant_files(
         wanted = None if purpose is None else FilePurpose(purpose)
         try:
             found = await _ledger(request, lambda s: list_files(
-                s, tenant, purpose=wanted, limit=limit + 1, after=after, order=order))
+                s, tenant, purpose=wanted, limit=limit + 1, after=after, order=order, live_at=time.time()))
         except NotFound:
             raise ApiError.not_found("file", after or "", param="after") from None
     page = found[:limit]
@@ -305,14 +310,24 @@ async def _owned(request: Request, tenant: str, file_id: str) -> StoredFile:
     return found
 
 
+async def _live(request: Request, tenant: str, file_id: str) -> StoredFile:
+    """The tenant's file, unless it has expired (404 ``file_expired``, saying when)."""
+    found = await _owned(request, tenant, file_id)
+    if found.expires_at is not None and found.expired(time.time()):
+        at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(found.expires_at))
+        raise ApiError(404, f"File '{file_id}' expired at {at} (its batch's output_expires_after); "
+                       "its content is gone.", param="file_id", code="file_expired")
+    return found
+
+
 @router.get("/{file_id}")
 async def retrieve_file(request: Request, file_id: str, tenant: str = Depends(tenant_of)) -> Response:
-    return JSONResponse(file_json(await _owned(request, tenant, file_id)))
+    return JSONResponse(file_json(await _live(request, tenant, file_id)))
 
 
 @router.get("/{file_id}/content")
 async def file_content(request: Request, file_id: str, tenant: str = Depends(tenant_of)) -> Response:
-    found = await _owned(request, tenant, file_id)
+    found = await _live(request, tenant, file_id)
     if not await asyncio.to_thread(os.path.isfile, found.path):
         raise ApiError.not_found("file", file_id, param="file_id")
     return FileResponse(found.path, media_type="application/octet-stream", filename=found.filename)

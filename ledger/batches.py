@@ -18,7 +18,8 @@ from tokenmill.errors import LedgerError, NotFound
 from tokenmill.wire import Batch, BatchStatus, RequestCounts
 
 from .errors import translated
-from .models import BatchRow, RequestRow
+from .files import batch_file_id
+from .models import BatchRow, FileRow, RequestRow
 from .types import utc
 from .upsert import insert_ignore
 
@@ -338,10 +339,11 @@ def due_output_expiries(session: Session, now: float, *, limit: int = 100) -> li
 @translated
 def mark_outputs_expired(session: Session, batch_ids: Sequence[str], at: float) -> int:
     """Record that the cleanup removed these batches' output files (once: a batch
-    marked already keeps its first time).
+    marked already keeps its first time), and mark their Files API rows expired by
+    ``at`` (whatever the clock of whoever reads them says).
 
     Returns:
-        How many were marked now.
+        How many batches were marked now.
     """
     if not batch_ids:
         return 0
@@ -349,5 +351,11 @@ def mark_outputs_expired(session: Session, batch_ids: Sequence[str], at: float) 
         update(BatchRow)
         .where(BatchRow.id.in_(batch_ids), BatchRow.output_expired_at.is_(None))
         .values(output_expired_at=utc(at))
+    )
+    file_ids = [batch_file_id(b, kind) for b in batch_ids for kind in ("output", "error")]
+    session.execute(
+        update(FileRow)
+        .where(FileRow.id.in_(file_ids), or_(FileRow.expires_at.is_(None), FileRow.expires_at > utc(at)))
+        .values(expires_at=utc(at))
     )
     return int(getattr(done, "rowcount", 0) or 0)

@@ -14,7 +14,13 @@ Every poll it reads the active batches from the ledger and, for each:
   then writes the files → ``cancelled`` (``expired``);
 * all lines done → ``finalizing`` → writes ``output.jsonl`` and ``errors.jsonl``
   atomically, in input order → ``completed``; records the batch webhook and the two
-  files' rows (their Files API ids, derived from the batch id) with the status change.
+  files' rows (their Files API ids, derived from the batch id, and their expiry when
+  the batch has ``output_expires_after``) with the status change.
+
+While a batch runs, ``results.jsonl`` is its progressive output (:mod:`.batch_partial`).
+About every ``expire_every_s`` the runner also removes the output files of ended
+batches whose ``output_expires_after`` has passed (:func:`.batches.expire_outputs`:
+one indexed query when none is due).
 
 Restarts: the ledger and the batch's files hold everything; Kafka and Redis may lose
 everything (the local stack keeps neither across ``down``/``up``). A runner that
@@ -71,7 +77,7 @@ from .batch_files import (
 )
 from .batch_lease import BatchLeases, LeaseLost
 from .batch_partial import invalid_rows, recorded_results
-from .batches import batch_data, output_file_records
+from .batches import batch_data, expire_outputs, output_file_records
 
 __all__ = ["BatchRunner", "serve"]
 
@@ -165,6 +171,8 @@ class BatchRunner:
             Redis losing its data); the scheduler drops the copies it already holds.
         lease_s: the life of a batch's lease (renewed every poll, so well above
             ``max_poll_s`` and a poll's longest work); default ``[batch] lease_s``.
+        expire_every_s: how often ended batches' expired output files are looked for
+            (and removed).
     """
 
     def __init__(
@@ -177,8 +185,11 @@ class BatchRunner:
         cancel_grace_s: float = 30.0,
         republish_after_s: float = 600.0,
         lease_s: float | None = None,
+        expire_every_s: float = 60.0,
     ) -> None:
         self.settings = settings
+        self.expire_every_s = expire_every_s
+        self._expire_next = 0.0  #: monotonic time of the next look for expired outputs
         self.endpoints = endpoints
         self.poll_s = poll_s
         self.max_poll_s = max_poll_s
@@ -284,12 +295,28 @@ class BatchRunner:
                 log.exception("batch step failed; reloading it next poll", batch_id=batch.id)
                 self.trackers.pop(batch.id, None)
         await self._report_at_risk([b for b in active if b.id in self.leases.held])
+        self._expire_outputs()
         return busy
+
+    def _expire_outputs(self) -> None:
+        """At most every ``expire_every_s``: remove ended batches' expired output files."""
+        if time.monotonic() < self._expire_next:
+            return
+        self._expire_next = time.monotonic() + self.expire_every_s
+        try:
+            removed = expire_outputs(self.settings, factory=self.factory, limit=_EXPIRE_LIMIT)
+        except (TokenmillError, OSError) as exc:
+            log.warning("removing expired batch outputs failed; retrying later", error=repr(exc))
+            return
+        if removed:
+            log.info("removed expired batch outputs", batches=len(removed))
+        if len(removed) >= _EXPIRE_LIMIT:
+            self._expire_next = 0.0  # more are due: go on next poll
 
     async def _report_at_risk(self, held: list[Batch]) -> None:
         """Tell a batch's webhook, once, that the scheduler forecasts it to miss its
         completion window (``batch.at_risk``), while there is still time to act."""
-        from ..ledger import transaction
+        from ..ledger import batch_summaries, transaction
         from ..scheduler.deadlines import FORECASTS_KEY, forecast_json
         from ..workers.webhooks import enqueue_event
         from .batches import batch_data
@@ -313,9 +340,10 @@ class BatchRunner:
             if batch.webhook_url:
                 with transaction(self.factory) as session:
                     b = await self._fenced(session, batch.id)
+                    summary = batch_summaries(session, [b.id])[b.id]
                     enqueue_event(session, key=f"{b.id}:at_risk", tenant=b.tenant,
                                   url=batch.webhook_url, event_type="batch.at_risk",
-                                  data={**batch_data(b), "forecast": forecast})  # fmt: skip
+                                  data={**batch_data(b, summary), "forecast": forecast})  # fmt: skip
             self._at_risk_reported.add(batch.id)
 
     async def _renew(self) -> None:
@@ -545,7 +573,8 @@ class BatchRunner:
         """Write the output and error files (with ``t``), then move the batch to terminal
         status ``end`` and record its webhook and the files' rows (file ids for the Files
         API), together, under this runner's lease."""
-        from ..ledger import add_file, transaction, upsert_batch
+        from ..ledger import add_file, batch_summaries, transaction, upsert_batch
+        from ..ledger.batches import record_output_expiry
         from ..workers.webhooks import enqueue_event
 
         with transaction(self.factory) as session:
@@ -565,12 +594,15 @@ class BatchRunner:
                               request_counts=t.counts())
             b = b.model_copy(update=update)
             upsert_batch(session, b)
-            for f in output_file_records(b, now):
+            # output_expires_after counts from the files' creation: now
+            expires = record_output_expiry(session, b.id, now) if t is not None else None
+            for f in output_file_records(b, now, expires_at=expires):
                 add_file(session, f)
             if b.webhook_url:
+                summary = batch_summaries(session, [b.id])[b.id]
                 enqueue_event(
                     session, key=f"{b.id}:{end.value}", tenant=b.tenant, url=b.webhook_url,
-                    event_type=f"batch.{end.value}", data=batch_data(b),
+                    event_type=f"batch.{end.value}", data=batch_data(b, summary),
                 )
         log.info("batch ended", batch_id=batch_id, status=end.value,
                  counts=batch_data(b)["request_counts"])
@@ -578,6 +610,8 @@ class BatchRunner:
 
 #: how often held batches' forecasts are read for at-risk webhooks
 _RISK_EVERY_S = 1.0
+#: expired outputs removed per look
+_EXPIRE_LIMIT = 100
 
 
 def assemble(t: Tracker) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

@@ -34,6 +34,7 @@ from ..ledger import batch_file_id
 from ..wire import Batch, BatchStatus, Endpoint, Priority, RequestCounts
 from .batch_files import BatchDir, dumps, read_jsonl, request_line, write_atomic
 from .batch_parser import parse_batch
+from .batch_partial import PartialRow, partial_rows
 from .requests import check_webhook_url
 
 if TYPE_CHECKING:
@@ -42,10 +43,14 @@ if TYPE_CHECKING:
 __all__ = [
     "BatchView",
     "Batches",
+    "OutputExpired",
+    "PartialOutput",
     "batch_data",
+    "expire_outputs",
     "new_batch_id",
     "output_file_records",
     "parse_window",
+    "usage_json",
 ]
 
 _WINDOW = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
@@ -119,9 +124,10 @@ def check_expires_after(value: Any) -> dict[str, Any] | None:
     return {"anchor": "created_at", "seconds": seconds}
 
 
-def output_file_records(batch: Batch, at: float) -> list[StoredFile]:
+def output_file_records(batch: Batch, at: float, *, expires_at: float | None = None) -> list[StoredFile]:
     """The file rows of an ended batch's output and error files: the batch's tenant's,
-    with ids derived from the batch id, so recording them twice records them once."""
+    with ids derived from the batch id, so recording them twice records them once;
+    ``expires_at``: when they expire (``output_expires_after`` from ``at``)."""
     from ..ledger import FilePurpose, FileStatus, StoredFile, batch_file_id
 
     found = []
@@ -132,9 +138,37 @@ def output_file_records(batch: Batch, at: float) -> list[StoredFile]:
             found.append(StoredFile(
                 id=batch_file_id(batch.id, kind), tenant=batch.tenant, purpose=FilePurpose.batch_output,
                 filename=f"{batch.id}_{kind}.jsonl", bytes=Path(path).stat().st_size, created_at=at,
-                path=path, status=FileStatus.processed,
+                path=path, status=FileStatus.processed, expires_at=expires_at,
             ))  # fmt: skip
     return found
+
+
+class OutputExpired(NotFound):
+    """A batch's output and error files have expired (``output_expires_after``)."""
+
+    def __init__(self, message: str, *, expired_at: float) -> None:
+        super().__init__(message)
+        self.expired_at = expired_at
+
+
+@dataclass(frozen=True, slots=True)
+class PartialOutput:
+    """A page of a batch's progressive output (:meth:`Batches.partial`)."""
+
+    #: the batch's status, read before the rows
+    status: BatchStatus
+    #: the rows recorded so far from the cursor on (see :mod:`.batch_partial`)
+    rows: list[PartialRow]
+    #: the cursor to read on from
+    next_after: int
+    #: more rows are recorded already (past ``limit``)
+    has_more: bool
+
+    @property
+    def ended(self) -> bool:
+        """The batch had ended before the rows were read: no row will follow the
+        ones recorded, and they are exactly its output and error files' rows."""
+        return self.status.is_terminal
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,7 +286,8 @@ class Batches:
                 write_atomic(d.output, [])
                 write_atomic(d.errors, (dumps(e) for e in invalid))
                 batch = batch.model_copy(update={"output_file": str(d.output), "error_file": str(d.errors)})
-            files = output_file_records(batch, now) if failed else []
+            files_expire = now + expires_after["seconds"] if failed and expires_after else None
+            files = output_file_records(batch, now, expires_at=files_expire) if failed else []
             if input_file_id is None:
                 own = self._own_input(batch, file, len(data), now)
                 files.append(own)
@@ -296,7 +331,15 @@ class Batches:
         input_file_id: str,
         output_expires_after: dict[str, Any] | None,
     ) -> None:
-        from ..ledger import add_file, set_batch_input, transaction, upsert_batch, upsert_requests
+        from ..ledger import (
+            add_file,
+            batch_summaries,
+            set_batch_input,
+            transaction,
+            upsert_batch,
+            upsert_requests,
+        )
+        from ..ledger.batches import record_output_expiry
         from ..workers.webhooks import enqueue_event
 
         with transaction(self.factory) as session:
@@ -306,10 +349,13 @@ class Batches:
             upsert_requests(session, requests)
             for f in files:
                 add_file(session, f)
+            if batch.status is BatchStatus.failed:  # its (error) file is made now
+                record_output_expiry(session, batch.id, batch.created_at)
             if batch.status is BatchStatus.failed and batch.webhook_url:
+                summary = batch_summaries(session, [batch.id])[batch.id]
                 enqueue_event(
                     session, key=f"{batch.id}:failed", tenant=batch.tenant, url=batch.webhook_url,
-                    event_type="batch.failed", data=batch_data(batch),
+                    event_type="batch.failed", data=batch_data(batch, summary),
                 )
 
     def retrieve(self, batch_id: str) -> Batch:
@@ -363,6 +409,37 @@ class Batches:
             for e in entries
         ]
 
+    def partial(self, batch_id: str, *, after: int = 0, limit: int | None = None) -> PartialOutput:
+        """The rows of the batch's output and error files recorded so far, from cursor
+        ``after`` (the rows already read), at most ``limit``: while the batch runs, and
+        after it ended (then every row, as in its files). See :mod:`.batch_partial`.
+
+        Raises:
+            NotFound: no such batch for this tenant.
+            OutputExpired: its output files have expired (``output_expires_after``).
+            ValidationError: ``after`` or ``limit`` is negative.
+        """
+        from ..ledger import batch_summaries, get_batch, transaction
+
+        if after < 0 or (limit is not None and limit < 0):
+            raise ValidationError("after and limit must be >= 0", field="after" if after < 0 else "limit")
+        with transaction(self.factory) as session:  # the status before the rows
+            batch = get_batch(session, self.tenant, batch_id)
+            summary = batch_summaries(session, [batch_id])[batch_id]
+        self._check_live(batch_id, summary, time.time())
+        rows, _ = partial_rows(self._dir(batch_id), after, None if limit is None else limit + 1)
+        # The cleanup removes nothing before the expiry: rows read before it are whole.
+        self._check_live(batch_id, summary, time.time())
+        page = rows if limit is None else rows[:limit]
+        return PartialOutput(batch.status, page, after + len(page), has_more=len(rows) > len(page))
+
+    @staticmethod
+    def _check_live(batch_id: str, summary: BatchSummary, now: float) -> None:
+        if summary.output_expired(now):
+            at = summary.output_expires_at or summary.output_expired_at or now
+            raise OutputExpired(f"the output of batch {batch_id} expired at {_iso(at)} "
+                                "(its output_expires_after)", expired_at=at)
+
     def cancel(self, batch_id: str) -> Batch:
         """Ask for the batch to be cancelled: ``cancelling`` now, ``cancelled`` once every
         running line has stopped; results so far are kept. A batch that already ended
@@ -385,9 +462,57 @@ class Batches:
             return batch
 
 
-def batch_data(batch: Batch) -> dict[str, Any]:
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def expire_outputs(
+    settings: Settings, *, now: float | None = None, limit: int = 100, factory: Any = None
+) -> list[str]:
+    """Remove the output and error files of every ended batch whose
+    ``output_expires_after`` has passed (counted from the files' creation), with the
+    results they were assembled from, and record it (``output_expired_at``). Their
+    Files API rows stay, expired (``expires_at``): reading them answers that they
+    expired. The batch runner calls this every ``expire_every_s``; idempotent, so
+    copies running it at once remove each file once.
+
+    Returns:
+        The ids of the batches whose files were removed now (at most ``limit``).
+    """
+    from ..ledger import shared_factory, transaction
+    from ..ledger.batches import due_output_expiries, mark_outputs_expired
+
+    now = time.time() if now is None else now
+    factory = factory or shared_factory(settings.ledger_url)
+    with transaction(factory) as session:
+        due = due_output_expiries(session, now, limit=limit)
+    for b in due:
+        d = BatchDir.of(settings.home, b.batch_id)
+        for path in (b.output_file, b.error_file, str(d.results)):
+            if path is not None:
+                Path(path).unlink(missing_ok=True)
+    ids = [b.batch_id for b in due]
+    with transaction(factory) as session:
+        mark_outputs_expired(session, ids, now)
+    return ids
+
+
+def usage_json(summary: BatchSummary) -> dict[str, Any]:
+    """OpenAI's batch ``usage``: the ledger's token counts of the batch's requests."""
+    return {
+        "input_tokens": summary.input_tokens,
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens": summary.output_tokens,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": summary.input_tokens + summary.output_tokens,
+    }
+
+
+def batch_data(batch: Batch, summary: BatchSummary | None = None) -> dict[str, Any]:
     """The batch for its tenant's webhooks: OpenAI's batch object with file ids — never
-    the server's paths, its tenant name or the webhook URL itself."""
+    the server's paths, its tenant name or the webhook URL itself. With its ledger
+    ``summary`` it adds ``input_file_id``, ``model`` and ``usage`` as the gateway's
+    batch object has them."""
     b = batch
     data: dict[str, Any] = {
         "id": b.id, "object": "batch", "endpoint": b.endpoint.value, "status": b.status.value,
@@ -403,4 +528,8 @@ def batch_data(batch: Batch) -> dict[str, Any]:
                  "cancelling_at", "cancelled_at"):
         at = getattr(b, name)
         data[name] = None if at is None else int(at)
+    if summary is not None:
+        data.update(input_file_id=summary.input_file_id or "", model=summary.model, usage=usage_json(summary))
+        if summary.output_expires_at is not None:
+            data["output_expires_at"] = int(summary.output_expires_at)
     return data
