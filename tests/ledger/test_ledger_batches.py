@@ -145,3 +145,12 @@ def test_at_risk_batches_are_counted_per_tenant_from_the_published_forecasts() -
         b"b4": fc("c", True),
     }
     assert at_risk_by_tenant(published) == {"a": 2, "c": 1}
+
+
+@pytest.mark.parametrize("endpoint", list(Endpoint))
+def test_every_endpoint_is_a_batch_endpoint(sessions: sessionmaker[Session], endpoint: Endpoint) -> None:
+    # The migrated schema's CHECK constraint takes each endpoint the wire names (0006).
+    with transaction(sessions) as s:
+        upsert_batch(s, _batch(f"batch_{endpoint.name}", endpoint=endpoint))
+    with transaction(sessions) as s:
+        assert get_batch(s, "alpha", f"batch_{endpoint.name}").endpoint is endpoint
