@@ -1,12 +1,29 @@
 """The Batches API, OpenAI's shapes: ``POST /v1/batches``, ``GET /v1/batches/{id}``,
-``GET /v1/batches`` and ``POST /v1/batches/{id}/cancel``.
+``GET /v1/batches`` and ``POST /v1/batches/{id}/cancel``; and tokenmill's extension
+``GET /v1/batches/{id}/output``, the progressive output.
 
 A batch is made from a file the tenant uploaded (purpose ``batch``) by the server-side
 :class:`~tokenmill.producers.batches.Batches`; the batch runner does the rest. The
 batch object has every field of ``openai.types.Batch``: the invalid lines found at
 creation as ``errors``, the output and error files as file ids once it ends, and the
-ledger's token counts of its requests as ``usage``. tokenmill's extensions in the
-create body: ``model`` (for lines whose body names none) and ``webhook``.
+ledger's token counts of its requests as ``usage``. Its extensions: ``forecast``
+(while it runs), ``output_expires_after`` (as asked for at creation),
+``output_expires_at`` (when the output and error files expire: their creation plus
+``output_expires_after.seconds``) and ``output_expired_at`` (when they were removed).
+tokenmill's extensions in the create body: ``model`` (for lines whose body names
+none) and ``webhook``.
+
+``GET /v1/batches/{id}/output?after=N&limit=M`` answers the rows of the output and
+error files recorded so far (``application/jsonl``, each row's bytes as in the final
+file), from the ``N``-th (a cursor: rows already read) on, at most ``M`` (default
+1,000, at most 10,000): first the lines refused at validation, then the lines in the
+order they finished, each once. A row belongs to the output file when its ``error``
+is ``null``, else to the error file. Headers: ``X-Tokenmill-Next-After`` (the cursor
+to pass next), ``X-Tokenmill-Has-More`` (more rows are recorded already),
+``X-Tokenmill-Batch-Status`` and ``X-Tokenmill-Batch-Ended`` (the batch had ended
+before the rows were read: with no more rows, the reader has every row of both files),
+``X-Tokenmill-Output-Rows`` / ``X-Tokenmill-Error-Rows`` (this page's rows of each).
+A batch whose output expired answers 404 ``batch_output_expired``.
 
 Every id is scoped to the caller's tenant; another tenant's answers 404 exactly as an
 unknown one does.
@@ -27,9 +44,12 @@ from ..ledger import FilePurpose, batch_file_id, get_file, transaction
 from ..producers.batches import (
     Batches,
     BatchView,
+    OutputExpired,
+    PartialOutput,
     check_expires_after,
     check_metadata,
     parse_window,
+    usage_json,
 )
 from ..scheduler.deadlines import FORECASTS_KEY, forecast_json
 from ..wire import Endpoint
@@ -72,13 +92,11 @@ def batch_json(view: BatchView) -> dict[str, Any]:
         "request_counts": {"total": counts.total, "completed": counts.completed, "failed": counts.failed},
         "metadata": b.metadata,
         "model": s.model,
-        "usage": {
-            "input_tokens": s.input_tokens,
-            "input_tokens_details": {"cached_tokens": 0},
-            "output_tokens": s.output_tokens,
-            "output_tokens_details": {"reasoning_tokens": 0},
-            "total_tokens": s.input_tokens + s.output_tokens,
-        },
+        "usage": usage_json(s),
+        # tokenmill's extensions
+        "output_expires_after": s.output_expires_after,
+        "output_expires_at": _ts(s.output_expires_at),
+        "output_expired_at": _ts(s.output_expired_at),
     }
 
 
@@ -206,6 +224,38 @@ async def _forecast(request: Request, batch_id: str) -> dict[str, Any] | None:
     except RedisError:
         return None  # a status without its forecast beats no status
     return forecast_json(raw)
+
+
+#: rows of one progressive-output page: by default, and at most
+PARTIAL_LIMIT, MAX_PARTIAL_LIMIT = 1000, 10_000
+
+
+@router.get("/{batch_id}/output")
+async def batch_output(
+    request: Request,
+    batch_id: str,
+    after: int = Query(default=0, ge=0),
+    limit: int = Query(default=PARTIAL_LIMIT, ge=1, le=MAX_PARTIAL_LIMIT),
+    tenant: str = Depends(tenant_of),
+) -> Response:
+    """tokenmill's extension: the batch's output and error rows recorded so far."""
+    batches = Batches(request.app.state.settings, tenant)
+    try:
+        page: PartialOutput = await asyncio.to_thread(batches.partial, batch_id, after=after, limit=limit)
+    except OutputExpired as exc:
+        raise ApiError(404, f"{exc}.", param="batch_id", code="batch_output_expired") from None
+    except NotFound:
+        raise ApiError.not_found("batch", batch_id, param="batch_id") from None
+    outputs = sum(1 for r in page.rows if r.kind == "output")
+    headers = {
+        "X-Tokenmill-Next-After": str(page.next_after),
+        "X-Tokenmill-Has-More": "true" if page.has_more else "false",
+        "X-Tokenmill-Batch-Status": page.status.value,
+        "X-Tokenmill-Batch-Ended": "true" if page.ended else "false",
+        "X-Tokenmill-Output-Rows": str(outputs),
+        "X-Tokenmill-Error-Rows": str(len(page.rows) - outputs),
+    }
+    return Response(b"".join(r.data for r in page.rows), media_type="application/jsonl", headers=headers)
 
 
 @router.post("/{batch_id}/cancel")

@@ -194,12 +194,79 @@ def cancel_command(batch_id: str, tenant: TenantOpt = None, api_key: ApiKeyOpt =
 
 
 @batch_app.command("download")
-def download_command(batch_id: str, tenant: TenantOpt = None, api_key: ApiKeyOpt = None,
-                     base_url: BaseUrlOpt = None, output: OutputOpt = None, errors: ErrorsOpt = None) -> None:
-    """Write an ended batch's output and error files."""
+def download_command(
+    batch_id: str,
+    tenant: TenantOpt = None,
+    api_key: ApiKeyOpt = None,
+    base_url: BaseUrlOpt = None,
+    output: OutputOpt = None,
+    errors: ErrorsOpt = None,
+    partial: Annotated[bool, typer.Option(
+        "--partial", help="The rows recorded so far, while the batch runs (in the order they finished).",
+    )] = False,
+    after: Annotated[int | None, typer.Option(
+        min=0, help="With --partial: the cursor a previous run printed; append the rows after it.",
+    )] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write an ended batch's output and error files; with --partial, the rows so far.
+
+    --partial writes the rows recorded so far (each row as the final file has it; the
+    invalid lines first, then the lines in the order they finished) and prints the
+    cursor to go on from: rerun with --after N to append only the rows that came since.
+    Once it says the batch has ended, the two files hold every row of the batch's files.
+    """
+    if after is not None and not partial:
+        raise typer.BadParameter("--after goes with --partial", param_hint="--after")
     with _batches(tenant, api_key, base_url) as batches:
+        if partial:
+            _download_partial(batches, batch_id, output, errors, after or 0, as_json)
+            return
         out, errs = batches.download(batch_id, output=output, errors=errors)
+    if as_json:
+        sys.stdout.write(json.dumps({"output": str(out), "errors": str(errs)}) + "\n")
+        return
     console.print(f"output: {out}\nerrors: {errs}")
+
+
+def _download_partial(batches: Batches, batch_id: str, output: Path | None, errors: Path | None,
+                      after: int, as_json: bool) -> None:
+    """Append the rows after cursor ``after`` to the two files (cursor 0: write them
+    afresh), page by page; print the next cursor."""
+    paths = {"output": output or Path(f"{batch_id}_output.jsonl"),
+             "error": errors or Path(f"{batch_id}_errors.jsonl")}  # fmt: skip
+    written = {"output": 0, "error": 0}
+    cursor = after
+    for p in paths.values():
+        p.parent.mkdir(parents=True, exist_ok=True)
+    handles = {kind: p.open("ab" if after else "wb") for kind, p in paths.items()}
+    try:
+        while True:
+            page = batches.partial(batch_id, after=cursor)
+            for kind, data in page.lines:
+                handles[kind].write(data)
+                written[kind] += 1
+            cursor = page.next_after
+            if not page.has_more:
+                break
+    finally:
+        for fh in handles.values():
+            fh.close()
+    ended = page.ended
+    if as_json:
+        sys.stdout.write(json.dumps({
+            "output": str(paths["output"]), "errors": str(paths["error"]), "after": cursor,
+            "status": page.status.value, "ended": ended, "output_rows": written["output"],
+            "error_rows": written["error"],
+        }) + "\n")  # fmt: skip
+        return
+    console.print(f"output: {paths['output']} (+{written['output']} rows)\n"
+                  f"errors: {paths['error']} (+{written['error']} rows)")
+    if ended:
+        err.print(f"batch {batch_id} {page.status.value}: every row is in the two files")
+    else:
+        err.print(f"batch {batch_id} {page.status.value}: rerun with --after {cursor} for the rows to come")
+    console.print(f"next: {cursor}")
 
 
 def webhooks_command(

@@ -75,6 +75,7 @@ __all__ = [
     "Client",
     "Connection",
     "Handle",
+    "PartialOutput",
     "PreparedRequest",
     "RequestTimeout",
     "connection",
@@ -335,6 +336,32 @@ class Batch(BaseModel):
     usage: dict[str, Any] | None = None
 
 
+@dataclass(frozen=True)
+class PartialOutput:
+    """A page of a batch's progressive output (:meth:`AsyncBatches.partial`)."""
+
+    #: ``(kind, row bytes)``: ``"output"`` or ``"error"``, and the row exactly as the
+    #: final output or error file has it (with its newline)
+    lines: list[tuple[str, bytes]]
+    #: the cursor to pass as ``after`` to read on
+    next_after: int
+    #: more rows are recorded already (read on at once)
+    has_more: bool
+    #: the batch's status, read before the rows
+    status: wire.BatchStatus
+
+    @property
+    def ended(self) -> bool:
+        """The batch had ended before these rows were read: once ``has_more`` is
+        false too, every row of its output and error files has been read."""
+        return self.status.is_terminal
+
+    @property
+    def rows(self) -> list[tuple[str, dict[str, Any]]]:
+        """``(kind, row)`` of each line, parsed."""
+        return [(kind, json.loads(data)) for kind, data in self.lines]
+
+
 def _batch(data: Any) -> Batch:
     try:
         return Batch.model_validate(data)
@@ -466,6 +493,32 @@ class AsyncBatches:
             found.append(path)
         return found[0], found[1]
 
+    async def partial(self, batch_id: str, *, after: int = 0, limit: int | None = None) -> PartialOutput:
+        """The rows of the batch's output and error files recorded so far, while it runs
+        or after it ended (tokenmill's ``GET /v1/batches/{id}/output``): from cursor
+        ``after`` (the rows already read), at most ``limit`` (the gateway's default
+        1,000, at most 10,000). The invalid lines come first, then the lines in the order
+        they finished, each once; a read is a prefix of every later one, and once the
+        batch has ended they are exactly its files' rows.
+
+        Raises:
+            NotFound: no such batch of this tenant, or its output has expired.
+        """
+        params: dict[str, Any] = {"after": after}
+        if limit is not None:
+            params["limit"] = limit
+        resp = await self._client._request("GET", f"/v1/batches/{quote(batch_id, safe='')}/output", params=params)
+        try:
+            h = resp.headers
+            lines = [
+                ("output" if json.loads(raw).get("error") is None else "error", raw + b"\n")
+                for raw in resp.content.split(b"\n") if raw.strip()
+            ]  # fmt: skip
+            return PartialOutput(lines, int(h["x-tokenmill-next-after"]), h["x-tokenmill-has-more"] == "true",
+                                 wire.BatchStatus(h["x-tokenmill-batch-status"]))  # fmt: skip
+        except (KeyError, ValueError, AttributeError) as exc:
+            raise StackError(f"the gateway answered an unreadable batch output: {exc!r}") from None
+
     async def results(self, batch_id: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """An ended batch's output and error entries."""
         batch = await self._ended(batch_id)
@@ -537,7 +590,7 @@ class AsyncClient:
     @cached_property
     def batches(self) -> AsyncBatches:
         """This tenant's batches: ``create``, ``retrieve``, ``list``, ``cancel``, ``wait``,
-        ``download``, ``results``."""
+        ``download``, ``results``, ``partial``."""
         return AsyncBatches(self)
 
     # -- HTTP ------------------------------------------------------------------------
@@ -745,6 +798,9 @@ class Batches:
 
     def results(self, batch_id: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         return self._client._run(self._async.results(batch_id))
+
+    def partial(self, batch_id: str, *, after: int = 0, limit: int | None = None) -> PartialOutput:
+        return self._client._run(self._async.partial(batch_id, after=after, limit=limit))
 
     def list(self, *, limit: int = 20, after: str | None = None) -> list[Batch]:
         return self._client._run(self._async.list(limit=limit, after=after))

@@ -1,9 +1,10 @@
 """The Files and Batches API through the gateway of a real local stack, with the official
 ``openai`` SDK: every answer parses as the SDK's own types with no field missing, each
 tenant sees only its own files and batches, bad input is a 4xx naming the field, and a
-batch runs to output and error files reachable by file id. Also, without a stack: a
-batch that cannot be created leaves nothing on disk, and the batch runner copies no
-other tenant's result into a batch."""
+batch runs to output and error files reachable by file id; its output can be read
+progressively while it runs (HTTP, the client, the CLI), and expires as asked. Also,
+without a stack: a batch that cannot be created leaves nothing on disk, and the batch
+runner copies no other tenant's result into a batch."""
 
 from __future__ import annotations
 
@@ -19,19 +20,20 @@ import httpx
 import openai
 import pydantic
 import pytest
-from batch_stack import Stack, running_stack, stack_config
+from batch_stack import Stack, running_stack, stack_config, use_stack, wait_for
 from openai.types import Batch, FileDeleted, FileObject
 from tokenmill.config.settings import load_settings
 from tokenmill.producers import batch_runner
 from tokenmill.producers.batch_lease import BatchLeases
 from tokenmill.producers.batch_runner import BatchRunner
-from tokenmill.producers.batches import Batches
+from tokenmill.producers.batches import Batches, expire_outputs
 
 from tokenmill.errors import LedgerError, ValidationError
 from tokenmill.wire import RequestState, Result, ResultStatus, Usage, batch_request_id
 
-#: the stack's upload limit, small so an oversize upload is cheap
-MAX_BYTES = 64 * 1024
+#: the stack's upload limit, small so an oversize upload is cheap (and room for a
+#: 2,000-line batch)
+MAX_BYTES = 512 * 1024
 SDK = Callable[[str], openai.OpenAI]
 HTTP = Callable[[str | None], httpx.Client]
 
@@ -322,6 +324,10 @@ def test_tenant_isolation(sdk: SDK, http: HTTP) -> None:
     for call, theirs, nobodys in calls:
         answer = json.dumps(refused(functools.partial(call, theirs))).replace(theirs, "ID")
         assert answer == json.dumps(refused(functools.partial(call, nobodys))).replace(nobodys, "ID")
+    theirs_out, nobodys_out = (http("beta").get(f"/v1/batches/{x}/output") for x in (b.id, unknown_batch))
+    assert theirs_out.status_code == nobodys_out.status_code == 404
+    assert theirs_out.text.replace(b.id, "ID") == nobodys_out.text.replace(unknown_batch, "ID")
+    assert http("alpha").get(f"/v1/batches/{b.id}/output").status_code == 200
     with pytest.raises(openai.NotFoundError) as exc:
         beta.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
     assert error_of(exc)["param"] == "input_file_id"
@@ -331,6 +337,177 @@ def test_tenant_isolation(sdk: SDK, http: HTTP) -> None:
             assert alphas not in seen
     assert alpha.files.retrieve(f.id).id == f.id  # beta's delete did nothing
     assert alpha.batches.retrieve(b.id).status == "completed"
+
+
+# -- progressive output and expiry ---------------------------------------------------------
+
+
+def test_progressive_output_while_a_batch_runs(sdk: SDK, http: HTTP, stack: Stack, gateway: str,
+                                               tmp_path: Path) -> None:
+    """A 2,000-line batch: 1,988 lines on the zero-cost `sim`, 10 on `slowsim` (4 at a
+    time, 20 ms a token, staggered lengths: the batch runs a few seconds), 2 invalid.
+    Read from cursor 0 three times while it runs, each read is a prefix of the next and
+    of the final one; reads resumed from each cursor (the client) add up to the same;
+    the CLI, run mid-batch and then again with --after, writes exactly the two files'
+    rows; no line twice."""
+    from tokenmill import Client
+
+    alpha, api = sdk("alpha"), http("alpha")
+    slow_at = {100 + 180 * k: 15 * (k + 1) for k in range(10)}  # line index -> max_tokens
+    lines = [chat(f"p{i}", model="slowsim", max_tokens=slow_at[i]) if i in slow_at
+             else chat(f"p{i}", max_tokens=1) for i in range(1998)]  # fmt: skip
+    data = jsonl(*lines[:500], deep("bad-1"), *lines[500:], deep("bad-2"))  # lines 501 and 2000
+    f = upload(alpha, data)
+    b = alpha.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+    assert b.request_counts is not None and b.request_counts.total == 2000
+
+    def read(after: int = 0) -> tuple[list[bytes], httpx.Response]:
+        resp = api.get(f"/v1/batches/{b.id}/output", params={"after": after, "limit": 10_000})
+        assert resp.status_code == 200, resp.text
+        assert resp.headers["content-type"].startswith("application/jsonl")
+        got = resp.content.splitlines(keepends=True)
+        h = resp.headers
+        assert int(h["x-tokenmill-next-after"]) == after + len(got) and h["x-tokenmill-has-more"] == "false"
+        outputs = [x for x in got if json.loads(x)["error"] is None]
+        assert (int(h["x-tokenmill-output-rows"]), int(h["x-tokenmill-error-rows"])) == (
+            len(outputs), len(got) - len(outputs))
+        return got, resp
+
+    reads: list[list[bytes]] = []
+    resumed: list[tuple[str, bytes]] = []
+    cursor = 0
+    cli_out, cli_err = tmp_path / "out.jsonl", tmp_path / "err.jsonl"
+    cli_after: int | None = None
+    with Client(api_key="tm-alpha-demo-key", base_url=gateway) as client:
+
+        def grown() -> bool:
+            nonlocal cursor
+            got, resp = read()
+            assert resp.headers["x-tokenmill-batch-ended"] == "false", "ended before three reads saw it grow"
+            page = client.batches.partial(b.id, after=cursor)  # resumed where the last read stopped
+            resumed.extend(page.lines)
+            cursor = page.next_after
+            if len(got) > (len(reads[-1]) if reads else 2):  # past the two invalid lines
+                reads.append(got)
+                return True
+            return False
+
+        for n in range(3):
+            wait_for(f"read {n + 1} to grow", grown, timeout=30, every=0.02)
+        cli = stack.cli("batch", "download", b.id, "--tenant", "alpha", "--partial", "--output", str(cli_out),
+                        "--errors", str(cli_err), "--json")  # fmt: skip
+        assert cli.returncode == 0, cli.stdout + cli.stderr
+        cli_after = json.loads(cli.stdout)["after"]
+
+        done = wait_status(alpha, b.id, {"completed", "failed", "expired", "cancelled"}, timeout=60)
+        assert done.status == "completed"
+        final, resp = read()
+        assert resp.headers["x-tokenmill-batch-ended"] == "true"
+        assert resp.headers["x-tokenmill-batch-status"] == "completed"
+        while True:  # pages of the gateway's default limit (1,000 rows)
+            page = client.batches.partial(b.id, after=cursor)
+            resumed.extend(page.lines)
+            cursor = page.next_after
+            if not page.has_more:
+                break
+        assert page.ended and cursor == len(final)
+        first = client.batches.partial(b.id, limit=600)
+        assert [x for _, x in first.lines] == final[:600] and first.has_more and first.next_after == 600
+
+    for earlier, later in zip(reads, [*reads[1:], final]):
+        assert later[: len(earlier)] == earlier, "every read is a prefix of the next"
+    assert [x for _, x in resumed] == final, "reads resumed from their cursors add up to the whole"
+    assert all(kind == ("output" if json.loads(x)["error"] is None else "error") for kind, x in resumed)
+    assert [json.loads(x)["error"]["line"] for x in final[:2]] == [501, 2000], "the invalid lines first"
+    assert len({json.loads(x)["custom_id"] for x in final[2:]}) == len(final) - 2 == 1998, "no line twice"
+
+    assert done.output_file_id and done.error_file_id
+    output = alpha.files.content(done.output_file_id).content.splitlines(keepends=True)
+    errors = alpha.files.content(done.error_file_id).content.splitlines(keepends=True)
+    assert sorted(x for x in final if json.loads(x)["error"] is None) == sorted(output)
+    assert sorted(x for x in final if json.loads(x)["error"] is not None) == sorted(errors)
+    assert len(final) == len(output) + len(errors) == 2000
+    assert [json.loads(x)["custom_id"] for x in output][:3] == ["p0", "p1", "p2"], "the files: input order"
+
+    again = stack.cli("batch", "download", b.id, "--tenant", "alpha", "--partial", "--after", str(cli_after),
+                      "--output", str(cli_out), "--errors", str(cli_err), "--json")  # fmt: skip
+    assert again.returncode == 0, again.stdout + again.stderr
+    summary = json.loads(again.stdout)
+    assert summary["ended"] is True and summary["after"] == 2000 and summary["status"] == "completed"
+    assert sorted(cli_out.read_bytes().splitlines(keepends=True)) == sorted(output)
+    assert sorted(cli_err.read_bytes().splitlines(keepends=True)) == sorted(errors)
+
+
+def test_expired_output_is_removed_and_says_so(sdk: SDK, http: HTTP, stack: Stack,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Output files expire ``output_expires_after`` after they were made: the batch
+    object and the file objects show when; once passed (here: set back in the ledger),
+    the cleanup removes them, reading them answers 404 ``file_expired``, the batch shows
+    ``output_expired_at`` — and another tenant's batches are untouched."""
+    from sqlalchemy import update
+    from tokenmill.ledger import shared_factory, transaction
+    from tokenmill.ledger.models import BatchRow, FileRow
+
+    expiry = {"anchor": "created_at", "seconds": 3600}
+    made = []
+    for tenant, expires in (("alpha", expiry), ("beta", expiry), ("beta", None)):
+        client = sdk(tenant)
+        f = upload(client, jsonl(chat("e0", max_tokens=2), chat("e1", max_tokens=2), deep("e2")))
+        extra = {} if expires is None else {"output_expires_after": expires}
+        made.append((client, client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                                                   completion_window="24h", **extra)))  # fmt: skip
+    done = [wait_status(c, b.id, {"completed"}) for c, b in made]
+    mine, theirs, never = done
+    raw = http("alpha").get(f"/v1/batches/{mine.id}").json()
+    strict(Batch, raw)
+    assert raw["output_expires_after"] == expiry and raw["output_expired_at"] is None
+    assert raw["output_expires_at"] == raw["completed_at"] + 3600, "counted from the files' creation"
+    alpha = made[0][0]
+    assert mine.output_file_id and mine.error_file_id
+    assert alpha.files.retrieve(mine.output_file_id).expires_at == raw["output_expires_at"]
+    assert http("beta").get(f"/v1/batches/{never.id}").json()["output_expires_at"] is None
+
+    use_stack(stack, monkeypatch)
+    settings = load_settings()
+    past = time.time() - 1
+    with transaction(shared_factory(settings.ledger_url)) as s:  # an hour and more has passed
+        s.execute(update(BatchRow).where(BatchRow.id == mine.id).values(output_expires_at=utc_dt(past)))
+        s.execute(update(FileRow).where(FileRow.id.in_([mine.output_file_id, mine.error_file_id]))
+                  .values(expires_at=utc_dt(past)))  # fmt: skip
+    assert alpha.batches.retrieve(mine.id).status == "completed"
+    for file_id in (mine.output_file_id, mine.error_file_id):  # expired, though not yet removed
+        with pytest.raises(openai.NotFoundError) as exc:
+            alpha.files.content(file_id)
+        assert error_of(exc)["code"] == "file_expired" and "expired at" in error_of(exc)["message"]
+    # (the stack's runner looks every minute too: it may have been first)
+    assert expire_outputs(settings) in ([mine.id], [])
+    assert expire_outputs(settings) == [], "once"
+    folder = stack.home / "batches" / mine.id
+    assert not {"output.jsonl", "errors.jsonl", "results.jsonl"} & {p.name for p in folder.iterdir()}
+    raw = http("alpha").get(f"/v1/batches/{mine.id}").json()
+    strict(Batch, raw)
+    assert raw["output_expired_at"] is not None and raw["output_file_id"] == mine.output_file_id
+    for call in (alpha.files.retrieve, alpha.files.content):
+        with pytest.raises(openai.NotFoundError) as exc:
+            call(mine.output_file_id)
+        assert error_of(exc)["code"] == "file_expired" and error_of(exc)["param"] == "file_id"
+    assert mine.output_file_id not in {x.id for x in alpha.files.list(purpose="batch_output")}
+    gone = http("alpha").get(f"/v1/batches/{mine.id}/output")
+    assert gone.status_code == 404 and gone.json()["error"]["code"] == "batch_output_expired"
+
+    beta = made[1][0]
+    for b in (theirs, never):
+        assert b.output_file_id and b.error_file_id
+        assert len(rows(beta.files.content(b.output_file_id).content)) == 2
+        assert len(rows(beta.files.content(b.error_file_id).content)) == 1
+        assert http("beta").get(f"/v1/batches/{b.id}").json()["output_expired_at"] is None
+        assert len(rows(http("beta").get(f"/v1/batches/{b.id}/output").content)) == 3
+
+
+def utc_dt(ts: float) -> Any:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(ts, UTC)
 
 
 # -- without a stack -----------------------------------------------------------------------
