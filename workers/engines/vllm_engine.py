@@ -22,6 +22,12 @@ streaming requests, every ``batch_interval`` tokens for the others (the first to
 always at once), so a request costs a few output objects, not one per token. Token
 counts are vLLM's own (``prompt_token_ids``, output ``token_ids``).
 
+``/v1/embeddings`` requests need a pooling model (``runner = "pooling"``): each input
+becomes an engine request of its own with ``PoolingParams(task="embed")`` (text
+rendered as ``LLM.embed`` does, token ids as token prompts), and the request yields one
+step with every vector, in input order, and the inputs' prompt tokens summed. All three
+front ends serve them (``async`` through ``AsyncLLM.encode``).
+
 Requests carry their engine priority (:func:`~.base.engine_priority`) to vLLM, which
 runs with ``scheduling_policy="priority"`` unless ``engine_args`` say otherwise: the
 waiting queue is ordered by (priority, arrival), and when KV-cache blocks run out the
@@ -34,22 +40,44 @@ KV-cache use, preemptions; :mod:`.vllm_meter`) and each request's preemptions; t
 
 ``engine_args`` are vLLM engine arguments plus ``frontend``, ``stream_interval`` and
 ``batch_interval``;
-``@home/`` in ``model``/``tokenizer`` means the tokenmill home directory.
+``@home/`` in ``model``/``tokenizer`` means the tokenmill home directory, and the demo
+models ``@home/models/smollm2`` and ``@home/models/minilm`` are built there on first use.
 """
 
 from __future__ import annotations
 
+import asyncio
 import importlib.metadata
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 from ...config.models import ModelConfig
 from ...errors import EngineDeadError, EngineError, ValidationError
 from ...logs import get_logger
-from ...wire import InferenceRequest
-from .base import EngineStats, EngineStep, WorkDone, prompt_of, sampling_options
-from .vllm_cores import Delta, InprocCore, ProcessCore, delta_of, render, sampling_params
+from ...wire import Endpoint, InferenceRequest
+from ..minilm import ensure_minilm
+from ..smollm2 import ensure_smollm2
+from .base import (
+    EngineStats,
+    EngineStep,
+    WorkDone,
+    embedding_dimensions,
+    embeddings_of,
+    prompt_of,
+    sampling_options,
+)
+from .vllm_cores import (
+    Delta,
+    Embedded,
+    InprocCore,
+    ProcessCore,
+    delta_of,
+    pooling_params,
+    render,
+    render_input,
+    sampling_params,
+)
 
 __all__ = ["VllmEngine"]
 
@@ -113,6 +141,8 @@ class VllmEngine:
         self._async_llm: Any = None
         #: per request being generated: the work its outputs so far report
         self._work: dict[str, WorkDone] = {}
+        #: ``async`` front end: per embeddings request in flight, the task running its inputs
+        self._embedding_tasks: dict[str, asyncio.Future[Embedded]] = {}
 
     @classmethod
     def from_config(cls, model: str, cfg: ModelConfig, *, home: Path) -> VllmEngine:
@@ -165,6 +195,8 @@ class VllmEngine:
         done = self._work.pop(request_id, None)
         if self._core is not None:
             self._core.abort(request_id)
+        elif (task := self._embedding_tasks.pop(request_id, None)) is not None:
+            task.cancel()  # each input's AsyncLLM.encode aborts its request when cancelled
         elif self._async_llm is not None:
             await self._async_llm.abort(request_id)
         return done
@@ -197,6 +229,11 @@ class VllmEngine:
         return kwargs
 
     async def generate(self, request: InferenceRequest, priority: int = 0) -> AsyncIterator[EngineStep]:
+        if request.endpoint is Endpoint.embeddings:
+            step = await self._embed(request, priority)
+            if step is not None:  # None: aborted, ends without a step
+                yield step
+            return
         kwargs = self.sampling_kwargs(request)
         prompt = prompt_of(request)
         if self._core is not None:
@@ -226,6 +263,63 @@ class VllmEngine:
         finally:
             self._work.pop(request.id, None)
 
+    async def _embed(self, request: InferenceRequest, priority: int) -> EngineStep | None:
+        """The one step of an embeddings request, or None if it was aborted."""
+        inputs = embeddings_of(request)
+        dimensions = embedding_dimensions(request)
+        if self._core is not None:
+            result = await self._core.embed(request.id, inputs, dimensions, priority)
+        elif self._async_llm is not None:
+            result = await self._async_embed(request.id, inputs, dimensions, priority)
+        else:
+            raise EngineDeadError("vLLM engine is not running")
+        if result is None:
+            return None
+        return EngineStep(text="", completion_tokens=0, prompt_tokens=result.prompt_tokens,
+                          finish_reason="stop", embeddings=result.vectors)  # fmt: skip
+
+    async def _async_embed(
+        self, rid: str, inputs: list[str | list[int]], dimensions: int | None, priority: int
+    ) -> Embedded | None:
+        """An embeddings request on ``AsyncLLM``: one ``encode`` per input, all at once."""
+        llm = self._async_llm
+        try:
+            engine_inputs = [render_input(llm.renderer, llm.model_config, x) for x in inputs]
+        except Exception as exc:  # VLLMValidationError: too long, ...
+            raise ValidationError(f"input: {exc}") from exc
+
+        async def one(i: int, engine_input: Any) -> tuple[list[float], int]:
+            final = None
+            async for out in llm.encode(engine_input, pooling_params(dimensions), f"{rid}#{i}",
+                                        priority=priority):  # fmt: skip
+                final = out
+            assert final is not None and final.finished
+            return final.outputs.data.tolist(), len(final.prompt_token_ids or ())
+
+        async def run() -> Embedded:
+            tasks = [asyncio.ensure_future(one(i, x)) for i, x in enumerate(engine_inputs)]
+            try:
+                done = await asyncio.gather(*tasks)
+            finally:
+                for task in tasks:  # one failed or this was cancelled: stop the others
+                    task.cancel()
+            return Embedded(tuple(v for v, _ in done), sum(n for _, n in done))
+
+        task = asyncio.ensure_future(run())
+        self._embedding_tasks[rid] = task
+        try:
+            return await task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if task.cancelled() and not (current is not None and current.cancelling()):
+                return None  # abort() cancelled it
+            raise
+        except Exception as exc:
+            raise _async_error(exc) from exc
+        finally:
+            self._embedding_tasks.pop(rid, None)
+            task.cancel()
+
     async def _async_generate(
         self, rid: str, prompt: Any, params: Any, priority: int
     ) -> AsyncIterator[Delta]:
@@ -249,10 +343,29 @@ class VllmEngine:
             raise EngineError(f"vLLM: {exc!r}") from exc
 
 
+def _async_error(exc: Exception) -> Exception:
+    """The tokenmill error for an exception of ``AsyncLLM`` (as ``_async_generate`` maps
+    them)."""
+    from vllm.v1.engine.exceptions import EngineDeadError as VllmDead
+
+    if isinstance(exc, (EngineError, ValidationError)):
+        return exc
+    if isinstance(exc, VllmDead):
+        return EngineDeadError(f"vLLM engine died: {exc}")
+    if isinstance(exc, (ValueError, TypeError)) or type(exc).__name__ in (
+        "VLLMValidationError", "VLLMClientError",
+    ):  # fmt: skip
+        return ValidationError(str(exc))
+    return EngineError(f"vLLM: {exc!r}")
+
+
+#: the demo models tokenmill builds under ``<home>/models/<name>`` on first use
+DEMO_MODELS: dict[str, Callable[[Path], Path]] = {"smollm2": ensure_smollm2, "minilm": ensure_minilm}
+
+
 def _ensure_model_files(args: dict[str, Any]) -> None:
     """Build the demo model on first use when the config points at it."""
     model = Path(str(args.get("model", "")))
-    if model.name == "smollm2" and model.parent.name == "models" and not model.exists():
-        from ..smollm2 import ensure_smollm2
-
-        ensure_smollm2(model.parent.parent)
+    ensure = DEMO_MODELS.get(model.name)
+    if ensure is not None and model.parent.name == "models" and not model.exists():
+        ensure(model.parent.parent)
