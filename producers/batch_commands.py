@@ -211,10 +211,8 @@ def download_command(
 ) -> None:
     """Write an ended batch's output and error files; with --partial, the rows so far.
 
-    --partial writes the rows recorded so far (each row as the final file has it; the
-    invalid lines first, then the lines in the order they finished) and prints the
-    cursor to go on from: rerun with --after N to append only the rows that came since.
-    Once it says the batch has ended, the two files hold every row of the batch's files.
+    --partial: the rows recorded so far, each as in the final files; rerun with
+    --after N (the cursor it prints) to append the rows that came since.
     """
     if after is not None and not partial:
         raise typer.BadParameter("--after goes with --partial", param_hint="--after")
