@@ -99,7 +99,8 @@ def read_all(d: BatchDir) -> list[PartialRow]:
 
 
 def customs(rows: list[PartialRow]) -> list[str | None]:
-    return [r.row["custom_id"] for r in rows]
+    """Each row's custom_id; None for an invalid line's (which has none of its own)."""
+    return [r.row["custom_id"] or None for r in rows]
 
 
 def test_invalid_lines_first_then_completion_order_equal_to_the_final_files(tmp_path: Path) -> None:
