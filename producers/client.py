@@ -196,6 +196,7 @@ def build(
     *,
     messages: Sequence[Mapping[str, Any]] | None = None,
     prompt: str | list[str] | None = None,
+    input: str | list[str] | list[int] | list[list[int]] | None = None,  # noqa: A002 - OpenAI's name
     max_tokens: int | None = None,
     priority: wire.Priority | str = wire.Priority.standard,
     deadline: float | datetime | None = None,
@@ -205,11 +206,15 @@ def build(
 ) -> PreparedRequest:
     """Validate the arguments of ``submit`` into a :class:`PreparedRequest`, with
     nothing but the request itself (no server settings: which models exist is the
-    gateway's to say).
+    gateway's to say). ``messages`` makes a chat request, ``prompt`` a completion,
+    ``input`` an embeddings request (its options: ``encoding_format``, ``dimensions``).
 
     Raises:
         ValidationError: naming the offending field.
     """
+    if input is not None:
+        return _embeddings(model, input, priority, deadline, webhook, messages, prompt, max_tokens, stream,
+                           sampling)
     try:
         prio = wire.Priority(priority)
     except ValueError:
@@ -240,6 +245,41 @@ def build(
     deadline_of(deadline, time.time())  # validates; relative seconds are sent as given
     return PreparedRequest(
         endpoint=endpoint, body=body, priority=prio,
+        deadline=deadline.timestamp() if isinstance(deadline, datetime) else deadline,
+        webhook=_check_webhook(webhook) if webhook is not None else None,
+    )
+
+
+#: the options of an embeddings request besides model and input
+EMBEDDING_OPTIONS = frozenset({"encoding_format", "dimensions", "user"})
+
+
+def _embeddings(
+    model: str, value: Any, priority: wire.Priority | str, deadline: float | datetime | None,
+    webhook: str | None, messages: Any, prompt: Any, max_tokens: int | None, stream: bool,
+    options: Mapping[str, Any],
+) -> PreparedRequest:
+    """:func:`build` for ``input``: an embeddings request."""
+    if messages is not None or prompt is not None:
+        raise ValidationError("messages/prompt/input: give exactly one of them", field="input")
+    if max_tokens is not None or stream:
+        field = "max_tokens" if max_tokens is not None else "stream"
+        raise ValidationError(f"{field}: an embeddings request generates no tokens", field=field)
+    unknown = sorted(set(options) - EMBEDDING_OPTIONS)
+    if unknown:
+        raise ValidationError(f"{unknown[0]}: unknown parameter of an embeddings request", field=unknown[0])
+    try:
+        prio = wire.Priority(priority)
+    except ValueError:
+        raise ValidationError(
+            f"priority: must be one of {', '.join(p.value for p in wire.Priority)}, got {priority!r}",
+            field="priority",
+        ) from None
+    body: dict[str, Any] = {"model": model, "input": value, **options}
+    validate_body(body, wire.Endpoint.embeddings)
+    deadline_of(deadline, time.time())
+    return PreparedRequest(
+        endpoint=wire.Endpoint.embeddings, body=body, priority=prio,
         deadline=deadline.timestamp() if isinstance(deadline, datetime) else deadline,
         webhook=_check_webhook(webhook) if webhook is not None else None,
     )

@@ -49,8 +49,8 @@ def test_outcome_entries_follow_openai_shapes() -> None:
     failed = result("b", ResultStatus.failed, error=ErrorInfo(code="engine_error", message="boom"))
     status, entry = outcome_entry(BID, 4, "b", failed, ended_as=CANCELLED)  # failed stays failed
     assert status == "failed" and entry["error"] == {"code": "engine_error", "message": "boom"}
-    assert entry["response"]["status_code"] == 500
-    assert entry["response"]["body"]["error"]["message"] == "boom"
+    # vLLM's run_batch shape: the reason in error, no body
+    assert entry["response"] == {"status_code": 500, "request_id": f"{BID}:b", "body": None}
     assert outcome_entry(BID, 5, "c", result("c", ResultStatus.cancelled))[1]["error"]["code"] == "batch_cancelled"
     assert outcome_entry(BID, 5, "c", result("c", ResultStatus.cancelled), ended_as=EXPIRED)[0] == "expired"
     assert outcome_entry(BID, 6, "d", result("d", ResultStatus.expired))[1]["error"]["code"] == "batch_expired"
@@ -83,7 +83,7 @@ def test_recovery_from_a_torn_and_repeated_results_file(tmp_path: Path) -> None:
     assert t.pending() == []
     output, errors = assemble(t)
     assert [e["custom_id"] for e in output] == ["a", "b"]
-    assert [(e["custom_id"], e["error"]["code"]) for e in errors] == [(None, "invalid_json"), ("c", "batch_expired")]
+    assert [(e["custom_id"], e["error"]["code"]) for e in errors] == [("", "invalid_json"), ("c", "batch_expired")]
     assert all(json.dumps(e) for e in output + errors)
 
 

@@ -180,3 +180,18 @@ def test_responses_parse_as_the_sdks_type(sdk) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
         sdk("alpha").responses.create(model="sim", input="x", text={"format": {"type": "json_object"}})
     assert caught.value.body["param"] == "text.format.type"  # type: ignore[index]
+
+
+def test_the_python_client_submits_embeddings(gateway: str) -> None:
+    from tokenmill import Client
+    from tokenmill.errors import ValidationError
+    from tokenmill.workers.engines.sim import sim_embedding
+
+    with Client(api_key="tm-alpha-demo-key", base_url=gateway) as client:
+        results = client.map("sim", [{"input": f"text {i}"} for i in range(3)] + [{"input": [[5, 6, 7]]}])
+        assert [r.body["data"][0]["embedding"] for r in results[:3]] == [
+            sim_embedding(f"text {i}", 384) for i in range(3)]
+        assert results[3].usage is not None and results[3].usage.prompt_tokens == 3
+        assert results[3].usage.completion_tokens == 0
+        with pytest.raises(ValidationError, match="max_tokens: an embeddings request generates no tokens"):
+            client.submit("sim", input="x", max_tokens=3)

@@ -276,7 +276,7 @@ def test_batch_create_refusals(sdk: SDK, http: HTTP, stack: Stack) -> None:
     good: dict[str, Any] = {"input_file_id": f.id, "endpoint": "/v1/chat/completions", "completion_window": "24h"}
     cases: list[tuple[dict[str, Any], int, str]] = [
         ({"input_file_id": "file-" + "0" * 32}, 404, "input_file_id"),
-        ({"endpoint": "/v1/embeddings"}, 400, "endpoint"),
+        ({"endpoint": "/v1/score"}, 400, "endpoint"),
         ({"completion_window": "forever"}, 400, "completion_window"),
         ({"metadata": {f"k{i}": "v" for i in range(17)}}, 400, "metadata"),
         ({"metadata": {"k": "v" * 513}}, 400, "metadata"),
