@@ -65,14 +65,15 @@ class Reference:
             text=True, env={**os.environ, "TMPDIR": str(workdir)},
         )  # fmt: skip
         self.log = workdir / "reference.log"
+        self._result: dict[str, Any] | None = None
 
     def result(self, timeout_s: float = 300.0) -> dict[str, Any]:
-        """``{"vectors", "tokens", "seconds"}`` once the reference has them."""
-        assert self.proc.stdout is not None
-        line = _readline(self.proc, timeout_s)
-        assert line.strip() == "ready", f"reference failed: {line!r}\n{self.log.read_text()[-3000:]}"
-        got: dict[str, Any] = json.loads(self.out.read_text())
-        return got
+        """``{"vectors", "tokens", "seconds"}`` once the reference has them (read once)."""
+        if self._result is None:
+            line = _readline(self.proc, timeout_s)
+            assert line.strip() == "ready", f"reference failed: {line!r}\n{self.log.read_text()[-3000:]}"
+            self._result = json.loads(self.out.read_text())
+        return self._result
 
     def validate(self, path: Path, timeout_s: float = 60.0) -> dict[str, Any]:
         """``{"rows", "invalid"}``: ``path``'s lines checked as vLLM's ``BatchRequestOutput``."""
@@ -94,12 +95,21 @@ class Reference:
 
 
 def _readline(proc: subprocess.Popen[str], timeout_s: float) -> str:
-    """The process's next stdout line, or fail after ``timeout_s`` (a thread reads it)."""
+    """The process's next answer (a stdout line starting ``@@ ``; vLLM logs there too),
+    without the marker; fails after ``timeout_s`` (a thread reads)."""
     import concurrent.futures
 
     assert proc.stdout is not None
+    out = proc.stdout
+
+    def answer() -> str:
+        for line in out:
+            if line.startswith("@@ "):
+                return line[3:]
+        return ""  # the process ended
+
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        fut = pool.submit(proc.stdout.readline)
+        fut = pool.submit(answer)
         try:
             return fut.result(timeout_s)
         except concurrent.futures.TimeoutError:
