@@ -196,7 +196,7 @@ def build(
     *,
     messages: Sequence[Mapping[str, Any]] | None = None,
     prompt: str | list[str] | None = None,
-    input: str | list[str] | list[int] | list[list[int]] | None = None,  # noqa: A002 - OpenAI's name
+    input: str | list[str] | list[int] | list[list[int]] | None = None,
     max_tokens: int | None = None,
     priority: wire.Priority | str = wire.Priority.standard,
     deadline: float | datetime | None = None,
