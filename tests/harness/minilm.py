@@ -39,7 +39,7 @@ def minilm_engine_args() -> dict[str, Any]:
     args = dict(load_settings().models["minilm"].engine_args)
     for key in ("model", "frontend", "stream_interval", "batch_interval"):
         args.pop(key, None)
-    args["max_num_seqs"] = load_settings().models["minilm"].max_in_flight
+    args.setdefault("max_num_seqs", load_settings().models["minilm"].max_in_flight)
     return args
 
 
@@ -51,7 +51,9 @@ def cosine(a: list[float], b: list[float]) -> float:
 class Reference:
     """The reference process (see :mod:`minilm_reference`): started at once, read later."""
 
-    def __init__(self, inputs: list[str], workdir: Path) -> None:
+    def __init__(self, inputs: list[str], workdir: Path, *, omp_threads: int | None = None) -> None:
+        """``omp_threads``: the engine's OpenMP threads (a tokenmill worker runs vLLM with
+        one, ``OMP_NUM_THREADS=1``); None: vLLM's default."""
         from tokenmill.workers.minilm import ensure_minilm
 
         model = ensure_minilm(workdir / "home")
@@ -62,7 +64,8 @@ class Reference:
             [sys.executable, str(REFERENCE), str(model), str(workdir / "inputs.json"), str(self.out),
              str(workdir / "args.json")],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=(workdir / "reference.log").open("wb"),
-            text=True, env={**os.environ, "TMPDIR": str(workdir)},
+            text=True, env={**os.environ, "TMPDIR": str(workdir),
+                            **({"OMP_NUM_THREADS": str(omp_threads)} if omp_threads else {})},
         )  # fmt: skip
         self.log = workdir / "reference.log"
         self._result: dict[str, Any] | None = None
