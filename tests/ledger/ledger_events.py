@@ -19,6 +19,8 @@ CARDS = [
               output_per_million=Decimal("0.48"), batch_discount=Decimal("0.5")),
     PriceCard(model="smollm2", effective_from=JAN, input_per_million=Decimal("0.20"),
               output_per_million=Decimal("0.80")),
+    # an embedding model's card: input tokens only
+    PriceCard(model="minilm", effective_from=JAN, input_per_million=Decimal("0.02")),
 ]  # fmt: skip
 MILLION = Decimal(1_000_000)
 

@@ -11,7 +11,7 @@ from decimal import Decimal
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from ledger_events import CARDS, JAN, MAR, event, expected_cost
+from ledger_events import CARDS, JAN, MAR, MILLION, event, expected_cost
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 from tokenmill.config import Settings
@@ -35,7 +35,7 @@ from tokenmill.errors import LedgerError, NotFound
 from tokenmill.pricing import cost
 from tokenmill.wire import EventKind, Priority
 
-SIM_JAN, SIM_MAR, SMOLLM2 = CARDS
+SIM_JAN, SIM_MAR, SMOLLM2, MINILM = CARDS
 
 
 @pytest.fixture
@@ -92,6 +92,13 @@ def test_priced_costs_are_stored_exactly() -> None:
     assert exact(cost(SIM_JAN, 1000, 500, Priority.batch)) == Decimal("0.00015")
     with pytest.raises(LedgerError):
         exact(Decimal("1e-11"))
+
+
+def test_an_embedding_cards_costs_are_its_input_tokens_only() -> None:
+    # an embeddings request generates nothing; its card has no output price at all
+    assert MINILM.output_per_million == 0
+    assert exact(cost(MINILM, 1_000_000, 0, Priority.standard)) == Decimal("0.02")
+    assert exact(cost(MINILM, 1234, 0, Priority.batch)) == Decimal(1234) * Decimal("0.02") / MILLION
 
 
 def test_minor_unit_rounding() -> None:
