@@ -28,7 +28,8 @@ def worker_command(
         int | None, typer.Option(help="Task threads (slices in flight); default min(max_in_flight, 64) + interactive_headroom.")
     ] = None,
     visibility_timeout: Annotated[
-        float, typer.Option(help="Seconds before an unacked message of a dead worker is redelivered.")
+        float, typer.Option(help="Seconds before an unacked message of a dead worker is redelivered "
+                                 "(running workers renew theirs).", envvar="TOKENMILL_WORKER_VISIBILITY_TIMEOUT")
     ] = 60.0,
     lease_ttl: Annotated[
         float, typer.Option(help="Seconds a dead worker's request lease outlives it.")

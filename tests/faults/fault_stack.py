@@ -134,7 +134,8 @@ class FaultStack:
     def env(self) -> dict[str, str]:
         """A user's shell: this home and config, no service URLs (the stack file has them)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith(("TOKENMILL_", "OPENAI_"))}
-        env.update(TOKENMILL_HOME=str(self.home), TOKENMILL_CONFIG=str(self.config))
+        env.update(TOKENMILL_HOME=str(self.home), TOKENMILL_CONFIG=str(self.config),
+                   TOKENMILL_WORKER_VISIBILITY_TIMEOUT=str(self.size.visibility_timeout_s))
         return env
 
     def cli(self, *args: str, timeout_s: float = 300.0) -> subprocess.CompletedProcess[str]:

@@ -27,6 +27,9 @@ class Size:
     settle_s: float  #: the ledger and the webhooks catch up once the batches have ended
     error_within_s: float  #: callers of a lost Redis/broker hear so, before anyone restarts it
     test_timeout_s: float  #: one case, set-up to teardown
+    #: the workers' Celery visibility timeout: a lost worker's (or a lost Redis's) unacked
+    #: slices come back after it (running workers renew theirs)
+    visibility_timeout_s: float = 60.0
 
     @property
     def lines(self) -> int:
@@ -43,11 +46,14 @@ SMALL = Size(
     max_tokens=(4, 12),
     kill_at=0.3,
     batch_done_s=150.0,
-    # above the workers' 60 s Celery visibility timeout: a killed worker's requests come back after it
+    # above the workers' Celery visibility timeout: a killed worker's requests come back after it
     request_timeout_s=120.0,
     settle_s=30.0,
     error_within_s=15.0,
     test_timeout_s=420.0,
+    # short, so the restarted stack's unacked slices come back within seconds (the
+    # default 60 s made the Redis full-restart drill the longest test of `make test`)
+    visibility_timeout_s=10.0,
 )
 
 # The issue's drill: 3,000 lines from three tenants, 1,000 interactive requests, a ~1 s

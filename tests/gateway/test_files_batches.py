@@ -362,7 +362,10 @@ def test_progressive_output_while_a_batch_runs(sdk: SDK, http: HTTP, stack: Stac
     assert b.request_counts is not None and b.request_counts.total == 2000
 
     def read(after: int = 0) -> tuple[list[bytes], httpx.Response]:
-        resp = api.get(f"/v1/batches/{b.id}/output", params={"after": after, "limit": 10_000})
+        # a fresh connection each read: a kept-alive one idle past the server's keep-alive
+        # timeout (the waits below) may be closed just as a request goes out on it
+        resp = httpx.get(f"{gateway}/v1/batches/{b.id}/output", params={"after": after, "limit": 10_000},
+                         headers={"Authorization": api.headers["Authorization"]}, timeout=60)
         assert resp.status_code == 200, resp.text
         assert resp.headers["content-type"].startswith("application/jsonl")
         got = resp.content.splitlines(keepends=True)
