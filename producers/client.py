@@ -215,13 +215,7 @@ def build(
     if input is not None:
         return _embeddings(model, input, priority, deadline, webhook, messages, prompt, max_tokens, stream,
                            sampling)
-    try:
-        prio = wire.Priority(priority)
-    except ValueError:
-        raise ValidationError(
-            f"priority: must be one of {', '.join(p.value for p in wire.Priority)}, got {priority!r}",
-            field="priority",
-        ) from None
+    prio = _priority(priority)
     unknown = sorted(set(sampling) - SAMPLING_PARAMS)
     if unknown:
         raise ValidationError(f"{unknown[0]}: unknown parameter", field=unknown[0])
@@ -250,6 +244,16 @@ def build(
     )
 
 
+def _priority(priority: wire.Priority | str) -> wire.Priority:
+    try:
+        return wire.Priority(priority)
+    except ValueError:
+        raise ValidationError(
+            f"priority: must be one of {', '.join(p.value for p in wire.Priority)}, got {priority!r}",
+            field="priority",
+        ) from None
+
+
 #: the options of an embeddings request besides model and input
 EMBEDDING_OPTIONS = frozenset({"encoding_format", "dimensions", "user"})
 
@@ -268,13 +272,7 @@ def _embeddings(
     unknown = sorted(set(options) - EMBEDDING_OPTIONS)
     if unknown:
         raise ValidationError(f"{unknown[0]}: unknown parameter of an embeddings request", field=unknown[0])
-    try:
-        prio = wire.Priority(priority)
-    except ValueError:
-        raise ValidationError(
-            f"priority: must be one of {', '.join(p.value for p in wire.Priority)}, got {priority!r}",
-            field="priority",
-        ) from None
+    prio = _priority(priority)
     body: dict[str, Any] = {"model": model, "input": value, **options}
     validate_body(body, wire.Endpoint.embeddings)
     deadline_of(deadline, time.time())
