@@ -131,16 +131,13 @@ class EmbeddingBody(_Strict):
     @field_validator("input")
     @classmethod
     def _inputs(cls, v: Any) -> Any:
-        if isinstance(v, list):
-            if len(v) > MAX_EMBEDDING_INPUTS and not all(isinstance(t, int) for t in v):
-                raise ValueError(f"at most {MAX_EMBEDDING_INPUTS} inputs a request")
-            if v and isinstance(v[0], list):
-                if len(v) > MAX_EMBEDDING_INPUTS:
-                    raise ValueError(f"at most {MAX_EMBEDDING_INPUTS} inputs a request")
-                for ids in v:
-                    _token_ids(ids)
-            elif v and isinstance(v[0], int):
-                _token_ids(v)
+        if isinstance(v, list) and v and isinstance(v[0], int):  # one input of token ids
+            return _token_ids(v)
+        if isinstance(v, list) and len(v) > MAX_EMBEDDING_INPUTS:
+            raise ValueError(f"at most {MAX_EMBEDDING_INPUTS} inputs a request")
+        if isinstance(v, list) and v and isinstance(v[0], list):
+            for ids in v:
+                _token_ids(ids)
         return v
 
 
